@@ -1,0 +1,58 @@
+# Snapyard: `make run` and `make test` do all set-up themselves, idempotently.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test setup venv engine image lint format demo test-unit test-docker test-thorough bench clean
+
+run: setup
+	$(BIN)/snapyard run
+
+test: setup lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+setup: venv engine image
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+engine:
+	bash config/engine.sh
+
+image: venv engine
+	$(BIN)/snapyard image build
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: setup
+	$(BIN)/snapyard demo
+
+test-unit: venv
+	$(BIN)/pytest tests/unit tests/contract -m 'not docker' $(PYTEST_ARGS)
+
+test-docker: setup
+	$(BIN)/pytest -m docker $(PYTEST_ARGS)
+
+test-thorough: setup
+	HYPOTHESIS_PROFILE=thorough $(BIN)/pytest tests/property $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

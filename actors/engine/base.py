@@ -1,0 +1,253 @@
+"""The engine boundary: what Snapyard needs from a container engine.
+
+Everything above this package speaks in these types and errors only, so the
+actors never learn whether Docker or the in-memory engine is underneath. The
+errors are few and each one tells the caller what to do next: retry
+(`EngineUnavailable`), fall back (`ImageMissing` on a snapshot), or give up
+with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Conflict",
+    "ContainerMissing",
+    "ContainerSpec",
+    "ContainerState",
+    "ContainerStatus",
+    "Engine",
+    "EngineError",
+    "EngineEvent",
+    "EngineUnavailable",
+    "EventKind",
+    "EventStream",
+    "ImageConfig",
+    "ImageInfo",
+    "ImageMissing",
+    "Logs",
+]
+
+
+class EngineError(Exception):
+    """An engine call failed in a way that retrying will not fix."""
+
+    status_code: int | None = None
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class ImageMissing(EngineError):
+    """Docker's 404 "No such image": the image ID or tag does not exist (any more)."""
+
+    status_code = 404
+
+    def __init__(self, image: str, message: str | None = None) -> None:
+        self.image = image
+        super().__init__(message or f"No such image: {image}")
+
+
+class ContainerMissing(EngineError):
+    """Docker's 404 "No such container"."""
+
+    status_code = 404
+
+    def __init__(self, container: str, message: str | None = None) -> None:
+        self.container = container
+        super().__init__(message or f"No such container: {container}")
+
+
+class Conflict(EngineError):
+    """Docker's 409: e.g. removing an image that a container still uses."""
+
+    status_code = 409
+
+
+class EngineUnavailable(EngineError):
+    """Daemon down, connection refused, a 5xx or a timeout: worth retrying later."""
+
+
+ContainerStatus = Literal[
+    "created", "running", "paused", "restarting", "removing", "exited", "dead"
+]
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to create one worker container.
+
+    ``image`` should be an image ID for snapshots (immutable), a tag only for
+    the base image. ``memory_bytes`` sets memory and memory+swap alike: no swap.
+    """
+
+    image: str
+    command: Sequence[str] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    memory_bytes: int | None = None
+    pids_limit: int | None = None
+    network: str = "none"
+    init: bool = True
+    auto_remove: bool = False
+    cap_drop_all: bool = True
+    no_new_privileges: bool = True
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    status: ContainerStatus
+    image_id: str
+    labels: Mapping[str, str]
+    exit_code: int | None
+    oom_killed: bool
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "restarting", "paused")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The part of an image's config a commit may override.
+
+    Docker merges a commit's config with the container's: keys left empty here
+    are taken from the container, so to drop an env var the override must name
+    it (``KEY=``), and to drop a label it must set it (to "").
+    """
+
+    env: Sequence[str] = ()
+    cmd: Sequence[str] | None = None
+    entrypoint: Sequence[str] | None = None
+    working_dir: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    tags: tuple[str, ...]
+    labels: Mapping[str, str]
+    size_bytes: int
+    layers: int
+    created_at: float
+    env: tuple[str, ...] = ()
+    cmd: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Logs:
+    stdout: str
+    stderr: str
+
+
+EventKind = Literal["container_exited", "container_oom", "image_deleted", "image_untagged"]
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """One engine event, already normalised.
+
+    ``container_exited`` carries the exit code (Docker sends it as a string in
+    the ``die`` event); ``image_deleted`` means the image is gone, while
+    ``image_untagged`` only means a tag moved or was removed.
+    """
+
+    kind: EventKind
+    id: str
+    time: float
+    exit_code: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class EventStream(Protocol):
+    """A blocking iterator of events that another thread may ``close()``."""
+
+    def __iter__(self) -> Iterator[EngineEvent]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The container engine as Snapyard sees it.
+
+    Every method raises only the errors of this module. Calls may block (they
+    are network calls on Docker): only Spawners and the Watcher make the slow
+    ones, never the SnapshotManager or the Supervisor in their message loop.
+    """
+
+    def ping(self) -> None:
+        """Raise EngineUnavailable unless the engine answers."""
+
+    def describe(self) -> str:
+        """Where the engine is, for messages: ``unix:///var/run/docker.sock``."""
+
+    # Containers
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        """Create (never pull) a container and return its ID. ImageMissing on 404."""
+
+    def start_container(self, container_id: str) -> None: ...
+
+    def inspect_container(self, container_id: str) -> ContainerState: ...
+
+    def wait_container(self, container_id: str, timeout_s: float | None = None) -> int:
+        """Block until the container exits; return its exit code.
+
+        EngineUnavailable when ``timeout_s`` passes first.
+        """
+
+    def stop_container(self, container_id: str, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``. No error if already stopped."""
+
+    def kill_container(self, container_id: str, signal: str = "SIGKILL") -> None:
+        """Send a signal. No error if the container is not running."""
+
+    def remove_container(self, container_id: str, force: bool = False) -> None: ...
+
+    def container_logs(self, container_id: str, tail: int = 200) -> Logs:
+        """The last ``tail`` lines of stdout and of stderr, demultiplexed."""
+
+    def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
+        """All containers (running or not) carrying every one of ``labels``."""
+
+    # Images
+
+    def commit_container(
+        self,
+        container_id: str,
+        repository: str,
+        tag: str,
+        config: ImageConfig,
+    ) -> str:
+        """Commit the container's filesystem to a new image; return the image ID."""
+
+    def inspect_image(self, image: str) -> ImageInfo:
+        """By ID or by tag. ImageMissing when it does not exist."""
+
+    def list_images(self, labels: Mapping[str, str]) -> list[ImageInfo]: ...
+
+    def remove_image(self, image: str, force: bool = False) -> None:
+        """Conflict when a container uses it and ``force`` is false."""
+
+    def tag_image(self, image: str, repository: str, tag: str) -> None: ...
+
+    def build_image(self, context: bytes, tag: str, labels: Mapping[str, str]) -> str:
+        """Build from a gzip-less tar ``context`` holding a Dockerfile; return the ID."""
+
+    # Events
+
+    def events(self, since: float | None = None) -> EventStream:
+        """Container exits/OOMs and image deletes/untags from ``since`` on."""

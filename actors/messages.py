@@ -1,0 +1,228 @@
+"""Every message the actors exchange, in one file.
+
+Names follow one rule: a verb asks for an action (``Spawn``, ``Invalidate``),
+a past tense reports an event (``Started``, ``ContainerExited``). Messages are
+frozen dataclasses, so a message sent is a message that cannot change under
+its receiver. A message that needs a reply is sent with ``ask``; the rest with
+``tell``, so that no actor ever waits on one that may be waiting on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.model import JobSpec, Snapshot, SnapshotKey
+
+__all__ = [
+    "ActorCrashed",
+    "Cancel",
+    "ContainerExited",
+    "Finish",
+    "Finished",
+    "GetJob",
+    "ImageDeleted",
+    "Invalidate",
+    "ListJobs",
+    "ListSnapshots",
+    "Lookup",
+    "Reconcile",
+    "Register",
+    "RemoveSnapshot",
+    "SetBaseImage",
+    "Spawn",
+    "SpawnFailed",
+    "Started",
+    "Submit",
+    "SweepSnapshots",
+    "Terminate",
+    "Terminated",
+    "Tick",
+]
+
+Ref = pykka.ActorRef[Any]
+
+# --- SnapshotManager -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Ask: the key's usable snapshot, or None. Refreshes last-used."""
+
+    key: SnapshotKey
+
+
+@dataclass(frozen=True)
+class Register:
+    """A commit produced ``snapshot``; it replaces (and deletes) the key's previous image."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Invalidate:
+    """Drop the key's entry, but only if it still points at ``image_id``."""
+
+    key: SnapshotKey
+    image_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageDeleted:
+    """The engine reports this image gone (a ``delete`` event, not an ``untag``)."""
+
+    image_id: str
+
+
+@dataclass(frozen=True)
+class SweepSnapshots:
+    """Run eviction now: TTL, then max count (LRU), then max total size."""
+
+
+@dataclass(frozen=True)
+class ListSnapshots:
+    """Ask: every registry entry."""
+
+
+@dataclass(frozen=True)
+class RemoveSnapshot:
+    """Ask: drop the key's entry and delete its image. Replies True if there was one."""
+
+    key: SnapshotKey
+
+
+@dataclass(frozen=True)
+class SetBaseImage:
+    """The configured base image now has this ID; older descendants are invalid."""
+
+    image_id: str
+
+
+# --- Spawner ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Create and start the container for a job; reply ``Started`` or ``SpawnFailed``."""
+
+    job_id: str
+    spec: JobSpec
+    snapshots_enabled: bool
+    reply_to: Ref
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The job's container exited: read logs, commit on exit 0 (if enabled), remove it."""
+
+    job_id: str
+    spec: JobSpec
+    container_id: str
+    exit_code: int
+    commit: bool
+    reply_to: Ref
+
+
+@dataclass(frozen=True)
+class Terminate:
+    """SIGTERM the container, SIGKILL after ``grace_s``; reply ``Terminated``."""
+
+    job_id: str
+    container_id: str
+    grace_s: float
+    reply_to: Ref
+
+
+# --- Supervisor ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Ask: persist and queue a validated job; replies with the stored Job."""
+
+    spec: JobSpec
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Ask: cancel a queued or running job; replies with the Job (or None if unknown)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class GetJob:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class ListJobs:
+    state: str | None = None
+    project: str | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class Started:
+    job_id: str
+    container_id: str
+    image_id: str
+    from_snapshot: bool
+    attempts: int
+    spawner: str
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    job_id: str
+    error: str
+    spawner: str
+
+
+@dataclass(frozen=True)
+class ContainerExited:
+    container_id: str
+    exit_code: int
+    oom: bool = False
+
+
+@dataclass(frozen=True)
+class Finished:
+    job_id: str
+    container_id: str
+    exit_code: int
+    snapshot_image_id: str | None
+    logs_tail: str
+    error: str | None
+    spawner: str
+
+
+@dataclass(frozen=True)
+class Terminated:
+    job_id: str
+    container_id: str
+    spawner: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Timers fire: check deadlines, retry waiting work, run due sweeps."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """Events may have been missed: list managed containers and settle exits."""
+
+
+@dataclass(frozen=True)
+class ActorCrashed:
+    """A child actor died; its parent decides whether to restart it."""
+
+    name: str
+    error: str
+    job_id: str | None = None
