@@ -177,9 +177,12 @@ class Started:
 
 @dataclass(frozen=True)
 class SpawnFailed:
+    """``retryable``: the engine was unreachable; the job goes back to the queue."""
+
     job_id: str
     error: str
     spawner: str
+    retryable: bool = False
 
 
 @dataclass(frozen=True)

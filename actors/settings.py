@@ -39,6 +39,7 @@ __all__ = [
 
 ENV_PREFIX = "SNAPYARD_"
 DEFAULT_CONFIG = Path("config/snapyard.toml")
+DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
 
 
 class SettingsError(ValueError):
@@ -61,7 +62,7 @@ def _choice(*values: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    # Empty means DOCKER_HOST, else the local socket.
+    # Empty means DOCKER_HOST, else the local socket; load_settings resolves it.
     url: str = ""
     timeout_s: float = field(default=60.0, metadata=_min(1))
 
@@ -368,4 +369,8 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("--config", str(config), f"not valid TOML: {exc}") from None
     _env_overrides(data, env)
-    return _from_mapping(data)
+    settings = _from_mapping(data)
+    if not settings.engine.url:
+        url = env.get("DOCKER_HOST") or DEFAULT_ENGINE_URL
+        settings = settings.replace(engine={"url": url})
+    return settings
