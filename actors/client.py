@@ -1,0 +1,146 @@
+"""A small client for the HTTP API: what the ``snapyard`` command talks through.
+
+Standard library only (``urllib.request``), and with proxies switched off:
+the supervisor is on this machine, and an ``http_proxy`` in the environment
+must never route a job's env through somebody else's server.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from actors.api import client_host
+from actors.settings import ApiSettings
+
+__all__ = ["ApiClient", "ApiError", "ApiUnreachable"]
+
+
+class ApiUnreachable(Exception):
+    """Nothing answers at the API address: the supervisor is not running there."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(
+            f"cannot reach the Snapyard supervisor at {url} ({reason}); "
+            "start it with `snapyard run` (or point SNAPYARD_API at it)"
+        )
+
+
+class ApiError(Exception):
+    """The API answered with an error status; ``message`` is its explanation."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.field = field
+        super().__init__(f"{status}: {message}")
+
+
+class ApiClient:
+    def __init__(self, base_url: str, token: str = "", timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    @classmethod
+    def from_settings(cls, api: ApiSettings, timeout_s: float = 30.0) -> ApiClient:
+        host = client_host(api.host)
+        host = f"[{host}]" if ":" in host else host
+        return cls(f"http://{host}:{api.port}", api.token, timeout_s)
+
+    # --- transport ---------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        query: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """Send one request; return (status, decoded body). Raises ApiUnreachable or ApiError."""
+        url = self.base_url + path
+        if query:
+            url += "?" + urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http only
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
+                return resp.status, self._decode(resp.headers.get("Content-Type", ""), resp.read())
+        except urllib.error.HTTPError as exc:
+            payload = self._decode(exc.headers.get("Content-Type", ""), exc.read())
+            if isinstance(payload, dict):
+                message = str(payload.get("error") or exc.reason)
+                field = payload.get("field")
+                raise ApiError(
+                    exc.code, message, field if isinstance(field, str) else None
+                ) from None
+            raise ApiError(exc.code, str(payload).strip() or str(exc.reason)) from None
+        except urllib.error.URLError as exc:
+            raise ApiUnreachable(self.base_url, str(exc.reason)) from None
+        except (ConnectionError, TimeoutError) as exc:
+            raise ApiUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+
+    @staticmethod
+    def _decode(ctype: str, raw: bytes) -> Any:
+        text = raw.decode("utf-8", "replace")
+        if ctype.startswith("application/json"):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                return text
+        return text
+
+    # --- endpoints ---------------------------------------------------------
+
+    def submit(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", "/jobs", dict(spec))[1])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/jobs/{quote(job_id, safe='')}")[1])
+
+    def logs(self, job_id: str) -> str:
+        return str(self.request("GET", f"/jobs/{quote(job_id, safe='')}/logs")[1]["logs"])
+
+    def jobs(
+        self, state: str | None = None, project: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        query = {"limit": str(limit)}
+        if state:
+            query["state"] = state
+        if project:
+            query["project"] = project
+        return list(self.request("GET", "/jobs", query=query)[1]["jobs"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/jobs/{quote(job_id, safe='')}")[1])
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/snapshots")[1]["snapshots"])
+
+    def remove_snapshot(self, project: str, work_item: str) -> dict[str, Any]:
+        path = f"/snapshots/{quote(project, safe='')}/{quote(work_item, safe='')}"
+        return dict(self.request("DELETE", path)[1])
+
+    def prune(self) -> list[dict[str, Any]]:
+        return list(self.request("POST", "/snapshots/prune", {})[1]["evicted"])
+
+    def health(self) -> tuple[bool, str]:
+        try:
+            _, body = self.request("GET", "/healthz")
+        except ApiError as exc:
+            return False, exc.message
+        return bool(body["ok"]), str(body["reason"])
+
+    def metrics(self) -> str:
+        return str(self.request("GET", "/metrics")[1])
