@@ -4,49 +4,195 @@ The actors call three things: ``job_log`` for a logger bound to a job,
 ``capture_error`` for Sentry, and ``METRICS`` for counters, gauges and
 histograms. Configuration (``setup_logging``, ``setup_sentry``) is done once
 by the CLI; a library user who does neither gets silence, never a crash.
+
+Secrets: a job's env is never logged in the first place (``Job`` and
+``JobSpec`` reprs hide it, ``job_log`` does not carry it). ``SECRETS`` is the
+second line of defence for values that leak anyway, say a worker that echoes
+its token into an error message: every log line and Sentry event is scrubbed
+of the values remembered for running jobs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
+import signal
+import sys
 import threading
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+import time
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
 
-__all__ = ["METRICS", "Metrics", "capture_error", "job_log"]
+import pykka.debug
+import sentry_sdk
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.transport import Transport
+
+from actors import __version__
+from actors.settings import LogSettings, SentrySettings
+
+__all__ = [
+    "JOB_FIELDS",
+    "KNOWN_METRICS",
+    "METRICS",
+    "REDACTED",
+    "SECRETS",
+    "MetricSpec",
+    "Metrics",
+    "RecordingTransport",
+    "Secrets",
+    "capture_error",
+    "close_sentry",
+    "flush_sentry",
+    "install_thread_dump_signal",
+    "job_log",
+    "setup_logging",
+    "setup_sentry",
+]
 
 log = logging.getLogger(__name__)
 
+REDACTED = "[redacted]"
+# The fields job_log attaches to every record; formatters show them when set.
+JOB_FIELDS = ("job_id", "project", "work_item", "container", "image")
 
-class Metrics:
-    """A tiny thread-safe metrics registry that renders Prometheus text."""
 
-    def __init__(self) -> None:
+# --- secrets ---------------------------------------------------------------
+
+
+class Secrets:
+    """The env values of live jobs, to be scrubbed from anything we emit.
+
+    Values shorter than ``min_length`` are not scrubbed: replacing every
+    "1", "yes" or "dev" in every log line would make logs unreadable while
+    protecting nothing a guess would not find. Real secrets are longer.
+    """
+
+    def __init__(self, min_length: int = 4) -> None:
+        self.min_length = min_length
         self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._by_job: dict[str, frozenset[str]] = {}
+        self._pattern: re.Pattern[str] | None = None
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+    def remember(self, job_id: str, values: Iterable[str]) -> None:
+        kept = frozenset(v for v in values if isinstance(v, str) and len(v) >= self.min_length)
         with self._lock:
-            self._counters[key] = self._counters.get(key, 0.0) + amount
+            if kept:
+                self._by_job[job_id] = self._by_job.get(job_id, frozenset()) | kept
+            self._rebuild()
 
-    def set(self, name: str, value: float, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+    def forget(self, job_id: str) -> None:
         with self._lock:
-            self._gauges[key] = value
+            self._by_job.pop(job_id, None)
+            self._rebuild()
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        self.inc(f"{name}_count", 1.0, **labels)
-        self.inc(f"{name}_sum", value, **labels)
-
-    def value(self, name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
+    def clear(self) -> None:
         with self._lock:
-            return self._counters.get(key, self._gauges.get(key, 0.0))
+            self._by_job.clear()
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        values = set().union(*self._by_job.values()) if self._by_job else set()
+        # Longest first, so a secret containing another is replaced whole.
+        ordered = sorted(values, key=lambda v: (-len(v), v))
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def scrub(self, text: str) -> str:
+        pattern = self._pattern
+        return text if pattern is None else pattern.sub(REDACTED, text)
 
 
-METRICS = Metrics()
+SECRETS = Secrets()
+
+
+# --- logging ---------------------------------------------------------------
+
+
+def _job_fields(record: logging.LogRecord) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for name in JOB_FIELDS:
+        value = getattr(record, name, None)
+        if value is not None:
+            fields[name] = str(value)
+    return fields
+
+
+class _ScrubFilter(logging.Filter):
+    """Bakes args into the message and scrubs it, before any formatter sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string still gets logged, not lost
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg = SECRETS.scrub(message)
+        record.args = None
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        entry.update(_job_fields(record))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        # Scrub the whole line: exception text and extras can carry secrets too.
+        return SECRETS.scrub(json.dumps(entry, ensure_ascii=False, default=str))
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _job_fields(record)
+        if fields:
+            first, sep, rest = line.partition("\n")
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            line = f"{first} [{pairs}]{sep}{rest}"
+        return SECRETS.scrub(line)
+
+
+class _SnapyardHandler(logging.StreamHandler[TextIO]):
+    """Marks the handler setup_logging owns, so a second call replaces it."""
+
+
+def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+    """Send every log record to ``stream``: JSON lines for machines, text for people.
+
+    Idempotent: calling it again replaces the handler it installed before.
+    """
+    stream = stream if stream is not None else sys.stderr
+    fmt = settings.format
+    if fmt == "auto":
+        isatty = getattr(stream, "isatty", None)
+        fmt = "text" if callable(isatty) and isatty() else "json"
+    handler = _SnapyardHandler(stream)
+    handler.setFormatter(_TextFormatter() if fmt == "text" else _JsonFormatter())
+    handler.addFilter(_ScrubFilter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _SnapyardHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(settings.level)
 
 
 class _JobAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -80,6 +226,102 @@ def job_log(
     )
 
 
+def install_thread_dump_signal() -> bool:
+    """SIGUSR1 logs every thread's stack, so a hung supervisor can say where it is.
+
+    Must run on the main thread (Python delivers signals there). Returns False
+    on platforms without SIGUSR1.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("install_thread_dump_signal must be called from the main thread")
+    sigusr1 = getattr(signal, "SIGUSR1", None)
+    if sigusr1 is None:  # pragma: no cover - Windows
+        return False
+    signal.signal(sigusr1, pykka.debug.log_thread_tracebacks)
+    return True
+
+
+# --- Sentry ----------------------------------------------------------------
+
+# Keys whose value is an environment as a whole: dropped from events, not
+# scrubbed, since a short or unremembered value would still get through.
+_ENV_KEYS = frozenset({"env", "environ", "environment_variables", "environment variables"})
+_DEFAULT_TAGS = {"service": "snapyard"}
+
+
+def _scrub_event_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return SECRETS.scrub(value)
+    if isinstance(value, Mapping):
+        return {
+            (SECRETS.scrub(k) if isinstance(k, str) else k): _scrub_event_value(v)
+            for k, v in value.items()
+            if not (isinstance(k, str) and k.lower() in _ENV_KEYS)
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub_event_value(v) for v in value]
+    return value
+
+
+def _before_send(event: Any, hint: Any) -> Any:
+    """Scrub secrets anywhere in the event: message, exceptions, extras, breadcrumbs, locals."""
+    scrubbed = _scrub_event_value(event)
+    tags = scrubbed.setdefault("tags", {})
+    if isinstance(tags, dict):
+        for key, value in _DEFAULT_TAGS.items():
+            tags.setdefault(key, value)
+    return scrubbed
+
+
+def _before_breadcrumb(crumb: Any, hint: Any) -> Any:
+    # Scrub now: by the time an event is sent the job may have been forgotten.
+    return _scrub_event_value(crumb)
+
+
+class RecordingTransport(Transport):
+    """A Sentry transport that keeps events in memory: for tests, never the network."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self._lock = threading.Lock()
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        with self._lock:
+            self.raw.append(envelope.serialize())
+            for item in envelope.items:
+                payload = item.get_event()
+                if payload is not None:
+                    self.events.append(dict(payload))
+
+
+def setup_sentry(settings: SentrySettings, transport: object | None = None) -> bool:
+    """Start Sentry when a DSN is configured; returns whether it is on.
+
+    ``transport`` replaces the HTTP transport (tests pass a RecordingTransport).
+    """
+    if not settings.dsn:
+        return False
+    options: dict[str, Any] = {
+        "dsn": settings.dsn,
+        "environment": settings.environment,
+        "release": settings.release or f"snapyard@{__version__}",
+        "send_default_pii": False,
+        "before_send": _before_send,
+        "before_breadcrumb": _before_breadcrumb,
+        # Log records become breadcrumbs only; errors reach Sentry through
+        # capture_error, once, with their tags.
+        "integrations": [LoggingIntegration(level=logging.INFO, event_level=None)],
+    }
+    if transport is not None:
+        options["transport"] = transport
+    sentry_sdk.init(**options)
+    for key, value in _DEFAULT_TAGS.items():
+        sentry_sdk.get_global_scope().set_tag(key, value)
+    return True
+
+
 def capture_error(
     error: BaseException,
     *,
@@ -92,3 +334,253 @@ def capture_error(
     Never pass job env values in ``extras``: they are secrets.
     """
     log.debug("captured %s from %s", type(error).__name__, source)
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("source", source)
+        if job_type is not None:
+            scope.set_tag("job_type", job_type)
+        for key, value in (extras or {}).items():
+            scope.set_extra(key, value)
+        sentry_sdk.capture_exception(error)
+
+
+def flush_sentry(timeout_s: float = 2.0) -> None:
+    """Wait up to ``timeout_s`` for queued events to leave, e.g. before exiting."""
+    sentry_sdk.flush(timeout=timeout_s)
+
+
+def close_sentry(timeout_s: float = 2.0) -> None:
+    """Flush and turn Sentry off again; later capture_error calls do nothing."""
+    client = sentry_sdk.get_client()
+    if client.is_active():
+        client.close(timeout=timeout_s)
+    sentry_sdk.get_global_scope().set_client(None)
+
+
+# --- metrics ---------------------------------------------------------------
+
+Kind = Literal["counter", "gauge", "histogram"]
+DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+
+
+KNOWN_METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("snapyard_jobs", "gauge", "Jobs in the store, by state.", ("state",)),
+        MetricSpec(
+            "snapyard_spawn_seconds",
+            "histogram",
+            "Time from Spawn to a started container, retries included.",
+        ),
+        MetricSpec(
+            "snapyard_snapshot_hits_total", "counter", "Jobs started from a snapshot image."
+        ),
+        MetricSpec(
+            "snapyard_snapshot_misses_total",
+            "counter",
+            "Jobs started from the base image: no usable snapshot.",
+        ),
+        MetricSpec(
+            "snapyard_stale_snapshot_fallbacks_total",
+            "counter",
+            "Snapshot images found missing at create; the job fell back to the base image.",
+        ),
+        MetricSpec(
+            "snapyard_snapshot_evictions_total",
+            "counter",
+            "Snapshots evicted (TTL, count or size) with their images deleted.",
+        ),
+        MetricSpec("snapyard_running_workers", "gauge", "Worker containers running now."),
+        MetricSpec(
+            "snapyard_engine_errors_total", "counter", "Docker engine errors, by kind.", ("kind",)
+        ),
+    )
+}
+
+_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(labels: Mapping[str, object]) -> Labels:
+    for name in labels:
+        if not _LABEL.match(name) or name.startswith("__"):
+            raise ValueError(f"invalid metric label name {name!r}")
+    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+
+def _counter_name(name: str) -> str:
+    return name if name.endswith("_total") else f"{name}_total"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:
+    pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+    return f"{{{pairs}}}" if pairs else ""
+
+
+def _fmt_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if value != int(value) else str(int(value))
+
+
+def _fmt_le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+@dataclass
+class _Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int]
+    total: float = 0.0
+    count: int = 0
+
+
+class Metrics:
+    """A tiny thread-safe metrics registry that renders Prometheus text.
+
+    Names in ``KNOWN_METRICS`` get their declared type and help; any other
+    name works too, typed by the first call that uses it. Counters may be
+    named with or without ``_total``: both spellings are one counter.
+    """
+
+    def __init__(self, known: Mapping[str, MetricSpec] | None = None) -> None:
+        self._known = dict(KNOWN_METRICS if known is None else known)
+        self._lock = threading.Lock()
+        self._kinds: dict[str, Kind] = {}
+        self._counters: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[tuple[str, Labels], float] = {}
+        self._histograms: dict[tuple[str, Labels], _Histogram] = {}
+
+    def _declared(self, name: str) -> Kind | None:
+        spec = self._known.get(name)
+        return spec.kind if spec else self._kinds.get(name)
+
+    def _claim(self, name: str, wanted: Kind) -> None:
+        """Type ``name`` on first use; refuse to use one metric as two types."""
+        if not _NAME.match(name):
+            raise ValueError(f"invalid metric name {name!r}")
+        kind = self._declared(name) or self._kinds.setdefault(name, wanted)
+        if kind != wanted:
+            raise ValueError(f"metric {name} is a {kind}, not a {wanted}")
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add to a counter; on a gauge, add (or with a negative amount, subtract)."""
+        key_labels = _labels(labels)
+        with self._lock:
+            if self._declared(name) == "gauge":
+                key = (name, key_labels)
+                self._gauges[key] = self._gauges.get(key, 0.0) + amount
+                return
+            counter = _counter_name(name)
+            self._claim(counter, "counter")
+            if amount < 0:
+                raise ValueError(f"counter {counter} cannot decrease (amount {amount})")
+            key = (counter, key_labels)
+            self._counters[key] = self._counters.get(key, 0.0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        key_labels = _labels(labels)
+        with self._lock:
+            self._claim(name, "gauge")
+            self._gauges[(name, key_labels)] = float(value)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        key_labels = _labels(labels)
+        with self._lock:
+            self._claim(name, "histogram")
+            spec = self._known.get(name)
+            buckets = spec.buckets if spec else DEFAULT_BUCKETS
+            key = (name, key_labels)
+            hist = self._histograms.get(key)
+            if hist is None:
+                hist = self._histograms[key] = _Histogram(buckets, [0] * len(buckets))
+            for i, bound in enumerate(hist.buckets):
+                if value <= bound:
+                    hist.counts[i] += 1
+                    break
+            hist.total += value
+            hist.count += 1
+
+    def value(self, name: str, **labels: str) -> float:
+        """A counter or gauge's current value (0 if never set); ``<hist>_count``/``_sum`` too."""
+        key_labels = _labels(labels)
+        with self._lock:
+            for candidate in (_counter_name(name), name):
+                if (candidate, key_labels) in self._counters:
+                    return self._counters[(candidate, key_labels)]
+            if (name, key_labels) in self._gauges:
+                return self._gauges[(name, key_labels)]
+            for suffix in ("_count", "_sum"):
+                if name.endswith(suffix):
+                    hist = self._histograms.get((name.removesuffix(suffix), key_labels))
+                    if hist is not None:
+                        return float(hist.count) if suffix == "_count" else hist.total
+            return 0.0
+
+    def reset(self) -> None:
+        """Forget every value: for tests, which share the process-wide METRICS."""
+        with self._lock:
+            self._kinds.clear()
+            self._counters.clear()
+            self._gauges.clear()
+            self._histograms.clear()
+
+    def render(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        with self._lock:
+            families: dict[str, Kind] = {name: spec.kind for name, spec in self._known.items()}
+            for name, kind in self._kinds.items():
+                families.setdefault(name, kind)
+            lines: list[str] = []
+            for name in sorted(families):
+                kind = families[name]
+                spec = self._known.get(name)
+                help_text = spec.help if spec else f"Snapyard metric {name}."
+                lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2)}")
+                lines.append(f"# TYPE {name} {kind}")
+                if kind == "histogram":
+                    lines.extend(self._render_histogram(name, spec))
+                    continue
+                store = self._counters if kind == "counter" else self._gauges
+                samples = sorted((lbl, v) for (n, lbl), v in store.items() if n == name)
+                if not samples and not (spec and spec.labels):
+                    samples = [((), 0.0)]
+                for lbl, v in samples:
+                    lines.append(f"{name}{_fmt_labels(lbl)} {_fmt_value(v)}")
+            return "\n".join(lines) + "\n"
+
+    def _render_histogram(self, name: str, spec: MetricSpec | None) -> list[str]:
+        series = sorted((lbl, h) for (n, lbl), h in self._histograms.items() if n == name)
+        if not series and not (spec and spec.labels):
+            buckets = spec.buckets if spec else DEFAULT_BUCKETS
+            series = [((), _Histogram(buckets, [0] * len(buckets)))]
+        lines: list[str] = []
+        for lbl, hist in series:
+            cumulative = 0
+            for bound, count in zip(hist.buckets, hist.counts, strict=True):
+                cumulative += count
+                lines.append(
+                    f"{name}_bucket{_fmt_labels((*lbl, ('le', _fmt_le(bound))))} {cumulative}"
+                )
+            lines.append(f"{name}_bucket{_fmt_labels((*lbl, ('le', '+Inf')))} {hist.count}")
+            lines.append(f"{name}_sum{_fmt_labels(lbl)} {_fmt_value(hist.total)}")
+            lines.append(f"{name}_count{_fmt_labels(lbl)} {hist.count}")
+        return lines
+
+
+METRICS = Metrics()
