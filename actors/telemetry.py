@@ -28,6 +28,7 @@ from typing import Any, Literal, TextIO
 
 import pykka.debug
 import sentry_sdk
+from sentry_sdk.consts import DEFAULT_OPTIONS
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import Transport
@@ -307,13 +308,16 @@ def setup_sentry(settings: SentrySettings, transport: object | None = None) -> b
         "dsn": settings.dsn,
         "environment": settings.environment,
         "release": settings.release or f"snapyard@{__version__}",
-        "send_default_pii": False,
         "before_send": _before_send,
         "before_breadcrumb": _before_breadcrumb,
         # Log records become breadcrumbs only; errors reach Sentry through
         # capture_error, once, with their tags.
         "integrations": [LoggingIntegration(level=logging.INFO, event_level=None)],
     }
+    # No PII by default. SDKs with ``data_collection`` deprecate the flag and
+    # already default to send_default_pii=False when neither is given.
+    if "data_collection" not in DEFAULT_OPTIONS:  # pragma: no cover - older sentry-sdk 2.x
+        options["send_default_pii"] = False
     if transport is not None:
         options["transport"] = transport
     sentry_sdk.init(**options)
