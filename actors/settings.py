@@ -238,6 +238,8 @@ def _coerce(key: str, raw: object, hint: Any, meta: Mapping[str, Any]) -> object
             value = float(raw)
         except ValueError:
             raise SettingsError(key, raw, "must be a number") from None
+        except OverflowError:  # a TOML integer past the float range
+            raise SettingsError(key, raw, "must be a finite number") from None
         if not math.isfinite(value):
             raise SettingsError(key, raw, "must be a finite number")
     elif kind is str:
@@ -366,6 +368,10 @@ def load_settings(
             data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SettingsError("--config", str(config), "no such file") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise SettingsError("--config", str(config), f"cannot be read: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise SettingsError("--config", str(config), f"not UTF-8 text: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("--config", str(config), f"not valid TOML: {exc}") from None
     _env_overrides(data, env)
