@@ -163,11 +163,15 @@ def test_any_id_with_an_unprintable_character_is_refused(
 def test_validation_answers_every_text_with_a_spec_or_invalid_job(
     project: str, work_item: str, agent_type: str
 ) -> None:
+    refused: InvalidJob | None = None
+    spec: JobSpec | None = None
     try:
         spec = validate_spec(project, work_item, agent_type=agent_type)
     except InvalidJob as error:
-        assert error.field in {"project", "work_item", "agent_type"}
-        return
-    assert isinstance(spec, JobSpec)
-    assert 0 < len(spec.project) <= MAX_ID_LENGTH
-    assert all(unicodedata.category(c) not in _REFUSED_CATEGORIES for c in spec.work_item)
+        refused = error
+    if refused is not None:
+        assert refused.field in {"project", "work_item", "agent_type"}
+    else:
+        assert isinstance(spec, JobSpec)
+        assert 0 < len(spec.project) <= MAX_ID_LENGTH
+        assert all(unicodedata.category(c) not in _REFUSED_CATEGORIES for c in spec.work_item)
