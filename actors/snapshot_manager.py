@@ -1,0 +1,429 @@
+"""The SnapshotManager actor: sole owner of the snapshot registry.
+
+One entry per (project, work item), addressed by immutable image ID. The
+registry is a cache of what the engine holds, so every rule here is about
+never trusting it more than the engine: an entry that points at a missing
+image is dropped on the first sign (``Invalidate``, ``ImageDeleted``, a
+sweep), and a restart rebuilds it from image labels instead of a file.
+
+This actor never asks anyone (Spawners ask it), and its Docker calls are only
+quick image list/inspect/remove; a failing call is logged and retried on the
+next sweep, it never crashes the actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import pykka
+
+from actors.clock import Clock
+from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
+from actors.messages import (
+    ActorCrashed,
+    ImageDeleted,
+    Invalidate,
+    ListSnapshots,
+    Lookup,
+    Register,
+    RemoveSnapshot,
+    SetBaseImage,
+    SweepSnapshots,
+)
+from actors.model import Snapshot, SnapshotKey
+from actors.settings import Settings
+from actors.telemetry import METRICS, capture_error
+
+__all__ = [
+    "LABEL_BASE_IMAGE_ID",
+    "LABEL_CREATED_AT",
+    "LABEL_PROJECT",
+    "LABEL_REPOSITORY",
+    "LABEL_ROLE",
+    "LABEL_WORK_ITEM",
+    "ROLE_SNAPSHOT",
+    "SnapshotManager",
+    "same_image",
+]
+
+log = logging.getLogger(__name__)
+
+# The labels a committed snapshot carries: the registry is rebuilt from them.
+LABEL_ROLE = "snapyard.role"
+ROLE_SNAPSHOT = "snapshot"
+LABEL_PROJECT = "snapyard.project"
+LABEL_WORK_ITEM = "snapyard.work_item"
+LABEL_BASE_IMAGE_ID = "snapyard.base_image_id"
+LABEL_CREATED_AT = "snapyard.created_at"
+# Which snapshot repository (one Snapyard instance) owns the image: two
+# instances on one engine must never adopt, or delete, each other's snapshots.
+LABEL_REPOSITORY = "snapyard.repository"
+
+# Image IDs reported gone; bounded, because a long-lived supervisor sees many.
+_MAX_TOMBSTONES = 4096
+
+
+def same_image(a: str, b: str) -> bool:
+    """Docker spells an ID with or without ``sha256:``; both name one image."""
+    return _norm(a) == _norm(b)
+
+
+def _norm(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")
+
+
+@dataclass(frozen=True)
+class _DeletePending:
+    """Self-tell: delete queued images after replying, so a Lookup never waits on rmi."""
+
+
+class SnapshotManager(pykka.ThreadingActor):
+    """Owns ``key -> Snapshot``; every change to it is a message handled here."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        clock: Clock,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "snapshot-manager",
+    ) -> None:
+        super().__init__()
+        self._engine = engine
+        self._settings = settings
+        self._clock = clock
+        self._supervisor = supervisor
+        self._name = name
+        self._registry: dict[SnapshotKey, Snapshot] = {}
+        # Evicted or replaced images not deleted yet: in use (409), a parent of
+        # another image, or the engine did not answer. Retried every sweep.
+        self._pending: dict[str, str] = {}
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._base_image_id: str | None = None
+        self._needs_rebuild = True
+
+    # --- life cycle --------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._resolve_base()
+        self._rebuild()
+        self._delete_pending()
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # A bug, not an engine error: tell the parent so it restarts us; the
+        # restarted manager rebuilds the registry from labels, losing nothing.
+        if exception_value is not None:
+            capture_error(exception_value, source="snapshot_manager")
+        if self._supervisor is not None:
+            self._supervisor.tell(
+                ActorCrashed(name=self._name, error=f"{exception_type}: {exception_value}")
+            )
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Lookup(key=key):
+                return self._lookup(key)
+            case Register(snapshot=snapshot):
+                self._register(snapshot)
+                self._sweep()
+                return None
+            case Invalidate(key=key, image_id=image_id, reason=reason):
+                self._invalidate(key, image_id, reason)
+                return None
+            case ImageDeleted(image_id=image_id):
+                self._image_deleted(image_id)
+                return None
+            case SweepSnapshots():
+                self._sweep()
+                return None
+            case ListSnapshots():
+                return sorted(self._registry.values(), key=lambda s: s.key)
+            case RemoveSnapshot(key=key):
+                return self._remove(key)
+            case SetBaseImage(image_id=image_id):
+                self._set_base(image_id)
+                return None
+            case _DeletePending():
+                self._delete_pending()
+                return None
+            case _:
+                return super().on_receive(message)
+
+    # --- messages ----------------------------------------------------------
+
+    def _lookup(self, key: SnapshotKey) -> Snapshot | None:
+        entry = self._registry.get(key)
+        if entry is not None:
+            reason = self._unusable(entry)
+            if reason is not None:
+                self._evict(entry, reason)
+                # Delete after this reply: the Spawner is waiting on us.
+                self.actor_ref.tell(_DeletePending())
+                entry = None
+        if entry is None:
+            METRICS.inc("snapyard_snapshot_misses_total")
+            return None
+        if entry.layers >= self._settings.snapshots.max_layers:
+            # Keep the entry: the base-image run this forces commits a shallow
+            # snapshot whose Register replaces (and deletes) the deep chain.
+            log.info(
+                "snapshot %s has %d layers (cap %d): starting from the base image",
+                key,
+                entry.layers,
+                self._settings.snapshots.max_layers,
+            )
+            METRICS.inc("snapyard_snapshot_misses_total")
+            return None
+        entry = dataclasses.replace(entry, last_used_at=self._clock.now())
+        self._registry[key] = entry
+        METRICS.inc("snapyard_snapshot_hits_total")
+        return entry
+
+    def _register(self, snapshot: Snapshot) -> None:
+        if _norm(snapshot.image_id) in self._tombstones:
+            log.info(
+                "ignoring Register of %s: image %s was deleted", snapshot.key, snapshot.image_id
+            )
+            return
+        if self._base_image_id is not None and not same_image(
+            snapshot.base_image_id, self._base_image_id
+        ):
+            # Committed from a base that has since been rebuilt: never usable.
+            log.info("refusing snapshot %s of an old base image", snapshot.image_id)
+            self._queue_delete(snapshot.image_id, "descends from an old base image")
+            return
+        current = self._registry.get(snapshot.key)
+        if current is not None:
+            if same_image(current.image_id, snapshot.image_id):
+                return
+            # Equal timestamps: arrival order decides, since one job per key
+            # runs at a time and its Register follows the previous one.
+            if snapshot.created_at < current.created_at:
+                log.info("ignoring older snapshot %s for %s", snapshot.image_id, snapshot.key)
+                self._queue_delete(snapshot.image_id, "older than the registered snapshot")
+                return
+            self._queue_delete(current.image_id, "replaced by a newer snapshot")
+        self._pending.pop(_norm(snapshot.image_id), None)
+        self._registry[snapshot.key] = snapshot
+
+    def _invalidate(self, key: SnapshotKey, image_id: str, reason: str) -> None:
+        # A 404 says the image is gone, whoever's entry it was.
+        self._tombstone(image_id)
+        entry = self._registry.get(key)
+        if entry is None or not same_image(entry.image_id, image_id):
+            log.info("Invalidate %s/%s is stale: the entry moved on", key, image_id)
+            return
+        del self._registry[key]
+        log.warning("snapshot %s invalidated (%s): %s", key, image_id, reason)
+
+    def _image_deleted(self, image_id: str) -> None:
+        self._tombstone(image_id)
+        self._pending.pop(_norm(image_id), None)
+        for key, entry in list(self._registry.items()):
+            if same_image(entry.image_id, image_id):
+                del self._registry[key]
+                log.warning("snapshot %s dropped: image %s was deleted", key, image_id)
+
+    def _remove(self, key: SnapshotKey) -> bool:
+        entry = self._registry.get(key)
+        if entry is None:
+            return False
+        self._evict(entry, "removed on request")
+        self._delete_pending()
+        return True
+
+    def _set_base(self, image_id: str) -> None:
+        if self._base_image_id is not None and same_image(self._base_image_id, image_id):
+            return
+        log.info("base image is now %s (was %s)", image_id, self._base_image_id)
+        self._base_image_id = image_id
+        for entry in list(self._registry.values()):
+            if not same_image(entry.base_image_id, image_id):
+                self._evict(entry, "descends from an old base image")
+        self._delete_pending()
+
+    # --- sweeping ----------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Drop what is gone, then evict by TTL, count (LRU) and size; delete images."""
+        if self._needs_rebuild:
+            self._rebuild()
+        self._drop_gone()
+        for entry in list(self._registry.values()):
+            reason = self._unusable(entry)
+            if reason is not None:
+                self._evict(entry, reason)
+        by_lru = sorted(self._registry.values(), key=lambda s: (s.last_used_at, s.created_at))
+        while len(by_lru) > self._settings.snapshots.max_count:
+            self._evict(by_lru.pop(0), "over snapshots.max_count")
+        total = sum(s.size_bytes for s in by_lru)
+        while by_lru and total > self._settings.snapshots.max_total_bytes:
+            victim = by_lru.pop(0)
+            total -= victim.size_bytes
+            self._evict(victim, "over snapshots.max_total_bytes")
+        self._delete_pending()
+        METRICS.set("snapyard_snapshots", float(len(self._registry)))
+        METRICS.set("snapyard_snapshot_bytes", float(sum(s.size_bytes for s in by_lru)))
+        METRICS.set("snapyard_snapshot_pending_deletions", float(len(self._pending)))
+
+    def _drop_gone(self) -> None:
+        """One list call finds the images still there; orphans past a grace are deleted."""
+        listed = self._list_snapshot_images()
+        if listed is None:
+            return
+        present = {_norm(info.id) for info in listed}
+        for key, entry in list(self._registry.items()):
+            if _norm(entry.image_id) in present or self._exists(entry.image_id):
+                continue
+            del self._registry[key]
+            self._tombstone(entry.image_id)
+            log.warning("snapshot %s dropped: image %s is gone", key, entry.image_id)
+        # A commit whose Register never arrived (a Spawner died in between)
+        # leaves an image nobody owns. A grace period protects in-flight ones.
+        owned = {_norm(s.image_id) for s in self._registry.values()}
+        grace = self._settings.supervisor.orphan_grace_s
+        now = self._clock.now()
+        for info in listed:
+            if _norm(info.id) in owned or _norm(info.id) in self._pending:
+                continue
+            if now - _created_at(info) > grace:
+                self._queue_delete(info.id, "orphaned snapshot image")
+
+    def _exists(self, image_id: str) -> bool:
+        """For entries missing from the labelled listing: ask once before dropping."""
+        try:
+            self._engine.inspect_image(image_id)
+        except ImageMissing:
+            return False
+        except EngineError as exc:
+            log.warning("could not inspect %s (kept until the next sweep): %s", image_id, exc)
+        return True
+
+    def _unusable(self, entry: Snapshot) -> str | None:
+        # TTL counts from the commit: a snapshot's environment ages whether or
+        # not it is used; LRU (last_used_at) decides count and size evictions.
+        ttl = self._settings.ttl_for(entry.key.project)
+        if self._clock.now() - entry.created_at > ttl:
+            return f"older than its TTL of {ttl:g}s"
+        if self._base_image_id is not None and not same_image(
+            entry.base_image_id, self._base_image_id
+        ):
+            return "descends from an old base image"
+        return None
+
+    def _evict(self, entry: Snapshot, reason: str) -> None:
+        self._registry.pop(entry.key, None)
+        METRICS.inc("snapyard_snapshot_evictions_total")
+        log.info("evicting snapshot %s (%s): %s", entry.key, entry.image_id, reason)
+        self._queue_delete(entry.image_id, reason)
+
+    def _queue_delete(self, image_id: str, reason: str) -> None:
+        if _norm(image_id) not in self._tombstones:
+            self._pending[_norm(image_id)] = reason
+
+    def _delete_pending(self) -> None:
+        """Try every queued deletion; what the engine refuses stays for the next sweep."""
+        for image_id, reason in list(self._pending.items()):
+            try:
+                self._engine.remove_image(image_id)
+            except ImageMissing:
+                pass
+            except Conflict as exc:
+                # In use by a container, or the parent of another snapshot:
+                # Nomad's answer, deferred deletion, not an error.
+                log.info("image %s still in use, deleting later: %s", image_id, exc)
+                continue
+            except EngineError as exc:
+                log.warning("could not delete image %s (retrying next sweep): %s", image_id, exc)
+                continue
+            log.info("deleted snapshot image %s (%s)", image_id, reason)
+            del self._pending[image_id]
+            self._tombstone(image_id)
+
+    # --- reconciliation ----------------------------------------------------
+
+    def _resolve_base(self) -> None:
+        try:
+            self._base_image_id = self._engine.inspect_image(self._settings.worker.image).id
+        except EngineError as exc:
+            # Unknown until a Spawner tells us (SetBaseImage): no base check meanwhile.
+            log.warning("base image %s not resolved: %s", self._settings.worker.image, exc)
+
+    def _rebuild(self) -> None:
+        """Adopt every labelled snapshot image: newest per key wins, the rest are deleted."""
+        listed = self._list_snapshot_images()
+        if listed is None:
+            return
+        self._needs_rebuild = False
+        adopted = 0
+        for info in sorted(listed, key=lambda i: (_created_at(i), i.created_at, i.id)):
+            snapshot = _snapshot_from_labels(info)
+            if snapshot is None:
+                log.warning("image %s is labelled a snapshot but lacks its key labels", info.id)
+                continue
+            if _norm(info.id) in {_norm(s.image_id) for s in self._registry.values()}:
+                continue
+            self._register(snapshot)
+            adopted += 1
+        for entry in list(self._registry.values()):
+            reason = self._unusable(entry)
+            if reason is not None:
+                self._evict(entry, reason)
+        log.info("registry rebuilt: %d snapshot images, %d kept", adopted, len(self._registry))
+
+    def _list_snapshot_images(self) -> list[ImageInfo] | None:
+        try:
+            images = self._engine.list_images({LABEL_ROLE: ROLE_SNAPSHOT})
+        except EngineError as exc:
+            log.warning("could not list snapshot images (retrying next sweep): %s", exc)
+            return None
+        repository = self._settings.snapshots.repository
+        return [i for i in images if i.labels.get(LABEL_REPOSITORY, repository) == repository]
+
+    def _tombstone(self, image_id: str) -> None:
+        self._tombstones[_norm(image_id)] = None
+        self._tombstones.move_to_end(_norm(image_id))
+        while len(self._tombstones) > _MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+
+def _created_at(info: ImageInfo) -> float:
+    try:
+        return float(info.labels[LABEL_CREATED_AT])
+    except (KeyError, ValueError):
+        return info.created_at
+
+
+def _snapshot_from_labels(info: ImageInfo) -> Snapshot | None:
+    labels: Mapping[str, str] = info.labels
+    project = labels.get(LABEL_PROJECT)
+    work_item = labels.get(LABEL_WORK_ITEM)
+    base = labels.get(LABEL_BASE_IMAGE_ID)
+    if not project or not work_item or not base:
+        return None
+    created = _created_at(info)
+    return Snapshot(
+        key=SnapshotKey(project, work_item),
+        image_id=info.id,
+        tag=_first(info.tags),
+        base_image_id=base,
+        created_at=created,
+        last_used_at=created,
+        size_bytes=info.size_bytes,
+        layers=info.layers,
+    )
+
+
+def _first(tags: Iterable[str]) -> str:
+    return next(iter(tags), "")

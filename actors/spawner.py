@@ -1,0 +1,576 @@
+"""The Spawner actor: starts a job's container, and commits it when it ends well.
+
+Spawners make the slow Docker calls (create, start, commit, stop), so the
+Supervisor keeps a pool of them and the SnapshotManager makes none of these.
+Every failure a job can cause is caught per message and answered with a reply
+(``SpawnFailed``, ``Finished(error=...)``): one bad job never stops a Spawner.
+Anything else is a bug; it crashes the actor and ``on_failure`` tells the
+parent, which restarts it and learns which job was in flight.
+
+The incident this module exists for: a registry entry pointing at a deleted
+snapshot image. Create then answers 404; the Spawner invalidates that entry
+(by image ID, so a newer snapshot survives) and retries on the base image,
+under the same retry budget, limits and labels, so the job simply runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import pykka
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from actors.clock import Clock
+from actors.engine.base import (
+    ContainerMissing,
+    ContainerSpec,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    ImageConfig,
+    ImageMissing,
+)
+from actors.messages import (
+    ActorCrashed,
+    Finish,
+    Finished,
+    Invalidate,
+    Lookup,
+    Register,
+    SetBaseImage,
+    Spawn,
+    SpawnFailed,
+    Started,
+    Terminate,
+    Terminated,
+)
+from actors.model import JobSpec, Snapshot
+from actors.naming import snapshot_image_name
+from actors.settings import Settings
+from actors.snapshot_manager import (
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_PROJECT,
+    LABEL_REPOSITORY,
+    LABEL_ROLE,
+    LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
+)
+from actors.telemetry import METRICS, capture_error, job_log
+
+__all__ = [
+    "JOB_LABELS",
+    "LABEL_AGENT_TYPE",
+    "LABEL_IMAGE_SOURCE",
+    "LABEL_JOB_ID",
+    "LABEL_MANAGED",
+    "LABEL_SNAPSHOT_ENABLED",
+    "BaseImageMissing",
+    "Spawner",
+    "StaleSnapshot",
+    "start_pool",
+]
+
+log = logging.getLogger(__name__)
+
+# The container label contract (the Supervisor re-adopts containers by it):
+#   snapyard.managed=true, snapyard.job.id, snapyard.project, snapyard.work_item,
+#   snapyard.agent_type, snapyard.snapshot.enabled=true|false,
+#   snapyard.image.source=base|snapshot, snapyard.base_image_id=<lineage base ID>
+LABEL_MANAGED = "snapyard.managed"
+LABEL_JOB_ID = "snapyard.job.id"
+LABEL_AGENT_TYPE = "snapyard.agent_type"
+LABEL_SNAPSHOT_ENABLED = "snapyard.snapshot.enabled"
+LABEL_IMAGE_SOURCE = "snapyard.image.source"
+# Docker merges a container's labels into its commit: these describe one job
+# and are blanked in every snapshot so no image claims to be a running job.
+JOB_LABELS = (
+    LABEL_MANAGED,
+    LABEL_JOB_ID,
+    LABEL_AGENT_TYPE,
+    LABEL_SNAPSHOT_ENABLED,
+    LABEL_IMAGE_SOURCE,
+)
+ENV_JOB_ID = "SNAPYARD_JOB_ID"
+ENV_SNAPSHOT_REUSE = "SNAPYARD_SNAPSHOT_REUSE"
+ENV_SETUP_SECONDS = "SNAPYARD_SETUP_SECONDS"
+_SNAPYARD_ENV = (ENV_JOB_ID, ENV_SNAPSHOT_REUSE, ENV_SETUP_SECONDS)
+
+LOGS_TAIL_LINES = 200
+# A Lookup is an in-memory read; if the manager does not answer in this
+# long it is dead or wedged, and a base-image start beats a stuck job.
+LOOKUP_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+class StaleSnapshot(ImageMissing):
+    """The snapshot image the registry named is gone: fall back to the base image."""
+
+    def __init__(self, image: str, cause: ImageMissing) -> None:
+        super().__init__(image, f"snapshot image {image} is gone: {cause}")
+
+
+class BaseImageMissing(ImageMissing):
+    """The configured base image does not exist: retrying cannot help, building can."""
+
+    def __init__(self, image: str, engine: str) -> None:
+        super().__init__(
+            image,
+            f"the worker base image {image!r} does not exist on {engine}; "
+            "build it with `make image` (or `snapyard image build`), "
+            "or point worker.image at an existing image",
+        )
+
+
+@dataclass
+class _Plan:
+    """What one Spawn has learned so far; the retry loop reads and updates it."""
+
+    snapshots_enabled: bool
+    attempts: int = 0
+    looked_up: bool = False
+    snapshot: Snapshot | None = None
+    stale_image_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Launched:
+    container_id: str
+    image_id: str
+    from_snapshot: bool
+
+
+class Spawner(pykka.ThreadingActor):
+    """Creates, starts, commits, stops and removes worker containers, one job at a time."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        snapshots: pykka.ActorRef[Any],
+        settings: Settings,
+        clock: Clock,
+        name: str,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """``labels`` are stamped on every container (and so every snapshot), e.g. for tests."""
+        super().__init__()
+        self._engine = engine
+        self._snapshots = snapshots
+        self._settings = settings
+        self._clock = clock
+        self.name = name
+        self._supervisor = supervisor
+        self._extra_labels = dict(labels or {})
+        self._base_image_id: str | None = None
+        self._job_id: str | None = None
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Spawn():
+                self._job_id = message.job_id
+                self._spawn(message)
+            case Finish():
+                self._job_id = message.job_id
+                self._finish(message)
+            case Terminate():
+                self._job_id = message.job_id
+                self._terminate(message)
+            case _:
+                return super().on_receive(message)
+        self._job_id = None
+        return None
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exception_value is not None:
+            capture_error(
+                exception_value,
+                source="spawner",
+                extras={"job_id": self._job_id, "spawner": self.name},
+            )
+        if self._supervisor is not None:
+            self._supervisor.tell(
+                ActorCrashed(
+                    name=self.name,
+                    error=f"{exception_type}: {exception_value}",
+                    job_id=self._job_id,
+                )
+            )
+
+    # --- Spawn -------------------------------------------------------------
+
+    def _spawn(self, msg: Spawn) -> None:
+        began = self._clock.now()
+        plan = _Plan(snapshots_enabled=msg.snapshots_enabled)
+        jlog = job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item)
+        try:
+            launched = self._start_policy(plan)(self._launch, msg, plan)
+        except EngineError as exc:
+            retryable = isinstance(exc, EngineUnavailable)
+            image = plan.snapshot.image_id if plan.snapshot else self._settings.worker.image
+            extras: dict[str, object] = {"job_id": msg.job_id, "image": image}
+            if plan.stale_image_id is not None:
+                extras["stale_image_id"] = plan.stale_image_id
+            capture_error(exc, source="spawner", job_type=msg.spec.agent_type, extras=extras)
+            error = str(exc)
+            if retryable:
+                error = f"engine unavailable after {plan.attempts} attempts: {exc}"
+            jlog.error("spawn failed (retryable=%s): %s", retryable, error)
+            METRICS.inc("snapyard_spawn_failures_total")
+            self._tell(
+                msg.reply_to,
+                SpawnFailed(job_id=msg.job_id, error=error, spawner=self.name, retryable=retryable),
+            )
+            return
+        METRICS.observe("snapyard_spawn_seconds", self._clock.now() - began)
+        jlog.info(
+            "started %s from %s %s (attempts %d)",
+            launched.container_id,
+            "snapshot" if launched.from_snapshot else "base",
+            launched.image_id,
+            plan.attempts,
+        )
+        self._tell(
+            msg.reply_to,
+            Started(
+                job_id=msg.job_id,
+                container_id=launched.container_id,
+                image_id=launched.image_id,
+                from_snapshot=launched.from_snapshot,
+                attempts=plan.attempts,
+                spawner=self.name,
+            ),
+        )
+
+    def _start_policy(self, plan: _Plan) -> Retrying:
+        """Retry a blip with backoff; retry a vanished snapshot at once, on the base image.
+
+        The fallback attempt does not spend the retry budget: with
+        ``retry.attempts = 1`` a stale snapshot still gets its base-image run.
+        """
+        backoff = self._backoff()
+
+        def wait(state: RetryCallState) -> float:
+            return 0.0 if _failed_with(state, StaleSnapshot) else backoff(state)
+
+        def attempts_exhausted(state: RetryCallState) -> bool:
+            fallbacks = 1 if plan.stale_image_id is not None else 0
+            return state.attempt_number - fallbacks >= self._settings.retry.attempts
+
+        return Retrying(
+            retry=retry_if_exception_type(EngineUnavailable)
+            | retry_if_exception_type(StaleSnapshot),
+            wait=wait,
+            stop=attempts_exhausted,
+            sleep=self._clock.sleep,
+            reraise=True,
+        )
+
+    def _launch(self, msg: Spawn, plan: _Plan) -> _Launched:
+        """One attempt: resolve the base, look up a snapshot (once), create, start."""
+        plan.attempts += 1
+        base_id = self._resolve_base()
+        if plan.snapshots_enabled and not plan.looked_up:
+            plan.snapshot = self._lookup(msg)
+            plan.looked_up = True
+        snapshot = plan.snapshot
+        spec = self._container_spec(msg, snapshot, base_id)
+        try:
+            container_id = self._engine.create_container(spec)
+        except ImageMissing as exc:
+            raise self._image_missing(msg, plan, exc) from exc
+        try:
+            self._engine.start_container(container_id)
+        except Exception as exc:
+            # Created but not started: remove it, or every failed start leaks one.
+            self._discard(container_id, msg)
+            if isinstance(exc, ImageMissing):
+                raise self._image_missing(msg, plan, exc) from exc
+            raise
+        return _Launched(
+            container_id=container_id,
+            image_id=snapshot.image_id if snapshot else base_id,
+            from_snapshot=snapshot is not None,
+        )
+
+    def _image_missing(self, msg: Spawn, plan: _Plan, exc: ImageMissing) -> ImageMissing:
+        """Decide what a 404 means: a stale snapshot to drop, or a base image to build."""
+        snapshot = plan.snapshot
+        if snapshot is None:
+            return BaseImageMissing(self._settings.worker.image, self._engine.describe())
+        reason = f"404 on create/start for job {msg.job_id}: {exc}"
+        self._tell(self._snapshots, Invalidate(snapshot.key, snapshot.image_id, reason))
+        METRICS.inc("snapyard_stale_snapshot_fallbacks_total")
+        job_log(
+            log, msg.job_id, msg.spec.project, msg.spec.work_item, image=snapshot.image_id
+        ).warning("snapshot image is gone; invalidated it, retrying on the base image")
+        plan.stale_image_id = snapshot.image_id
+        plan.snapshot = None
+        return StaleSnapshot(snapshot.image_id, exc)
+
+    def _resolve_base(self) -> str:
+        """The base tag's current ID; a new one is told to the SnapshotManager first."""
+        try:
+            base_id = self._engine.inspect_image(self._settings.worker.image).id
+        except ImageMissing as exc:
+            raise BaseImageMissing(self._settings.worker.image, self._engine.describe()) from exc
+        if base_id != self._base_image_id:
+            # Told before the Lookup that follows: the manager sees it first
+            # and never hands out a snapshot of the previous base.
+            self._tell(self._snapshots, SetBaseImage(base_id))
+            self._base_image_id = base_id
+        return base_id
+
+    def _lookup(self, msg: Spawn) -> Snapshot | None:
+        try:
+            found = self._snapshots.ask(Lookup(msg.spec.key), timeout=LOOKUP_TIMEOUT_S)
+        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+            job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item).warning(
+                "snapshot lookup failed (%s); starting from the base image", exc
+            )
+            return None
+        return found if isinstance(found, Snapshot) else None
+
+    def _container_spec(self, msg: Spawn, snapshot: Snapshot | None, base_id: str) -> ContainerSpec:
+        worker = self._settings.worker
+        spec = msg.spec
+        env = dict(spec.env)
+        env[ENV_JOB_ID] = msg.job_id
+        env[ENV_SNAPSHOT_REUSE] = "1" if snapshot is not None else "0"
+        env[ENV_SETUP_SECONDS] = f"{worker.setup_seconds:g}"
+        labels = dict(self._extra_labels)
+        labels.update(
+            {
+                LABEL_MANAGED: "true",
+                LABEL_JOB_ID: msg.job_id,
+                LABEL_PROJECT: spec.project,
+                LABEL_WORK_ITEM: spec.work_item,
+                LABEL_AGENT_TYPE: spec.agent_type,
+                LABEL_SNAPSHOT_ENABLED: "true" if msg.snapshots_enabled else "false",
+                LABEL_IMAGE_SOURCE: "snapshot" if snapshot is not None else "base",
+                LABEL_BASE_IMAGE_ID: snapshot.base_image_id if snapshot is not None else base_id,
+            }
+        )
+        return ContainerSpec(
+            # A snapshot by ID (immutable); the base by tag, as configured.
+            image=snapshot.image_id if snapshot is not None else worker.image,
+            command=spec.command or worker.command,
+            env=env,
+            labels=labels,
+            memory_bytes=worker.memory_mb * 1024 * 1024,
+            pids_limit=worker.pids_limit,
+            network=worker.network,
+            init=True,
+            auto_remove=False,  # we read the logs and maybe commit before removing
+            cap_drop_all=worker.drop_all_capabilities,
+            no_new_privileges=True,
+        )
+
+    # --- Finish ------------------------------------------------------------
+
+    def _finish(self, msg: Finish) -> None:
+        spec = msg.spec
+        jlog = job_log(log, msg.job_id, spec.project, spec.work_item, container=msg.container_id)
+        errors: list[str] = []
+        logs_tail = ""
+        try:
+            logs = self._patiently(self._engine.container_logs, msg.container_id, LOGS_TAIL_LINES)
+            logs_tail = logs.stdout + logs.stderr
+        except EngineError as exc:
+            errors.append(f"could not read logs: {exc}")
+            self._capture(exc, spec, msg.job_id, msg.container_id)
+        snapshot_id: str | None = None
+        if msg.commit and msg.exit_code == 0:
+            try:
+                snapshot_id = self._commit(msg)
+            except EngineError as exc:
+                errors.append(f"snapshot not committed: {exc}")
+                self._capture(exc, spec, msg.job_id, msg.container_id)
+                jlog.warning("commit failed: %s", exc)
+        try:
+            self._patiently(self._engine.remove_container, msg.container_id, True)
+        except ContainerMissing:
+            pass
+        except EngineError as exc:
+            errors.append(f"container not removed: {exc}")
+            self._capture(exc, spec, msg.job_id, msg.container_id)
+        jlog.info("finished with exit code %d, snapshot %s", msg.exit_code, snapshot_id)
+        self._tell(
+            msg.reply_to,
+            Finished(
+                job_id=msg.job_id,
+                container_id=msg.container_id,
+                exit_code=msg.exit_code,
+                snapshot_image_id=snapshot_id,
+                logs_tail=logs_tail,
+                error="; ".join(errors) or None,
+                spawner=self.name,
+            ),
+        )
+
+    def _commit(self, msg: Finish) -> str | None:
+        """Commit the container as the key's snapshot, with no job secrets in its config."""
+        spec = msg.spec
+        state = self._patiently(self._engine.inspect_container, msg.container_id)
+        current_base = self._patiently(self._resolve_base)
+        lineage = state.labels.get(LABEL_BASE_IMAGE_ID) or current_base
+        if lineage != current_base:
+            log.info(
+                "job %s ran on base %s, now %s: not committing", msg.job_id, lineage, current_base
+            )
+            return None
+        base = self._patiently(self._engine.inspect_image, lineage)
+        now = self._clock.now()
+        config = ImageConfig(
+            env=_scrubbed_env(base.env, spec),
+            cmd=base.cmd,
+            entrypoint=base.entrypoint,
+            labels={
+                **dict.fromkeys(JOB_LABELS, ""),
+                LABEL_ROLE: ROLE_SNAPSHOT,
+                LABEL_PROJECT: spec.project,
+                LABEL_WORK_ITEM: spec.work_item,
+                LABEL_BASE_IMAGE_ID: lineage,
+                LABEL_CREATED_AT: repr(now),
+                LABEL_REPOSITORY: self._settings.snapshots.repository,
+            },
+        )
+        repository, tag = snapshot_image_name(
+            self._settings.snapshots.repository, spec.project, spec.work_item
+        )
+        image_id = self._engine.commit_container(msg.container_id, repository, tag, config)
+        info = self._patiently(self._engine.inspect_image, image_id)
+        self._tell(
+            self._snapshots,
+            Register(
+                Snapshot(
+                    key=spec.key,
+                    image_id=info.id,
+                    tag=f"{repository}:{tag}",
+                    base_image_id=lineage,
+                    created_at=now,
+                    last_used_at=now,
+                    size_bytes=info.size_bytes,
+                    layers=info.layers,
+                )
+            ),
+        )
+        return info.id
+
+    # --- Terminate ---------------------------------------------------------
+
+    def _terminate(self, msg: Terminate) -> None:
+        try:
+            self._patiently(self._engine.stop_container, msg.container_id, msg.grace_s)
+        except ContainerMissing:
+            pass  # already gone: what we wanted
+        except EngineError as exc:
+            # The Supervisor's reconciler finds a container that still runs.
+            log.warning("could not stop %s for job %s: %s", msg.container_id, msg.job_id, exc)
+            capture_error(
+                exc, source="spawner", extras={"job_id": msg.job_id, "container": msg.container_id}
+            )
+        self._tell(
+            msg.reply_to,
+            Terminated(job_id=msg.job_id, container_id=msg.container_id, spawner=self.name),
+        )
+
+    # --- helpers -----------------------------------------------------------
+
+    def _backoff(self) -> wait_exponential_jitter:
+        retry = self._settings.retry
+        return wait_exponential_jitter(
+            multiplier=retry.backoff_initial_s,
+            max=retry.backoff_max_s,
+            jitter=retry.backoff_initial_s,
+        )
+
+    def _patiently(self, call: Callable[..., T], *args: Any) -> T:
+        """One engine call, retried through a blip like a start is; other errors pass."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(EngineUnavailable),
+            wait=self._backoff(),
+            stop=stop_after_attempt(self._settings.retry.attempts),
+            sleep=self._clock.sleep,
+            reraise=True,
+        )
+        return retrying(call, *args)
+
+    def _tell(self, ref: pykka.ActorRef[Any], message: object) -> None:
+        """A dead receiver is its parent's problem; it must not take this Spawner down too."""
+        try:
+            ref.tell(message)
+        except pykka.ActorDeadError:
+            log.warning("%s is dead; dropped %s", ref, type(message).__name__)
+
+    def _discard(self, container_id: str, msg: Spawn) -> None:
+        try:
+            self._engine.remove_container(container_id, force=True)
+        except ContainerMissing:
+            pass
+        except EngineError as exc:
+            # Labelled snapyard.managed: the Supervisor's orphan sweep removes it.
+            log.warning("could not remove unstarted container %s: %s", container_id, exc)
+            self._capture(exc, msg.spec, msg.job_id, container_id)
+
+    def _capture(self, exc: BaseException, spec: JobSpec, job_id: str, container_id: str) -> None:
+        capture_error(
+            exc,
+            source="spawner",
+            job_type=spec.agent_type,
+            extras={"job_id": job_id, "container": container_id},
+        )
+
+
+def _failed_with(state: RetryCallState, kind: type[BaseException]) -> bool:
+    outcome = state.outcome
+    return outcome is not None and isinstance(outcome.exception(), kind)
+
+
+def _scrubbed_env(base_env: tuple[str, ...], spec: JobSpec) -> list[str]:
+    """The base image's env, plus ``KEY=`` for every job and Snapyard key.
+
+    Docker fills a commit's env from the container for every key the
+    override does not name, so naming the job's keys is what keeps their
+    values out of the image; a key the base defines keeps the base's value.
+    """
+    env = list(base_env)
+    defined = {entry.split("=", 1)[0] for entry in base_env}
+    for key in (*spec.env, *_SNAPYARD_ENV):
+        if key not in defined:
+            env.append(f"{key}=")
+            defined.add(key)
+    return env
+
+
+def start_pool(
+    n: int,
+    engine: Engine,
+    snapshots: pykka.ActorRef[Any],
+    settings: Settings,
+    clock: Clock,
+    supervisor: pykka.ActorRef[Any] | None = None,
+    prefix: str = "spawner",
+    labels: Mapping[str, str] | None = None,
+) -> list[pykka.ActorRef[Spawner]]:
+    """Start ``n`` Spawners named ``{prefix}-1`` .. ``{prefix}-n``."""
+    return [
+        Spawner.start(engine, snapshots, settings, clock, f"{prefix}-{i}", supervisor, labels)
+        for i in range(1, n + 1)
+    ]

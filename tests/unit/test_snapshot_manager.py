@@ -1,0 +1,301 @@
+"""SnapshotManager rules, one test each, on MemoryEngine and FakeClock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pykka
+import pytest
+from spawn_kit import Rig, make_rig, test_settings
+
+from actors.engine.base import EngineUnavailable
+from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseImage
+from actors.model import SnapshotKey
+from actors.settings import ProjectSettings
+from actors.telemetry import METRICS
+
+KEY = SnapshotKey("proj", "item-1")
+OTHER = SnapshotKey("proj", "item-2")
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    rig = make_rig().start(spawner=False)
+    yield rig
+    pykka.ActorRegistry.stop_all()
+
+
+def test_lookup_hits_a_registered_snapshot_and_refreshes_last_used(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    hits = METRICS.value("snapyard_snapshot_hits_total")
+    misses = METRICS.value("snapyard_snapshot_misses_total")
+    rig.clock.advance(60)
+    found = rig.lookup(KEY)
+    assert found is not None
+    assert found.image_id == snap.image_id
+    assert found.last_used_at == rig.clock.now()
+    assert rig.lookup(OTHER) is None
+    assert METRICS.value("snapyard_snapshot_hits_total") == hits + 1
+    assert METRICS.value("snapyard_snapshot_misses_total") == misses + 1
+
+
+def test_register_replaces_the_entry_and_deletes_the_previous_image(rig: Rig) -> None:
+    old = rig.add_snapshot(KEY)
+    rig.register(old)
+    rig.clock.advance(10)
+    new = rig.add_snapshot(KEY)
+    rig.register(new)
+    assert [s.image_id for s in rig.snapshots()] == [new.image_id]
+    assert old.image_id not in rig.image_ids()
+    assert new.image_id in rig.image_ids()
+
+
+def test_register_of_an_older_snapshot_does_not_replace_a_newer_one(rig: Rig) -> None:
+    older = rig.add_snapshot(KEY, created_at=rig.clock.now())
+    newer = rig.add_snapshot(KEY, created_at=rig.clock.now() + 10)
+    rig.register(newer)
+    rig.register(older)
+    assert [s.image_id for s in rig.snapshots()] == [newer.image_id]
+    # The loser is nobody's snapshot: it is deleted, not leaked.
+    assert older.image_id not in rig.image_ids()
+
+
+def test_late_invalidate_with_an_old_image_id_leaves_the_newer_snapshot(rig: Rig) -> None:
+    old = rig.add_snapshot(KEY)
+    rig.register(old)
+    rig.clock.advance(10)
+    new = rig.add_snapshot(KEY)
+    rig.register(new)
+    rig.ask(Invalidate(KEY, old.image_id, "404 from a slow spawner"))
+    assert [s.image_id for s in rig.snapshots()] == [new.image_id]
+
+
+def test_invalidate_drops_the_entry_and_is_idempotent(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    rig.ask(Invalidate(KEY, snap.image_id, "404"))
+    rig.ask(Invalidate(KEY, snap.image_id, "404"))
+    assert rig.snapshots() == []
+    assert rig.lookup(KEY) is None
+
+
+def test_register_ignores_an_image_already_reported_deleted(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.ask(ImageDeleted(snap.image_id))
+    rig.register(snap)
+    assert rig.snapshots() == []
+
+
+def test_image_deleted_drops_the_entry_whatever_the_id_spelling(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    rig.ask(ImageDeleted(snap.image_id.removeprefix("sha256:")))
+    assert rig.snapshots() == []
+
+
+def test_ttl_expiry_evicts_and_deletes_the_image(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    evictions = METRICS.value("snapyard_snapshot_evictions_total")
+    rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
+    rig.sweep()
+    assert rig.snapshots() == []
+    assert snap.image_id not in rig.image_ids()
+    assert METRICS.value("snapyard_snapshot_evictions_total") == evictions + 1
+
+
+def test_expired_snapshot_is_a_miss_on_lookup_and_its_image_is_deleted(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
+    assert rig.lookup(KEY) is None
+    rig.snapshots()  # the deletion is queued behind the reply; this waits for it
+    assert snap.image_id not in rig.image_ids()
+
+
+def test_per_project_ttl_applies_in_lookups_and_sweeps() -> None:
+    settings = test_settings(projects={"short": ProjectSettings(ttl_s=60.0)})
+    rig = make_rig(settings).start(spawner=False)
+    try:
+        short_a = rig.add_snapshot(SnapshotKey("short", "a"))
+        short_b = rig.add_snapshot(SnapshotKey("short", "b"))
+        long = rig.add_snapshot(SnapshotKey("long", "a"))
+        for snap in (short_a, short_b, long):
+            rig.register(snap)
+        rig.clock.advance(61)
+        assert rig.lookup(short_a.key) is None
+        rig.sweep()
+        assert [s.key for s in rig.snapshots()] == [long.key]
+        assert rig.lookup(long.key) is not None
+        assert short_a.image_id not in rig.image_ids()
+        assert short_b.image_id not in rig.image_ids()
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
+def test_max_count_evicts_the_least_recently_used_and_deletes_it() -> None:
+    rig = make_rig(test_settings(snapshots={"max_count": 2})).start(spawner=False)
+    try:
+        a = rig.add_snapshot(SnapshotKey("p", "a"))
+        b = rig.add_snapshot(SnapshotKey("p", "b"))
+        rig.register(a)
+        rig.register(b)
+        rig.clock.advance(5)
+        assert rig.lookup(a.key) is not None  # b is now the least recently used
+        rig.clock.advance(5)
+        c = rig.add_snapshot(SnapshotKey("p", "c"))
+        rig.register(c)  # a sweep runs after each Register
+        assert {s.key for s in rig.snapshots()} == {a.key, c.key}
+        assert b.image_id not in rig.image_ids()
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
+def test_max_total_bytes_evicts_least_recently_used_until_it_fits() -> None:
+    rig = make_rig(test_settings(snapshots={"max_total_bytes": 2500})).start(spawner=False)
+    try:
+        a = rig.add_snapshot(SnapshotKey("p", "a"), size_bytes=1000)
+        rig.register(a)
+        rig.clock.advance(1)
+        b = rig.add_snapshot(SnapshotKey("p", "b"), size_bytes=1000)
+        rig.register(b)
+        rig.clock.advance(1)
+        c = rig.add_snapshot(SnapshotKey("p", "c"), size_bytes=1000)
+        rig.register(c)
+        assert {s.key for s in rig.snapshots()} == {b.key, c.key}
+        assert a.image_id not in rig.image_ids()
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
+def test_image_in_use_survives_a_sweep_and_is_deleted_on_the_next(rig: Rig) -> None:
+    from actors.engine.base import ContainerSpec
+
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    container = rig.engine.create_container(ContainerSpec(image=snap.image_id))
+    rig.engine.start_container(container)  # exits 0 at once; a stopped user still blocks rmi
+    rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
+    rig.sweep()
+    assert rig.snapshots() == []
+    assert snap.image_id in rig.image_ids()
+    rig.engine.remove_container(container)
+    rig.sweep()
+    assert snap.image_id not in rig.image_ids()
+
+
+def test_sweep_drops_entries_whose_image_is_gone_with_one_list_call(rig: Rig) -> None:
+    gone = rig.add_snapshot(KEY)
+    kept = rig.add_snapshot(OTHER)
+    rig.register(gone)
+    rig.register(kept)
+    rig.engine.delete_image_behind_back(gone.image_id)
+    before = len(rig.engine.calls_of("list_images"))
+    rig.sweep()
+    assert len(rig.engine.calls_of("list_images")) == before + 1
+    assert [s.key for s in rig.snapshots()] == [OTHER]
+
+
+def test_engine_error_in_a_sweep_is_retried_next_sweep_not_a_crash(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
+    rig.engine.set_unavailable(True)
+    rig.sweep()
+    assert rig.snapshots() == []  # evicted from the registry; its rmi is pending
+    rig.engine.set_unavailable(False)
+    assert snap.image_id in rig.image_ids()
+    rig.sweep()
+    assert snap.image_id not in rig.image_ids()
+
+
+def test_restart_rebuilds_the_registry_and_deletes_older_duplicates(rig: Rig) -> None:
+    t0 = rig.clock.now()
+    old = rig.add_snapshot(KEY, created_at=t0)
+    older = rig.add_snapshot(KEY, created_at=t0 - 100)
+    newest = rig.add_snapshot(KEY, created_at=t0 + 5)
+    other = rig.add_snapshot(OTHER, created_at=t0)
+    rig.restart_manager()
+    assert {(s.key, s.image_id) for s in rig.snapshots()} == {
+        (KEY, newest.image_id),
+        (OTHER, other.image_id),
+    }
+    images = rig.image_ids()
+    assert old.image_id not in images
+    assert older.image_id not in images
+    assert {newest.image_id, other.image_id} <= images
+    found = rig.lookup(KEY)
+    assert found is not None
+    assert found.layers == newest.layers
+    assert found.size_bytes == newest.size_bytes
+
+
+def test_restart_with_the_engine_down_rebuilds_on_the_next_sweep(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.engine.set_unavailable(True)
+    rig.restart_manager()
+    assert rig.snapshots() == []
+    rig.engine.set_unavailable(False)
+    rig.sweep()
+    assert [s.image_id for s in rig.snapshots()] == [snap.image_id]
+
+
+def test_restart_leaves_another_repositorys_snapshots_alone(rig: Rig) -> None:
+    foreign = rig.add_snapshot(KEY, repository="someone-else")
+    rig.restart_manager()
+    rig.sweep()
+    assert rig.snapshots() == []
+    assert foreign.image_id in rig.image_ids()
+
+
+def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    new_base = rig.engine.add_image("snapyard-worker:test", labels={"snapyard.role": "base"})
+    rig.ask(SetBaseImage(new_base))
+    assert rig.snapshots() == []
+    assert snap.image_id not in rig.image_ids()
+    # A late commit from the old base is refused too.
+    late = rig.add_snapshot(OTHER, base_id=rig.base_id)
+    rig.register(late)
+    assert rig.snapshots() == []
+    assert late.image_id not in rig.image_ids()
+
+
+def test_snapshot_at_the_layer_cap_is_a_miss_but_stays_registered(rig: Rig) -> None:
+    cap = rig.settings.snapshots.max_layers
+    snap = rig.add_snapshot(KEY, layers=cap)
+    rig.register(snap)
+    assert rig.lookup(KEY) is None
+    assert [s.image_id for s in rig.snapshots()] == [snap.image_id]
+    shallow = rig.add_snapshot(KEY, created_at=rig.clock.now() + 1, layers=4)
+    rig.register(shallow)
+    assert rig.lookup(KEY) is not None
+    assert snap.image_id not in rig.image_ids()
+
+
+def test_remove_snapshot_drops_the_entry_and_deletes_the_image(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    assert rig.ask(RemoveSnapshot(KEY)) is True
+    assert rig.ask(RemoveSnapshot(KEY)) is False
+    assert rig.snapshots() == []
+    assert snap.image_id not in rig.image_ids()
+
+
+def test_orphan_snapshot_image_is_deleted_only_after_the_grace_period(rig: Rig) -> None:
+    orphan = rig.add_snapshot(KEY)  # committed, but its Register never arrived
+    rig.sweep()
+    assert orphan.image_id in rig.image_ids()
+    rig.clock.advance(rig.settings.supervisor.orphan_grace_s + 1)
+    rig.sweep()
+    assert orphan.image_id not in rig.image_ids()
+
+
+def test_lookup_while_the_engine_is_down_still_answers(rig: Rig) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    rig.engine.fail_next("list_images", error=EngineUnavailable("down"))
+    rig.sweep()
+    assert rig.lookup(KEY) is not None
