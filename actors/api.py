@@ -30,6 +30,7 @@ import pykka
 
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
 from actors.settings import ApiSettings, SettingsError
+from actors.supervisor import SupervisorStopped
 from actors.telemetry import METRICS, capture_error
 
 __all__ = [
@@ -261,6 +262,10 @@ class _Handler(BaseHTTPRequestHandler):
         except _HttpError as exc:
             self._send_json(
                 exc.status, {"error": exc.message, "field": exc.field}, headers=exc.headers
+            )
+        except SupervisorStopped as exc:
+            self._send_json(
+                HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"the supervisor is not running: {exc}"}
             )
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             # The supervisor is stopping or stuck: a retryable condition for the client.
@@ -500,22 +505,36 @@ class _Server(ThreadingHTTPServer):
     # Restarting the supervisor must not wait for TIME_WAIT sockets to clear.
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: Facade, token: str) -> None:
+    def __init__(self, address: tuple[str, int], app: Facade | None, token: str) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
-        self.app = app
+        self._app = app
         self.token = token
+
+    @property
+    def app(self) -> Facade:
+        if self._app is None:
+            raise SupervisorStopped("the supervisor is still starting")
+        return self._app
 
 
 class ApiServer:
-    """The API on a background thread. ``port`` is the bound port (useful with port 0)."""
+    """The API on a background thread. ``port`` is the bound port (useful with port 0).
 
-    def __init__(self, app: Facade, api: ApiSettings) -> None:
+    The socket is bound in the constructor, so ``snapyard run`` learns that the
+    port is taken before it starts any actor; ``attach`` hands over the facade
+    once it runs (until then every endpoint answers 503 "starting").
+    """
+
+    def __init__(self, app: Facade | None, api: ApiSettings) -> None:
         check_bind_allowed(api)
         self._server = _Server((api.host.strip("[]"), api.port), app, api.token)
         self._thread: threading.Thread | None = None
         self.host = api.host
+
+    def attach(self, app: Facade) -> None:
+        self._server._app = app
 
     @property
     def port(self) -> int:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pykka
 import pytest
+from api_kit import BASE_TAG, WAIT_S, Served, served
 
 from actors.api import (
     JOB_FIELDS,
@@ -346,3 +351,337 @@ def test_client_error_carries_status_message_and_field(fake_server: ApiServer) -
     assert info.value.status == 422
     assert info.value.field == "project"
     assert info.value.message == "project must not be empty"
+
+
+# --- the real supervisor (MemoryEngine) over loopback ---------------------------------
+
+SECRET = "hunter2-very-secret-value"
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Served]:
+    with served(tmp_path) as s:
+        yield s
+
+
+def submit(live: Served, **body: Any) -> dict[str, Any]:
+    status, _, job = post_json(live.server, "/jobs", body)
+    assert status == 201, job
+    return dict(job)
+
+
+def finished(live: Served, job_id: str) -> dict[str, Any]:
+    live.app.wait(job_id, WAIT_S)
+    status, _, job = raw(live.server, "GET", f"/jobs/{job_id}")
+    assert status == 200
+    return dict(job)
+
+
+def assert_iso(value: object) -> None:
+    assert isinstance(value, str)
+    assert value.endswith("Z")
+    datetime.fromisoformat(value)
+
+
+def test_submit_answers_201_with_the_queued_job(live: Served) -> None:
+    status, headers, job = post_json(
+        live.server,
+        "/jobs",
+        {
+            "project": "proj",
+            "work_item": "item-1",
+            "agent_type": "review",
+            "command": ["sh", "-c", "echo hi"],
+            "env": {"API_TOKEN": SECRET},
+            "timeout_s": 60,
+        },
+    )
+    assert status == 201
+    assert headers["content-type"] == "application/json; charset=utf-8"
+    assert tuple(job) == JOB_FIELDS
+    assert isinstance(job["id"], str)
+    assert job["id"]
+    assert job["state"] in ("queued", "starting", "running", "succeeded")
+    assert job["project"] == "proj"
+    assert job["work_item"] == "item-1"
+    assert job["agent_type"] == "review"
+    assert job["exit_code"] is None or job["exit_code"] == 0
+    assert job["error"] is None
+    assert_iso(job["created_at"])
+    assert SECRET not in json.dumps(job)
+
+
+def test_a_finished_job_reads_back_field_by_field_and_never_shows_env(live: Served) -> None:
+    job = submit(live, project="proj", work_item="item-1", env={"API_TOKEN": SECRET})
+    status, _, _ = raw(live.server, "GET", f"/jobs/{job['id']}")
+    assert status == 200
+    done = finished(live, job["id"])
+    base_id = live.engine.inspect_image(BASE_TAG).id
+    assert tuple(done) == JOB_FIELDS
+    assert done["id"] == job["id"]
+    assert done["state"] == "succeeded"
+    assert done["project"] == "proj"
+    assert done["work_item"] == "item-1"
+    assert done["agent_type"] == "default"
+    assert done["image_id"] == base_id
+    assert done["from_snapshot"] is False
+    assert done["snapshot_committed"] is True
+    assert done["exit_code"] == 0
+    assert done["error"] is None
+    assert done["created_at"] == job["created_at"]
+    assert_iso(done["started_at"])
+    assert_iso(done["finished_at"])
+    assert done["started_at"] <= done["finished_at"]
+    for path in (f"/jobs/{job['id']}", "/jobs", f"/jobs/{job['id']}/logs"):
+        assert SECRET not in json.dumps(raw(live.server, "GET", path)[2])
+
+
+def test_the_second_run_of_a_work_item_starts_from_its_snapshot(live: Served) -> None:
+    first = finished(live, submit(live, project="p", work_item="w")["id"])
+    status, _, snaps = raw(live.server, "GET", "/snapshots")
+    assert status == 200
+    assert len(snaps["snapshots"]) == 1
+    snap = snaps["snapshots"][0]
+    second = finished(live, submit(live, project="p", work_item="w")["id"])
+    assert first["from_snapshot"] is False
+    assert second["from_snapshot"] is True
+    assert second["image_id"] == snap["image_id"]
+    assert second["state"] == "succeeded"
+    assert tuple(snap) == SNAPSHOT_FIELDS
+    assert snap["project"] == "p"
+    assert snap["work_item"] == "w"
+    assert snap["image_id"] != first["image_id"]
+    assert snap["base_image_id"] == live.engine.inspect_image(BASE_TAG).id
+    assert snap["tag"].startswith("snapyard-snapshot/p.w:k")
+    assert snap["size_bytes"] > 0
+    assert snap["layers"] >= 1
+    assert_iso(snap["created_at"])
+    assert_iso(snap["last_used_at"])
+    # The clean second run replaced the snapshot with a fresh commit.
+    (latest,) = raw(live.server, "GET", "/snapshots")[2]["snapshots"]
+    assert latest["image_id"] != snap["image_id"]
+
+
+def test_logs_endpoint_returns_the_worker_output(live: Served) -> None:
+    job = finished(live, submit(live, project="p", work_item="logs")["id"])
+    status, _, body = raw(live.server, "GET", f"/jobs/{job['id']}/logs")
+    assert status == 200
+    assert body["id"] == job["id"]
+    assert body["state"] == "succeeded"
+    assert "worker: setup starting" in body["logs"]
+    assert "job done" in body["logs"]
+
+
+def test_a_stale_snapshot_is_recovered_on_the_base_image(live: Served) -> None:
+    finished(live, submit(live, project="p", work_item="stale")["id"])
+    (snap,) = live.app.snapshots()
+    live.engine.delete_image_behind_back(snap.image_id)
+    job = finished(live, submit(live, project="p", work_item="stale")["id"])
+    assert job["state"] == "succeeded"
+    assert job["from_snapshot"] is False
+    assert job["image_id"] == live.engine.inspect_image(BASE_TAG).id
+    assert job["snapshot_committed"] is True
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"work_item": "w"}, "project", "project is required"),
+        ({"project": "p"}, "work_item", "work_item is required"),
+        ({"project": "", "work_item": "w"}, "project", "project must not be empty"),
+        ({"project": "p", "work_item": 7}, "work_item", "work_item must be a string"),
+        (
+            {"project": "p", "work_item": "w", "command": "echo hi"},
+            "command",
+            "command must be a list of strings",
+        ),
+        (
+            {"project": "p", "work_item": "w", "env": {"A": 1}},
+            "env",
+            "env the value of A must be a string",
+        ),
+        (
+            {"project": "p", "work_item": "w", "env": {"SNAPYARD_X": "1"}},
+            "env",
+            "env SNAPYARD_X is reserved: names starting with SNAPYARD_ are set by Snapyard",
+        ),
+        (
+            {"project": "p", "work_item": "w", "timeout_s": -1},
+            "timeout_s",
+            "timeout_s must be a positive, finite number of seconds, not -1",
+        ),
+        (
+            {"project": "p", "work_item": "w", "workitem": "typo"},
+            "workitem",
+            "unknown field 'workitem'; known fields: agent_type, command, env, project, timeout_s, work_item",
+        ),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(
+    live: Served, body: dict[str, Any], field: str, message: str
+) -> None:
+    status, _, answer = post_json(live.server, "/jobs", body)
+    assert status == 422
+    assert answer["field"] == field
+    assert answer["error"] == message
+    assert live.app.jobs() == []
+
+
+def test_unknown_job_is_404(live: Served) -> None:
+    for method in ("GET", "DELETE"):
+        status, _, body = raw(live.server, method, "/jobs/no-such-job")
+        assert status == 404
+        assert body["error"] == "no job with id 'no-such-job'"
+        assert body["field"] == "id"
+
+
+def test_list_jobs_filters_by_state_project_and_limit(live: Served) -> None:
+    a = finished(live, submit(live, project="alpha", work_item="1")["id"])
+    b = finished(
+        live, submit(live, project="beta", work_item="1", command=["sh", "-c", "exit 3"])["id"]
+    )
+    c = finished(live, submit(live, project="alpha", work_item="2")["id"])
+    status, _, body = raw(live.server, "GET", "/jobs?project=alpha")
+    assert status == 200
+    assert sorted(j["id"] for j in body["jobs"]) == sorted([a["id"], c["id"]])
+    status, _, body = raw(live.server, "GET", "/jobs?state=failed")
+    assert [j["id"] for j in body["jobs"]] == [b["id"]]
+    assert body["jobs"][0]["exit_code"] == 3
+    assert body["jobs"][0]["snapshot_committed"] is False
+    status, _, body = raw(live.server, "GET", "/jobs?limit=2")
+    assert len(body["jobs"]) == 2
+    status, _, body = raw(live.server, "GET", "/jobs?state=done")
+    assert status == 422
+    assert body["field"] == "state"
+    assert body["error"] == (
+        "state 'done' is not one of queued, starting, running, succeeded, failed, timed_out, cancelled"
+    )
+    status, _, body = raw(live.server, "GET", "/jobs?limit=0")
+    assert status == 422
+    assert body["field"] == "limit"
+
+
+def test_cancel_a_running_job_then_409_once_it_ended(live: Served) -> None:
+    job = submit(live, project="p", work_item="long", command=["sleep", "600"])
+    wait_until_running(live, job["id"])
+    status, _, body = raw(live.server, "DELETE", f"/jobs/{job['id']}")
+    assert status == 200
+    assert body["id"] == job["id"]
+    done = finished(live, job["id"])
+    assert done["state"] == "cancelled"
+    assert done["snapshot_committed"] is False
+    status, _, body = raw(live.server, "DELETE", f"/jobs/{job['id']}")
+    assert status == 409
+    assert body["error"] == f"job {job['id']} already ended (cancelled); nothing to cancel"
+
+
+def wait_until_running(live: Served, job_id: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        job = live.app.get(job_id)
+        assert job is not None
+        if job.state is JobState.RUNNING:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never ran")
+
+
+def test_delete_snapshot_takes_url_encoded_parts_and_deletes_the_image(live: Served) -> None:
+    finished(live, submit(live, project="team/a", work_item="issue #7")["id"])
+    (snap,) = live.app.snapshots()
+    path = "/snapshots/" + quote("team/a", safe="") + "/" + quote("issue #7", safe="")
+    status, _, body = raw(live.server, "DELETE", path)
+    assert status == 200
+    assert body == {"removed": True, "project": "team/a", "work_item": "issue #7"}
+    assert live.app.snapshots() == []
+    wait_image_gone(live, snap.image_id)
+    status, _, body = raw(live.server, "DELETE", path)
+    assert status == 404
+    assert body["error"] == "no snapshot for team/a/issue #7"
+
+
+def wait_image_gone(live: Served, image_id: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if not any(i.id == image_id for i in live.engine.list_images({})):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"image {image_id} is still there")
+
+
+def test_prune_runs_the_eviction_sweep_now(tmp_path: Path) -> None:
+    with served(tmp_path, snapshots={"max_count": 1, "sweep_interval_s": 3600.0}) as live:
+        finished(live, submit(live, project="p", work_item="old")["id"])
+        finished(live, submit(live, project="p", work_item="new")["id"])
+        before = {s.key.work_item for s in live.app.snapshots()}
+        status, _, body = post_json(live.server, "/snapshots/prune", {})
+        after = {s.key.work_item for s in live.app.snapshots()}
+    assert status == 200
+    assert after == {"new"}
+    assert [s["work_item"] for s in body["evicted"]] == sorted(before - after)
+
+
+def test_healthz_is_200_when_engine_and_actors_answer(live: Served) -> None:
+    status, _, body = raw(live.server, "GET", "/healthz")
+    assert status == 200
+    assert body["ok"] is True
+    assert body["reason"].startswith("ok:")
+
+
+def test_healthz_is_503_when_the_engine_is_down(live: Served) -> None:
+    live.engine.set_unavailable(True)
+    status, _, body = raw(live.server, "GET", "/healthz")
+    live.engine.set_unavailable(False)
+    assert status == 503
+    assert body["ok"] is False
+    assert body["reason"]
+
+
+def test_metrics_exposes_the_documented_families(live: Served) -> None:
+    finished(live, submit(live, project="p", work_item="m")["id"])
+    status, headers, text = raw(live.server, "GET", "/metrics")
+    assert status == 200
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    for family in (
+        "snapyard_jobs",
+        "snapyard_spawn_seconds",
+        "snapyard_snapshot_hits_total",
+        "snapyard_snapshot_misses_total",
+        "snapyard_stale_snapshot_fallbacks_total",
+        "snapyard_snapshot_evictions_total",
+        "snapyard_running_workers",
+        "snapyard_engine_errors_total",
+    ):
+        assert f"# TYPE {family} " in text
+    assert 'snapyard_jobs{state="succeeded"} ' in text
+    assert "snapyard_spawn_seconds_bucket{le=" in text
+
+
+def test_bearer_token_guards_every_endpoint_but_healthz(tmp_path: Path) -> None:
+    token = "t0ken-" + "x" * 20
+    with served(tmp_path, api={"token": token}) as live:
+        for method, path in (
+            ("GET", "/jobs"),
+            ("GET", "/jobs/x"),
+            ("DELETE", "/jobs/x"),
+            ("GET", "/snapshots"),
+            ("POST", "/snapshots/prune"),
+            ("GET", "/metrics"),
+            ("POST", "/jobs"),
+        ):
+            status, headers, body = raw(live.server, method, path)
+            assert status == 401, path
+            assert headers["www-authenticate"] == 'Bearer realm="snapyard"'
+            assert body["error"] == "a bearer token is required: Authorization: Bearer <api.token>"
+        status, _, _ = raw(live.server, "GET", "/jobs", headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, _, _ = raw(live.server, "GET", "/jobs", headers={"Authorization": token})
+        assert status == 401
+        status, _, body = raw(
+            live.server, "GET", "/jobs", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert status == 200
+        assert body == {"jobs": []}
+        status, _, body = raw(live.server, "GET", "/healthz")
+        assert status == 200
+        assert ApiClient(live.url, token=token).jobs() == []
