@@ -14,28 +14,36 @@ from typing import Any
 
 import pykka
 
+from actors.engine.base import ContainerState
 from actors.model import JobSpec, Snapshot, SnapshotKey
 
 __all__ = [
     "ActorCrashed",
     "Cancel",
     "ContainerExited",
+    "ContainersListed",
     "Finish",
     "Finished",
     "GetJob",
+    "GetStatus",
     "ImageDeleted",
     "Invalidate",
+    "ListContainers",
     "ListJobs",
     "ListSnapshots",
     "Lookup",
     "Reconcile",
     "Register",
+    "RemoveContainer",
     "RemoveSnapshot",
     "SetBaseImage",
     "Spawn",
     "SpawnFailed",
     "Started",
+    "StopDispatching",
     "Submit",
+    "SupervisorStatus",
+    "SweepOrphans",
     "SweepSnapshots",
     "Terminate",
     "Terminated",
@@ -229,3 +237,63 @@ class ActorCrashed:
     name: str
     error: str
     job_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepOrphans:
+    """Timer: list managed containers; stop and remove those no unfinished job owns."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class StopDispatching:
+    """Shutdown: start nothing new; queued jobs stay queued in the store."""
+
+
+@dataclass(frozen=True)
+class GetStatus:
+    """Ask: the Supervisor's counts, for health checks and draining."""
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    queued: int
+    in_flight: int
+    running: int
+    pending_ops: int
+    spawners: int
+    dispatching: bool
+
+
+# --- Reaper (the Supervisor's hands for listing and removing containers) ----
+
+
+@dataclass(frozen=True)
+class ListContainers:
+    """List every managed container; reply ``ContainersListed`` to ``reply_to``.
+
+    ``seq`` lets the Supervisor judge only jobs that were running before the
+    list was taken, so a container started meanwhile is never called missing.
+    """
+
+    reason: str
+    seq: int
+    reply_to: Ref
+
+
+@dataclass(frozen=True)
+class ContainersListed:
+    reason: str
+    seq: int
+    containers: tuple[ContainerState, ...]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RemoveContainer:
+    """Stop (SIGKILL after ``grace_s``) and remove a managed container."""
+
+    container_id: str
+    grace_s: float
+    reason: str

@@ -1,0 +1,601 @@
+"""Supervisor: limits, per-key serialization, timeouts, cancel, orphans, recovery, supervision.
+
+Real actors (Supervisor, Spawners, SnapshotManager, Reaper, Watcher) on a
+MemoryEngine with a FakeClock. Containers run until the test ends them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pykka
+import pytest
+from yard_kit import MANAGED, Yard, eventually, yard_settings
+
+from actors.engine.base import ContainerMissing
+from actors.messages import (
+    Cancel,
+    ContainerExited,
+    GetStatus,
+    ListJobs,
+    ListSnapshots,
+    Reconcile,
+    SupervisorStatus,
+    SweepOrphans,
+)
+from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
+from actors.settings import AgentTypeSettings, ProjectSettings
+from actors.spawner import LABEL_JOB_ID
+from actors.store import new_job_id
+from actors.supervisor import SupervisorStopped, job_timeout
+from actors.telemetry import METRICS
+
+
+@pytest.fixture(autouse=True)
+def _stop_actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all()
+
+
+def finish_all(yard: Yard, expected_total: int, max_running: int) -> None:
+    """Exit running containers batch by batch until ``expected_total`` have run,
+    asserting the engine never shows more than ``max_running`` at once."""
+    remaining = expected_total
+    while remaining:
+        want = min(max_running, remaining)
+        batch = eventually(yard.running, lambda cs, want=want: len(cs) >= want, f"{want} running")
+        assert len(batch) <= max_running
+        for container in batch:
+            yard.engine.exit_container(container.id, 0)
+        remaining -= len(batch)
+
+
+# --- intake and limits ------------------------------------------------------
+
+
+def test_submit_persists_queued_before_replying(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=1)).start()
+    first = yard.submit(work_item="a")
+    second = yard.submit(work_item="b")
+    assert second.state is JobState.QUEUED
+    stored = yard.store.get(second.id)
+    assert stored is not None
+    assert stored.state is JobState.QUEUED  # still waiting: one worker, busy
+    assert yard.store.history(first.id)[0][0] is JobState.QUEUED
+
+
+def test_unknown_project_is_refused_when_configured(tmp_path: Path) -> None:
+    settings = yard_settings(allow_unknown_projects=False).replace(
+        projects={"known": ProjectSettings()}
+    )
+    yard = Yard(tmp_path, settings).start()
+    with pytest.raises(InvalidJob, match=r"unknown project 'nope'.*\[projects\.nope\]"):
+        yard.submit(project="nope")
+    assert yard.submit(project="known").state is JobState.QUEUED
+    assert yard.store.list(project="nope") == []
+
+
+def test_max_workers_never_overshoots_under_concurrent_submits(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=3, spawners=4)).start()
+    observed: list[int] = []
+
+    def count_running() -> None:
+        observed.append(len(yard.running()) + 1)  # the one about to start
+
+    yard.engine.before("start_container", count_running, once=False)
+    jobs: list[Job] = []
+    lock = threading.Lock()
+
+    def submit_many(thread: int) -> None:
+        for i in range(8):
+            job = yard.submit(project=f"p{thread}", work_item=f"w{i}")
+            with lock:
+                jobs.append(job)
+
+    threads = [threading.Thread(target=submit_many, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(jobs) == 32
+    finish_all(yard, 32, max_running=3)
+    done = eventually(
+        lambda: yard.sup.ask(ListJobs(state="succeeded", limit=100), timeout=10),
+        lambda js: len(js) == 32,
+        "32 succeeded jobs",
+    )
+    assert {j.id for j in done} == {j.id for j in jobs}
+    assert max(observed) <= 3
+    assert max(observed) == 3  # and the limit is actually used
+
+
+def test_one_job_per_work_item_and_the_next_starts_from_its_snapshot(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(spawners=1)).start()  # one Spawner: creation order is FIFO
+    a1 = yard.submit(work_item="A")
+    a2 = yard.submit(work_item="A")
+    a3 = yard.submit(work_item="A")
+    b1 = yard.submit(work_item="B")
+    running = eventually(yard.running, lambda cs: len(cs) == 2, "A1 and B1 running")
+    assert {yard.running_job(a1.id).container_id, yard.running_job(b1.id).container_id} == {
+        c.id for c in running
+    }
+    assert yard.job(a2.id).state is JobState.QUEUED
+    assert yard.job(a3.id).state is JobState.QUEUED
+
+    yard.engine.exit_container(yard.running_job(a1.id).container_id or "", 0)
+    first = yard.wait_state(a1.id, JobState.SUCCEEDED)
+    assert first.snapshot_committed
+    second = yard.running_job(a2.id)
+    # A2 started only after A1's commit was registered: it reuses the snapshot.
+    assert second.from_snapshot
+    assert yard.job(a3.id).state is JobState.QUEUED
+    yard.engine.exit_container(second.container_id or "", 0)
+    third = yard.running_job(a3.id)
+    assert third.from_snapshot
+    assert yard.created_for() == [a1.id, b1.id, a2.id, a3.id]
+
+
+def test_fifo_and_a_blocked_job_does_not_block_unrelated_ones(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=2, spawners=1)).start()
+    jobs = [yard.submit(work_item=item) for item in ("x", "x", "y", "z", "w")]
+    # x1 and y run; x2 waits for its key; z and w wait for capacity, in order.
+    eventually(yard.running, lambda cs: len(cs) == 2, "two running")
+    assert yard.created_for() == [jobs[0].id, jobs[2].id]
+    yard.engine.exit_container(yard.running_job(jobs[2].id).container_id or "", 0)
+    yard.running_job(jobs[3].id)  # z, not x2 (its key is still busy)
+    yard.engine.exit_container(yard.running_job(jobs[0].id).container_id or "", 0)
+    yard.running_job(jobs[1].id)  # x2, before w: FIFO once its key is free
+    assert yard.created_for() == [jobs[0].id, jobs[2].id, jobs[3].id, jobs[1].id]
+    assert yard.job(jobs[4].id).state is JobState.QUEUED
+
+
+def test_per_project_and_per_agent_type_caps(tmp_path: Path) -> None:
+    settings = yard_settings(max_workers=10).replace(
+        projects={"capped": ProjectSettings(max_concurrent=1)},
+        agent_types={"review": AgentTypeSettings(max_concurrent=2)},
+    )
+    yard = Yard(tmp_path, settings).start()
+    capped = [yard.submit(project="capped", work_item=f"c{i}") for i in range(3)]
+    reviews = [
+        yard.submit(project="free", work_item=f"r{i}", agent_type="review") for i in range(3)
+    ]
+    other = yard.submit(project="free", work_item="o")
+    eventually(yard.running, lambda cs: len(cs) == 4, "4 running")
+    yard.running_job(capped[0].id)
+    yard.running_job(reviews[0].id)
+    yard.running_job(reviews[1].id)
+    yard.running_job(other.id)
+    assert yard.job(capped[1].id).state is JobState.QUEUED
+    assert yard.job(reviews[2].id).state is JobState.QUEUED
+    yard.engine.exit_container(yard.running_job(capped[0].id).container_id or "", 0)
+    yard.running_job(capped[1].id)
+    assert yard.job(capped[2].id).state is JobState.QUEUED
+
+
+def test_jobs_wait_for_capacity_instead_of_failing(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=1, default_timeout_s=10.0**6)).start()
+    jobs = [yard.submit(work_item=f"w{i}") for i in range(5)]
+    yard.tick(3600 * 24)  # a day passes: waiting is not a timeout
+    assert [yard.job(j.id).state for j in jobs[1:]] == [JobState.QUEUED] * 4
+    finish_all(yard, 5, max_running=1)
+    for job in jobs:
+        assert yard.wait_state(job.id, JobState.SUCCEEDED).exit_code == 0
+
+
+# --- outcomes -----------------------------------------------------------------
+
+
+def test_non_zero_exit_fails_without_commit_and_oom_says_so(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    failing = yard.submit(work_item="a")
+    oom = yard.submit(work_item="b")
+    yard.engine.append_logs(yard.running_job(failing.id).container_id or "", stdout="boom\n")
+    yard.engine.exit_container(yard.running_job(failing.id).container_id or "", 3)
+    yard.engine.exit_container(yard.running_job(oom.id).container_id or "", 137, oom=True)
+    failed = yard.wait_state(failing.id, JobState.FAILED)
+    assert failed.exit_code == 3
+    assert failed.error is not None
+    assert "exited with code 3" in failed.error
+    assert "boom" in failed.logs_tail
+    assert not failed.snapshot_committed
+    killed = yard.wait_state(oom.id, JobState.FAILED)
+    assert killed.error is not None
+    assert "out of memory" in killed.error
+    assert yard.engine.calls_of("commit_container") == []
+
+
+def test_exits_of_unknown_containers_are_ignored(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit().id)
+    yard.sup.ask(ContainerExited("f" * 64, 0), timeout=10)
+    assert yard.job(job.id).state is JobState.RUNNING
+
+
+def test_deadline_follows_job_then_watchdog_then_agent_then_default(tmp_path: Path) -> None:
+    settings = yard_settings(default_timeout_s=100.0, watchdog_buffer_s=5.0).replace(
+        projects={"wd": ProjectSettings(watchdog_s=50.0)},
+        agent_types={"slow": AgentTypeSettings(timeout_s=70.0)},
+    )
+    assert job_timeout(settings, validate_spec("wd", "w", timeout_s=9)) == 9
+    assert job_timeout(settings, validate_spec("wd", "w", agent_type="slow")) == 55
+    assert job_timeout(settings, validate_spec("p", "w", agent_type="slow")) == 70
+    assert job_timeout(settings, validate_spec("p", "w")) == 100
+    yard = Yard(tmp_path, settings).start()
+    job = yard.running_job(yard.submit(project="wd").id)
+    assert job.started_at is not None
+    assert job.deadline == job.started_at + 55
+
+
+# --- timeouts and cancel ------------------------------------------------------
+
+
+def test_timeout_sigterm_then_sigkill_ends_timed_out_without_commit(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(timeout_s=30).id)
+    cid = job.container_id or ""
+    yard.engine.ignore_sigterm(cid)
+    yard.tick(29)
+    assert yard.job(job.id).state is JobState.RUNNING
+    yard.tick(2)
+    done = yard.wait_state(job.id, JobState.TIMED_OUT)
+    assert done.exit_code == 137  # SIGKILL after the grace
+    assert done.error == "timed out after 30s"
+    assert not done.snapshot_committed
+    assert yard.engine.calls_of("stop_container") == [(cid, 10.0)]
+    assert 10.0 in yard.clock.slept  # the grace went through the clock
+    assert yard.engine.calls_of("commit_container") == []
+    assert not yard.exists(cid)
+    # A kill wins over the exit it caused, for good.
+    yard.sup.ask(ContainerExited(cid, 1), timeout=10)
+    yard.sup.ask(Reconcile(), timeout=10)
+    yard.tick(100)
+    assert yard.job(job.id).state is JobState.TIMED_OUT
+    assert yard.snapshots.ask(ListSnapshots(), timeout=10) == []
+
+
+def test_timeout_frees_the_key_for_the_next_job(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    first = yard.running_job(yard.submit(timeout_s=5).id)
+    second = yard.submit()
+    yard.tick(6)
+    yard.wait_state(first.id, JobState.TIMED_OUT)
+    assert not yard.running_job(second.id).from_snapshot
+
+
+def test_cancel_queued_never_starts(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=1)).start()
+    running = yard.running_job(yard.submit(work_item="a").id)
+    queued = yard.submit(work_item="b")
+    cancelled = yard.sup.ask(Cancel(queued.id), timeout=10)
+    assert cancelled.state is JobState.CANCELLED
+    yard.engine.exit_container(running.container_id or "", 0)
+    yard.wait_state(running.id, JobState.SUCCEEDED)
+    assert yard.job(queued.id).state is JobState.CANCELLED
+    assert queued.id not in yard.created_for()
+    assert yard.sup.ask(Cancel("j-unknown"), timeout=10) is None
+
+
+def test_cancel_running_terminates_without_commit(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit().id)
+    cid = job.container_id or ""
+    reply = yard.sup.ask(Cancel(job.id), timeout=10)
+    assert reply.state is JobState.CANCELLED
+    eventually(lambda: yard.exists(cid), lambda e: not e, "the container removed")
+    done = yard.wait_state(job.id, JobState.CANCELLED)
+    assert done.exit_code == 143  # SIGTERM was enough
+    assert not done.snapshot_committed
+    assert yard.engine.calls_of("commit_container") == []
+    # The slot is free again, and the cancel of a finished job changes nothing.
+    next_job = yard.running_job(yard.submit().id)
+    assert not next_job.from_snapshot
+    assert yard.sup.ask(Cancel(job.id), timeout=10).state is JobState.CANCELLED
+
+
+# --- orphans ------------------------------------------------------------------
+
+
+def test_orphan_sweep_removes_only_ours_and_only_after_grace(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(orphan_grace_s=300.0)).start()
+    job = yard.running_job(yard.submit().id)
+    ours_running = yard.foreign_container({**MANAGED, LABEL_JOB_ID: "j-gone"})
+    ours_exited = yard.foreign_container(dict(MANAGED))
+    yard.engine.exit_container(ours_exited, 0)
+    not_ours = yard.foreign_container({"com.example": "x"})
+    not_ours_exited = yard.foreign_container({"snapyard.managed": "false"})
+    yard.engine.exit_container(not_ours_exited, 1)
+
+    yard.clock.advance(299)
+    yard.sup.tell(SweepOrphans(yard.clock.now()))
+    yard.reconcile_rounds()
+    assert all(yard.exists(c) for c in (ours_running, ours_exited, not_ours, not_ours_exited))
+
+    yard.clock.advance(2)
+    yard.sup.tell(SweepOrphans(yard.clock.now()))
+    eventually(
+        lambda: (yard.exists(ours_running), yard.exists(ours_exited)),
+        lambda e: e == (False, False),
+        "both orphans removed",
+    )
+    yard.reconcile_rounds()
+    assert yard.exists(not_ours)
+    assert yard.exists(not_ours_exited)
+    assert yard.exists(job.container_id or "")
+    assert yard.job(job.id).state is JobState.RUNNING
+
+
+# --- restart recovery -----------------------------------------------------------
+
+
+def restart(yard: Yard, tmp_path: Path, **overrides: object) -> Yard:
+    yard.stop()
+    return Yard(
+        tmp_path,
+        yard.settings,
+        clock=yard.clock,
+        engine=yard.engine,
+        store=yard.store,
+        **overrides,  # type: ignore[arg-type]
+    ).start()
+
+
+def test_restart_readopts_a_running_container_and_still_sees_its_exit(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit().id)
+    yard2 = restart(yard, tmp_path)
+    adopted = yard2.running_job(job.id)
+    assert adopted.container_id == job.container_id
+    assert adopted.deadline == job.deadline
+    status: SupervisorStatus = yard2.sup.ask(GetStatus(), timeout=10)
+    assert status.running == 1
+    yard2.engine.exit_container(job.container_id or "", 0)
+    done = yard2.wait_state(job.id, JobState.SUCCEEDED)
+    assert done.snapshot_committed
+    assert yard2.created_for() == [job.id]  # nothing ran twice
+
+
+def test_restart_readopted_job_still_times_out(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(timeout_s=60).id)
+    yard2 = restart(yard, tmp_path)
+    yard2.running_job(job.id)
+    yard2.tick(61)
+    assert yard2.wait_state(job.id, JobState.TIMED_OUT).error == "timed out after 60s"
+
+
+def test_restart_finishes_a_container_that_exited_while_down_with_commit(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(work_item="item").id)
+    yard.stop()
+    yard.engine.exit_container(job.container_id or "", 0)
+    yard2 = Yard(
+        tmp_path, yard.settings, clock=yard.clock, engine=yard.engine, store=yard.store
+    ).start()
+    done = yard2.wait_state(job.id, JobState.SUCCEEDED)
+    assert done.snapshot_committed
+    keys = [s.key for s in yard2.snapshots.ask(ListSnapshots(), timeout=10)]
+    assert keys == [SnapshotKey("p", "item")]
+    assert not yard2.exists(job.container_id or "")
+
+
+def test_restart_exited_past_deadline_is_timed_out_not_committed(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(timeout_s=10).id)
+    yard.stop()
+    yard.clock.advance(20)
+    yard.engine.exit_container(job.container_id or "", 0)
+    yard2 = Yard(
+        tmp_path, yard.settings, clock=yard.clock, engine=yard.engine, store=yard.store
+    ).start()
+    done = yard2.wait_state(job.id, JobState.TIMED_OUT)
+    assert not done.snapshot_committed
+    assert yard2.engine.calls_of("commit_container") == []
+
+
+def test_restart_starting_without_container_goes_back_to_queued(tmp_path: Path) -> None:
+    yard = Yard(tmp_path)
+    job = Job(new_job_id(), validate_spec("p", "w"), JobState.STARTING, yard.clock.now())
+    yard.store.add(job)
+    yard.start()
+    yard.running_job(job.id)
+    states = [state for state, _, _ in yard.store.history(job.id)]
+    assert states == [JobState.STARTING, JobState.QUEUED, JobState.STARTING, JobState.RUNNING]
+    assert yard.created_for() == [job.id]
+
+
+def test_restart_starting_with_a_running_container_adopts_it(tmp_path: Path) -> None:
+    yard = Yard(tmp_path)
+    job = Job(new_job_id(), validate_spec("p", "w"), JobState.STARTING, yard.clock.now())
+    yard.store.add(job)
+    cid = yard.foreign_container({**MANAGED, LABEL_JOB_ID: job.id})
+    yard.start()
+    assert yard.running_job(job.id).container_id == cid
+    assert yard.created_for() == [job.id]  # only the one made above: not started twice
+
+
+def test_restart_running_job_whose_container_vanished_fails_clearly(tmp_path: Path) -> None:
+    yard = Yard(tmp_path)
+    job = Job(
+        new_job_id(),
+        validate_spec("p", "w"),
+        JobState.RUNNING,
+        yard.clock.now(),
+        container_id="e" * 64,
+        started_at=yard.clock.now(),
+    )
+    yard.store.add(job)
+    yard.start()
+    failed = yard.wait_state(job.id, JobState.FAILED)
+    assert failed.error is not None
+    assert "disappeared" in failed.error
+
+
+def test_restart_brings_queued_jobs_back_in_fifo_order(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=1))
+    jobs = []
+    for item in ("a", "b", "c"):
+        job = Job(new_job_id(), validate_spec("p", item), JobState.QUEUED, yard.clock.now())
+        yard.clock.advance(1)
+        jobs.append(job)
+    for job in reversed(jobs):  # insertion order must not matter, creation order does
+        yard.store.add(job)
+    yard.start()
+    finish_all(yard, 3, max_running=1)
+    for job in jobs:
+        yard.wait_state(job.id, JobState.SUCCEEDED)
+    assert yard.created_for() == [j.id for j in jobs]
+
+
+# --- engine outage --------------------------------------------------------------
+
+
+def test_engine_outage_jobs_wait_then_run(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    assert yard.watcher is not None
+    eventually(yard.watcher.connected.is_set, bool, "watcher connected")  # type: ignore[union-attr]
+    yard.engine_back.clear()  # hold the Watcher's reconnect backoff until the engine is back
+    yard.engine.set_unavailable(True)
+    job = yard.submit()
+    eventually(
+        lambda: [note for _, _, note in yard.store.history(job.id)],
+        lambda notes: any(n and n.startswith("will retry") for n in notes),
+        "a retryable spawn failure",
+    )
+    assert yard.job(job.id).state is JobState.QUEUED
+    yard.tick(10)  # retried while still down: waits again, never failed
+    eventually(
+        lambda: [note for _, _, note in yard.store.history(job.id)],
+        lambda notes: sum(1 for n in notes if n and n.startswith("will retry")) >= 2,
+        "a second retryable failure",
+    )
+    assert yard.job(job.id).state is JobState.QUEUED
+    assert yard.sup.is_alive()
+
+    yard.engine.set_unavailable(False)
+    yard.engine_back.set()
+    yard.tick(60)
+    running = yard.running_job(job.id)
+    yard.engine.exit_container(running.container_id or "", 0)
+    assert yard.wait_state(job.id, JobState.SUCCEEDED).snapshot_committed
+
+
+def test_reconcile_sees_an_exit_the_events_missed(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, watcher=False).start()
+    job = yard.running_job(yard.submit().id)
+    yard.engine.exit_container(job.container_id or "", 0)  # nobody listening
+    yard.tick(5)
+    assert yard.job(job.id).state is JobState.RUNNING
+    yard.sup.tell(Reconcile())
+    assert yard.wait_state(job.id, JobState.SUCCEEDED).snapshot_committed
+
+
+def test_an_exit_seen_before_started_is_not_lost(tmp_path: Path) -> None:
+    clock_yard = Yard(tmp_path)
+    clock_yard.engine.exit_policy = lambda _c: 0  # exits the moment it starts
+    yard = clock_yard.start()
+    job = yard.submit()
+    assert yard.wait_state(job.id, JobState.SUCCEEDED).snapshot_committed
+
+
+# --- supervision ----------------------------------------------------------------
+
+
+def test_spawner_crash_mid_job_restarts_it_and_retries_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured: list[BaseException] = []
+    monkeypatch.setattr("actors.supervisor.capture_error", lambda exc, **_kw: captured.append(exc))
+    yard = Yard(tmp_path, yard_settings(spawners=1)).start()
+
+    def boom() -> None:
+        raise RuntimeError("injected spawner bug")
+
+    yard.engine.before("create_container", boom, once=True)
+    job = yard.submit()
+    running = yard.running_job(job.id)
+    notes = [note or "" for _, _, note in yard.store.history(job.id)]
+    assert any("spawner-1 crashed" in n and "injected spawner bug" in n for n in notes)
+    assert any("injected spawner bug" in str(exc) for exc in captured)
+    yard.engine.exit_container(running.container_id or "", 0)
+    assert yard.wait_state(job.id, JobState.SUCCEEDED).attempts >= 1
+    status: SupervisorStatus = yard.sup.ask(GetStatus(), timeout=10)
+    assert status.spawners == 1
+
+
+def test_a_job_that_keeps_crashing_its_spawner_fails_with_the_reason(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+
+    def boom() -> None:
+        raise RuntimeError("poison job")
+
+    yard.engine.before("create_container", boom, once=False)
+    job = yard.submit()
+    failed = yard.wait_state(job.id, JobState.FAILED)
+    assert failed.error is not None
+    assert "crashed" in failed.error
+    assert "poison job" in failed.error
+    assert yard.sup.is_alive()
+    assert yard.fatal == []
+
+
+def test_restart_intensity_exceeded_stops_the_supervisor_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    yard = Yard(tmp_path, yard_settings(restart_max=2, restart_window_s=60.0)).start()
+
+    def boom() -> None:
+        raise RuntimeError("always broken")
+
+    yard.engine.before("create_container", boom, once=False)
+    yard.submit(work_item="a")
+    yard.submit(work_item="b")
+    eventually(yard.sup.is_alive, lambda alive: not alive, "the supervisor to stop")
+    assert len(yard.fatal) == 1
+    assert "crashed 3 times within 60s (restart_max = 2)" in yard.fatal[0]
+    assert "always broken" in yard.fatal[0]
+    with pytest.raises((pykka.ActorDeadError, SupervisorStopped)):
+        yard.submit()
+
+
+def test_crashes_spread_over_time_do_not_exceed_the_intensity(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(restart_max=1, restart_window_s=60.0)).start()
+    for item in ("a", "b", "c"):
+
+        def boom() -> None:
+            raise RuntimeError("flaky")
+
+        yard.engine.before("create_container", boom, once=True)
+        job = yard.running_job(yard.submit(work_item=item).id)
+        yard.engine.exit_container(job.container_id or "", 0)
+        yard.wait_state(job.id, JobState.SUCCEEDED)
+        yard.tick(61)
+    assert yard.fatal == []
+    assert yard.sup.is_alive()
+
+
+def test_metrics_count_jobs_by_state_and_running_workers(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, yard_settings(max_workers=1)).start()
+    first = yard.running_job(yard.submit(work_item="a").id)
+    yard.submit(work_item="b")
+    yard.tick()
+    assert METRICS.value("snapyard_running_workers") == 1
+    assert METRICS.value("snapyard_jobs", state="running") == 1
+    assert METRICS.value("snapyard_jobs", state="queued") == 1
+    yard.engine.exit_container(first.container_id or "", 0)
+    yard.wait_state(first.id, JobState.SUCCEEDED)
+    yard.tick()
+    assert METRICS.value("snapyard_jobs", state="succeeded") == 1
+
+
+def test_container_removed_behind_our_back_fails_the_job_clearly(tmp_path: Path) -> None:
+    yard = Yard(tmp_path, watcher=False).start()
+    job = yard.running_job(yard.submit().id)
+    yard.engine.remove_container(job.container_id or "", force=True)  # someone's docker rm -f
+    yard.sup.tell(Reconcile())
+    done = yard.wait_state(job.id, JobState.FAILED)
+    assert done.error is not None
+    assert "disappeared" in done.error
+    with pytest.raises(ContainerMissing):
+        yard.engine.inspect_container(job.container_id or "")

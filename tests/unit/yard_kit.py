@@ -1,0 +1,203 @@
+"""A rig for Supervisor and Watcher tests: real actors on a MemoryEngine and a FakeClock.
+
+Tests wait on futures (``ask(...)`` returns when the message was handled) and,
+for "eventually" conditions, on ``eventually``: it polls a query with a
+bounded real-time timeout and fails loudly with the last value it saw.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pykka
+
+from actors.clock import FakeClock
+from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
+from actors.engine.memory import MemoryEngine
+from actors.messages import GetJob, Reconcile, Submit, Tick
+from actors.model import Job, JobState, validate_spec
+from actors.settings import Settings
+from actors.snapshot_manager import SnapshotManager
+from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
+from actors.store import JobStore
+from actors.supervisor import Supervisor
+from actors.watcher import Watcher
+
+T = TypeVar("T")
+
+BASE_TAG = "snapyard-worker:test"
+MANAGED = {LABEL_MANAGED: "true"}
+ASK_S = 10.0
+EVENTUALLY_S = 10.0
+
+
+def eventually(
+    query: Callable[[], T],
+    predicate: Callable[[T], bool],
+    what: str,
+    timeout_s: float = EVENTUALLY_S,
+) -> T:
+    """Poll ``query`` until ``predicate`` holds; AssertionError after ``timeout_s`` real seconds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = query()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout_s}s waiting for {what}; last: {value!r}"
+            )
+        time.sleep(0.002)  # a polling interval, bounded by the deadline above
+
+
+def yard_settings(**supervisor: Any) -> Settings:
+    return Settings().replace(
+        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+        retry={"attempts": 3, "backoff_initial_s": 0.5, "backoff_max_s": 4.0},
+        supervisor={
+            "max_workers": 4,
+            "spawners": 2,
+            "stop_grace_s": 10.0,
+            "orphan_grace_s": 300.0,
+            "default_timeout_s": 3600.0,
+            **supervisor,
+        },
+    )
+
+
+def new_engine(clock: FakeClock) -> MemoryEngine:
+    engine = MemoryEngine(clock=clock)
+    engine.add_image(
+        BASE_TAG,
+        labels={"snapyard.role": "base"},
+        env=("PATH=/usr/local/bin:/bin",),
+        cmd=("sh", "-c", "echo job done"),
+        entrypoint=("/usr/local/bin/snapyard-worker",),
+        working_dir="/workspace",
+    )
+    return engine
+
+
+class Yard:
+    """One Supervisor with its SnapshotManager, Spawners and (optionally) a Watcher."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        settings: Settings | None = None,
+        *,
+        clock: FakeClock | None = None,
+        engine: MemoryEngine | None = None,
+        store: JobStore | None = None,
+        watcher: bool = True,
+    ) -> None:
+        self.clock = clock or FakeClock()
+        self.engine = engine or new_engine(self.clock)
+        self.settings = settings or yard_settings()
+        self.store = store or JobStore(tmp_path / "jobs.db", self.clock)
+        self.use_watcher = watcher
+        self.fatal: list[str] = []
+        # The Watcher's backoff sleep: returns at once unless a test holds it.
+        self.engine_back = threading.Event()
+        self.engine_back.set()
+        self.watcher: Watcher | None = None
+        self.sup: pykka.ActorRef[Any]
+        self.snapshots: pykka.ActorRef[Any]
+
+    def start(self) -> Yard:
+        engine, settings, clock = self.engine, self.settings, self.clock
+        self.snapshots = SnapshotManager.start(engine, settings, clock)
+        snapshots = self.snapshots
+
+        def factory(name: str, sup: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
+            return Spawner.start(engine, snapshots, settings, clock, name, sup)
+
+        since = clock.now()
+        self.sup = Supervisor.start(
+            engine, self.store, settings, clock, snapshots, factory, self.fatal.append
+        )
+        if self.use_watcher:
+            self.watcher = Watcher(
+                engine,
+                self.sup,
+                snapshots,
+                clock,
+                since=since,
+                sleep=lambda _s: self.engine_back.wait(EVENTUALLY_S),
+            )
+            self.watcher.start()
+        return self
+
+    def stop(self) -> None:
+        """Like a supervisor process going away: containers keep running."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.sup.stop(timeout=ASK_S)
+        self.snapshots.stop(timeout=ASK_S)
+
+    # --- asking ------------------------------------------------------------
+
+    def submit(self, project: str = "p", work_item: str = "w", **fields: Any) -> Job:
+        job: Job = self.sup.ask(Submit(validate_spec(project, work_item, **fields)), timeout=ASK_S)
+        return job
+
+    def job(self, job_id: str) -> Job:
+        job: Job | None = self.sup.ask(GetJob(job_id), timeout=ASK_S)
+        assert job is not None, job_id
+        return job
+
+    def wait_state(self, job_id: str, *states: JobState) -> Job:
+        return eventually(
+            lambda: self.job(job_id),
+            lambda j: j.state in states,
+            f"job {job_id} to be {'/'.join(states)}",
+        )
+
+    def tick(self, advance_s: float = 0.0) -> None:
+        """Advance time and deliver a Tick; returns once the Supervisor handled it."""
+        now = self.clock.advance(advance_s)
+        self.sup.ask(Tick(now), timeout=ASK_S)
+
+    def reconcile_rounds(self, rounds: int = 2) -> None:
+        """Sync with the Reaper: after two listings it ran, every removal the
+        Supervisor asked for before them has been carried out (FIFO inboxes)."""
+        for _ in range(rounds):
+            before = len(self.engine.calls_of("list_containers"))
+            self.sup.tell(Reconcile())
+            eventually(
+                lambda: len(self.engine.calls_of("list_containers")),
+                lambda n, before=before: n > before,  # type: ignore[misc]
+                "a listing by the Reaper",
+            )
+
+    # --- the engine's view -------------------------------------------------
+
+    def running(self) -> list[ContainerState]:
+        return [c for c in self.engine.list_containers(MANAGED) if c.running]
+
+    def exists(self, container_id: str) -> bool:
+        try:
+            self.engine.inspect_container(container_id)
+        except ContainerMissing:
+            return False
+        return True
+
+    def created_for(self) -> list[str]:
+        """The job IDs of every container created, in creation order."""
+        specs = [args[0] for args in self.engine.calls_of("create_container")]
+        return [s.labels.get(LABEL_JOB_ID, "") for s in specs if isinstance(s, ContainerSpec)]
+
+    def running_job(self, job_id: str) -> Job:
+        job = self.wait_state(job_id, JobState.RUNNING)
+        assert job.container_id is not None
+        return job
+
+    def foreign_container(self, labels: dict[str, str], start: bool = True) -> str:
+        cid = self.engine.create_container(ContainerSpec(image=BASE_TAG, labels=labels))
+        if start:
+            self.engine.start_container(cid)
+        return cid
