@@ -1,0 +1,177 @@
+"""Watcher: engine events -> ContainerExited / ImageDeleted, reconnect -> Reconcile."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+from yard_kit import BASE_TAG, MANAGED, Yard, eventually, new_engine
+
+from actors.clock import FakeClock
+from actors.engine.base import ContainerSpec, EngineError
+from actors.engine.memory import MemoryEngine
+from actors.messages import ContainerExited, ImageDeleted, Reconcile
+from actors.model import JobState
+from actors.watcher import Watcher
+
+WAIT_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _stop_actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all()
+
+
+class Inbox(pykka.ThreadingActor):
+    def __init__(self, box: queue.Queue[Any]) -> None:
+        super().__init__()
+        self.box = box
+
+    def on_receive(self, message: Any) -> Any:
+        if message != "sync":
+            self.box.put(message)
+        return None
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.engine: MemoryEngine = new_engine(self.clock)
+        self.sup_box: queue.Queue[Any] = queue.Queue()
+        self.snap_box: queue.Queue[Any] = queue.Queue()
+        self.sup = Inbox.start(self.sup_box)
+        self.snaps = Inbox.start(self.snap_box)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.sleeps: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            self.sleeps.append(seconds)
+            self.gate.wait(WAIT_S)
+
+        self.watcher = Watcher(
+            self.engine, self.sup, self.snaps, self.clock, since=self.clock.now(), sleep=sleep
+        )
+
+    def container(self, labels: dict[str, str]) -> str:
+        cid = self.engine.create_container(ContainerSpec(image=BASE_TAG, labels=labels))
+        self.engine.start_container(cid)
+        return cid
+
+    def next_for_supervisor(self) -> Any:
+        return self.sup_box.get(timeout=WAIT_S)
+
+    def snapshot_messages(self) -> list[Any]:
+        self.snaps.ask("sync", timeout=WAIT_S)
+        items = []
+        while not self.snap_box.empty():
+            items.append(self.snap_box.get_nowait())
+        return items
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    rig = Rig()
+    yield rig
+    rig.gate.set()
+    rig.watcher.stop()
+
+
+def test_exits_of_managed_containers_and_oom_marks(rig: Rig) -> None:
+    ours = rig.container(dict(MANAGED))
+    theirs = rig.container({"com.example": "x"})
+    oom = rig.container(dict(MANAGED))
+    rig.engine.exit_container(theirs, 0)
+    rig.engine.exit_container(ours, 3)
+    rig.engine.exit_container(oom, 137, oom=True)
+    rig.watcher.start()
+    assert rig.next_for_supervisor() == ContainerExited(ours, 3, False)
+    assert rig.next_for_supervisor() == ContainerExited(oom, 137, True)
+    later = rig.container(dict(MANAGED))
+    rig.engine.exit_container(later, 0)
+    # The OOM mark was consumed by its exit: the next exit is a plain one.
+    assert rig.next_for_supervisor() == ContainerExited(later, 0, False)
+
+
+def test_image_deleted_is_forwarded_but_untagged_is_not(rig: Rig) -> None:
+    image_id = rig.engine.add_image("snapyard-snapshot/p.w:k1")
+    rig.engine.tag_image(image_id, "snapyard-snapshot/p.w", "k2")
+    rig.engine.remove_image("snapyard-snapshot/p.w:k2")  # only an untag
+    moved = rig.engine.add_image("other:1")
+    rig.engine.remove_image("other:1")  # untag + delete
+    marker = rig.container(dict(MANAGED))
+    rig.engine.exit_container(marker, 0)
+    rig.watcher.start()
+    assert rig.next_for_supervisor() == ContainerExited(marker, 0, False)
+    assert rig.snapshot_messages() == [ImageDeleted(moved)]
+    assert rig.engine.inspect_image(image_id).id == image_id
+
+
+def test_reconnect_after_a_break_tells_reconcile_and_replays_the_missed_exit(rig: Rig) -> None:
+    cid = rig.container(dict(MANAGED))
+    rig.watcher.start()
+    eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
+    rig.gate.clear()
+    rig.engine.set_unavailable(True)
+    eventually(lambda: len(rig.sleeps), lambda n: n >= 1, "the watcher backing off")
+    rig.clock.advance(1)
+    rig.engine.exit_container(cid, 0)  # while nobody is connected
+    rig.engine.set_unavailable(False)
+    rig.gate.set()
+    assert rig.next_for_supervisor() == Reconcile()
+    assert rig.next_for_supervisor() == ContainerExited(cid, 0, False)
+    assert rig.sleeps[0] == 0.5
+    assert rig.watcher.reconnects >= 1
+
+
+def test_backoff_grows_while_the_engine_stays_down(rig: Rig) -> None:
+    rig.watcher.start()
+    eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
+    rig.gate.clear()
+    rig.engine.set_unavailable(True)
+    for expected in (0.5, 1.0, 2.0):
+        eventually(
+            lambda: len(rig.sleeps),
+            lambda n, e=expected: n >= 1 and rig.sleeps[-1] >= e,
+            f"a {expected}s backoff",
+        )  # type: ignore[misc]
+        assert rig.sleeps[-1] == expected
+        rig.gate.set()
+        rig.gate.clear()
+    rig.engine.set_unavailable(False)
+    rig.gate.set()
+    assert rig.next_for_supervisor() == Reconcile()
+
+
+def test_an_unexpected_stream_error_also_reconnects(rig: Rig) -> None:
+    rig.engine.fail_next("events", error=EngineError("garbled event"))
+    rig.watcher.start()
+    assert rig.next_for_supervisor() == Reconcile()
+    eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
+
+
+def test_stop_closes_the_stream_and_joins(rig: Rig) -> None:
+    rig.watcher.start()
+    eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
+    assert rig.watcher.alive
+    rig.watcher.stop()
+    assert not rig.watcher.alive
+
+
+def test_supervisor_sees_an_exit_missed_during_a_break(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    assert yard.watcher is not None
+    job = yard.running_job(yard.submit().id)
+    yard.engine_back.clear()
+    yard.engine.set_unavailable(True)
+    yard.engine.exit_container(job.container_id or "", 0)
+    yard.engine.set_unavailable(False)
+    yard.engine_back.set()
+    done = yard.wait_state(job.id, JobState.SUCCEEDED)
+    assert done.snapshot_committed
