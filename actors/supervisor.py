@@ -123,6 +123,7 @@ class _Slot:
     exit_code: int | None = None
     commit: bool = False
     terminate_sent: bool = False
+    terminated_at: float = 0.0
     # The listing sequence number when it started running: only listings asked
     # for after that may call its container missing.
     running_seq: int = 0
@@ -537,6 +538,9 @@ class Supervisor(pykka.ThreadingActor):
         if slot is not None and slot.phase == "running":
             # The container is stopped; its exit normally reaches us from the
             # Watcher. Ask the engine too, so a lost event cannot strand the job.
+            # If the stop itself failed (engine down), a later Tick sends it again.
+            slot.terminate_sent = False
+            slot.terminated_at = self._clock.now()
             self._request_listing("terminated")
 
     def _terminate(self, slot: _Slot) -> None:
@@ -566,6 +570,13 @@ class Supervisor(pykka.ThreadingActor):
                 job = self._jobs[slot.job_id]
                 self._log(job).warning("job timed out; stopping its container")
                 self._terminate(slot)
+            elif (
+                slot.phase == "running"
+                and slot.kill_state is not None
+                and not slot.terminate_sent
+                and now - slot.terminated_at > self._sup.stop_grace_s
+            ):
+                self._terminate(slot)  # the last stop did not end it: try again
         stale = now - EARLY_EXIT_TTL_S
         for cid in [c for c, (_, at) in self._early_exits.items() if at < stale]:
             del self._early_exits[cid]
@@ -605,10 +616,8 @@ class Supervisor(pykka.ThreadingActor):
             container = by_id.get(slot.container_id)
             if container is None:
                 self._container_vanished(slot)
-            elif not container.running:
-                self._on_exited(
-                    ContainerExited(container.id, container.exit_code or 0, container.oom_killed)
-                )
+            elif _has_exited(container):
+                self._on_exited(_exit_of(container))
         if msg.reason == "sweep":
             self._sweep_orphans(msg.containers)
         self._dispatch()
@@ -704,16 +713,14 @@ class Supervisor(pykka.ThreadingActor):
             note="re-adopted after restart",
         )
         self._log(job).info("re-adopted container")
-        if not container.running:
+        if _has_exited(container):
             if slot.deadline <= now:
                 slot.kill_state = JobState.TIMED_OUT
                 slot.kill_note = (
                     f"timed out after {job_timeout(self._settings, job.spec):g}s "
                     "(it exited while Snapyard was down, past its deadline)"
                 )
-            self._on_exited(
-                ContainerExited(container.id, container.exit_code or 0, container.oom_killed)
-            )
+            self._on_exited(_exit_of(container))
 
     # --- supervision -------------------------------------------------------
 
@@ -860,6 +867,16 @@ class Supervisor(pykka.ThreadingActor):
         return job_log(
             log, job.id, job.spec.project, job.spec.work_item, job.container_id, job.image_id
         )
+
+
+def _has_exited(container: ContainerState) -> bool:
+    return container.status in ("exited", "dead")
+
+
+def _exit_of(container: ContainerState) -> ContainerExited:
+    # An unknown exit code is never 0: it must not pass for success (or commit).
+    code = container.exit_code if container.exit_code is not None else -1
+    return ContainerExited(container.id, code, container.oom_killed)
 
 
 def _job_label(container: ContainerState) -> str | None:

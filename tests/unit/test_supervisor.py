@@ -255,6 +255,27 @@ def test_timeout_sigterm_then_sigkill_ends_timed_out_without_commit(tmp_path: Pa
     assert yard.snapshots.ask(ListSnapshots(), timeout=10) == []
 
 
+def test_a_stop_that_failed_is_sent_again_on_a_later_tick(tmp_path: Path) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(timeout_s=30).id)
+    yard.engine.fail_next("stop_container", times=3)  # the Spawner's whole retry budget
+    listings = len(yard.engine.calls_of("list_containers"))
+    yard.tick(31)
+    # Terminated (after three failed stops) makes the Supervisor look at the engine.
+    eventually(
+        lambda: len(yard.engine.calls_of("list_containers")),
+        lambda n: n > listings,
+        "the listing that follows Terminated",
+    )
+    assert len(yard.engine.calls_of("stop_container")) == 3
+    yard.tick(1)
+    assert yard.job(job.id).state is JobState.RUNNING  # not yet: a grace period first
+    yard.tick(10)
+    done = yard.wait_state(job.id, JobState.TIMED_OUT)
+    assert not done.snapshot_committed
+    assert len(yard.engine.calls_of("stop_container")) == 4
+
+
 def test_timeout_frees_the_key_for_the_next_job(tmp_path: Path) -> None:
     yard = Yard(tmp_path).start()
     first = yard.running_job(yard.submit(timeout_s=5).id)
