@@ -35,7 +35,8 @@ from actors.api import (
 )
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
-from actors.settings import ApiSettings, SettingsError
+from actors.settings import ApiSettings, SentrySettings, SettingsError
+from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
 
 T0 = 1_700_000_000.0
 
@@ -685,3 +686,36 @@ def test_bearer_token_guards_every_endpoint_but_healthz(tmp_path: Path) -> None:
         status, _, body = raw(live.server, "GET", "/healthz")
         assert status == 200
         assert ApiClient(live.url, token=token).jobs() == []
+
+
+def test_sentry_gets_a_tagged_event_without_the_secret_when_the_base_image_is_gone(
+    tmp_path: Path,
+) -> None:
+    transport = RecordingTransport()
+    setup_sentry(SentrySettings(dsn="https://public@127.0.0.1/1"), transport=transport)
+    try:
+        with served(tmp_path) as live:
+            live.engine.delete_image_behind_back(BASE_TAG)
+            job = submit(
+                live,
+                project="p",
+                work_item="no-base",
+                agent_type="review",
+                env={"API_TOKEN": SECRET},
+            )
+            done = finished(live, job["id"])
+        flush_sentry(5.0)
+        events = [e for e in transport.events if e.get("tags", {}).get("source") == "spawner"]
+    finally:
+        close_sentry()
+    assert done["state"] == "failed"
+    assert done["from_snapshot"] is False
+    assert done["error"] is not None
+    assert done["error"].startswith("the worker base image 'snapyard-worker:latest' does not exist")
+    assert SECRET not in json.dumps(done)
+    assert len(events) == 1
+    assert events[0]["tags"]["source"] == "spawner"
+    assert events[0]["tags"]["job_type"] == "review"
+    assert events[0]["extra"]["job_id"] == job["id"]
+    assert transport.raw
+    assert all(SECRET.encode() not in raw for raw in transport.raw)
