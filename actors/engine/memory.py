@@ -866,6 +866,7 @@ def _build(engine: MemoryEngine, context: bytes, labels: Mapping[str, str]) -> M
         size_bytes=0,
         created_at=engine.clock.now(),
     )
+    ran: list[str] = []
     for instruction, rest in _dockerfile_lines(blobs["Dockerfile"].decode()):
         if instruction == "FROM" and rest != "scratch":
             base = engine._find_image(rest)
@@ -886,11 +887,17 @@ def _build(engine: MemoryEngine, context: bytes, labels: Mapping[str, str]) -> M
                 with contextlib.suppress(UnicodeDecodeError):
                     image.files[target] = blob.decode()
             image.layers += 1
-        elif instruction in {"RUN", "WORKDIR"}:
-            # The classic builder commits a layer for WORKDIR too (checked on 20.10).
+        elif instruction == "RUN":
             image.layers += 1
-            if instruction == "WORKDIR":
-                image.working_dir = rest
+            ran.append(rest)
+        elif instruction == "WORKDIR":
+            # The classic builder commits a layer only when WORKDIR has to create
+            # the directory; RUN's effects are invisible here, so read its text.
+            if not any(rest in command for command in ran) and not any(
+                path.startswith(rest.rstrip("/") + "/") for path in image.files
+            ):
+                image.layers += 1
+            image.working_dir = rest
         elif instruction == "ENV":
             image.env = tuple(_merge_env([f"{k}={v}" for k, v in _key_values(rest)], image.env))
         elif instruction == "LABEL":

@@ -1,0 +1,409 @@
+"""DockerEngine: the ``Engine`` protocol on the docker SDK.
+
+This module is the only place that imports ``docker``. Every SDK call goes
+through ``_translate``, so the actors see only the typed errors of
+``actors.engine.base``, classified the way docker-py classifies them: status
+code first, the daemon's message only as a guard between a 404 on an image and
+a 404 on a container.
+
+Nothing here pulls: containers are created with the low-level API (never
+``containers.run``, which pulls a missing image) and builds pass ``pull=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any, NoReturn
+
+import docker
+import docker.errors
+import requests
+
+from actors.engine.base import (
+    Conflict,
+    ContainerMissing,
+    ContainerSpec,
+    ContainerState,
+    EngineError,
+    EngineEvent,
+    EngineUnavailable,
+    EventKind,
+    ImageConfig,
+    ImageInfo,
+    ImageMissing,
+    Logs,
+)
+
+__all__ = ["DockerEngine"]
+
+_START_HINT = "start it with `make engine` or `bash config/engine.sh`"
+_BUILD_TAIL_LINES = 20
+# Event attributes the daemon mixes in with the labels of the container or image.
+_NOT_LABELS = frozenset({"exitCode", "image", "name", "signal", "execDuration", "imageID"})
+_ACTIONS: dict[tuple[str, str], EventKind] = {
+    ("container", "die"): "container_exited",
+    ("container", "oom"): "container_oom",
+    ("image", "delete"): "image_deleted",
+    ("image", "untag"): "image_untagged",
+}
+_FRACTION = re.compile(r"\.(\d+)")
+_ZERO_TIME = "0001-01-01T00:00:00Z"
+# Enough for a wait per worker plus the event stream: blocking calls hold a connection.
+_MAX_POOL_SIZE = 64
+
+
+def _parse_time(text: str | None) -> float | None:
+    """Docker's RFC 3339 timestamps (nanoseconds, ``Z``) as epoch seconds; None if unset."""
+    if not text or text == _ZERO_TIME:
+        return None
+    # datetime takes at most microseconds.
+    trimmed = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text, count=1)
+    return datetime.fromisoformat(trimmed.replace("Z", "+00:00")).timestamp()
+
+
+def _since_param(since: float) -> str:
+    # A bare float would be misread: Docker parses "secs.nanos", so ".5" means 5 ns.
+    seconds = math.floor(since)
+    return f"{seconds}.{round((since - seconds) * 1e9):09d}"
+
+
+def _label_filter(labels: Mapping[str, str]) -> dict[str, list[str]]:
+    return {"label": [f"{key}={value}" for key, value in labels.items()]} if labels else {}
+
+
+class DockerEngine:
+    """The real engine. Thread-safe: docker-py's client keeps a pool of connections."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client_lock = threading.Lock()
+        self._client: Any = None
+
+    def describe(self) -> str:
+        return self.url
+
+    # Plumbing
+
+    def _api(self) -> Any:
+        """The low-level client, connected on first use.
+
+        docker-py asks the daemon for its API version when the client is made,
+        so a daemon that is down would fail the constructor; connecting lazily
+        turns that into an EngineUnavailable on the first call instead.
+        """
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = docker.DockerClient(
+                        base_url=self.url, timeout=self.timeout_s, max_pool_size=_MAX_POOL_SIZE
+                    )
+                except requests.exceptions.RequestException as exc:
+                    raise self._unavailable(exc) from exc
+                except docker.errors.DockerException as exc:
+                    # The version probe failed: the daemon is down or not there.
+                    raise self._unavailable(exc) from exc
+            return self._client.api
+
+    def _unavailable(self, detail: object) -> EngineUnavailable:
+        return EngineUnavailable(
+            f"the Docker engine at {self.url} does not answer ({detail}); {_START_HINT}"
+        )
+
+    def _translate(
+        self, exc: BaseException, image: str | None = None, container: str | None = None
+    ) -> EngineError:
+        """The one place SDK errors become ours; see the module docstring for the order."""
+        if isinstance(exc, EngineError):
+            return exc
+        if isinstance(exc, docker.errors.APIError):
+            status: int | None = exc.status_code
+            message = str(exc.explanation or exc)
+            lowered = message.lower()
+            if status == 404:
+                # Only a 404 that says "image" is ImageMissing: a missing network
+                # must never look like a deleted snapshot.
+                if isinstance(exc, docker.errors.ImageNotFound) or "no such image" in lowered:
+                    return ImageMissing(image or message.rpartition(": ")[2], message)
+                if "no such container" in lowered:
+                    return ContainerMissing(container or message.rpartition(": ")[2], message)
+                return EngineError(message, status_code=404)
+            if status == 409:
+                return Conflict(message, status_code=409)
+            if status is not None and status >= 500:
+                return EngineUnavailable(
+                    f"the Docker engine at {self.url} failed ({status}): {message}",
+                    status_code=status,
+                )
+            return EngineError(message, status_code=status)
+        if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return self._unavailable(exc)
+        return EngineError(f"{type(exc).__name__}: {exc}")
+
+    def _raise(
+        self, exc: BaseException, image: str | None = None, container: str | None = None
+    ) -> NoReturn:
+        raise self._translate(exc, image=image, container=container) from exc
+
+    @contextlib.contextmanager
+    def _call(self, image: str | None = None, container: str | None = None) -> Iterator[Any]:
+        try:
+            yield self._api()
+        except EngineError:
+            raise
+        except Exception as exc:
+            self._raise(exc, image=image, container=container)
+
+    # Daemon
+
+    def ping(self) -> None:
+        with self._call() as api:
+            api.ping()
+
+    # Containers
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        with self._call(image=spec.image) as api:
+            host_config = api.create_host_config(
+                mem_limit=spec.memory_bytes,
+                memswap_limit=spec.memory_bytes,
+                pids_limit=spec.pids_limit,
+                network_mode=spec.network,
+                init=spec.init,
+                auto_remove=spec.auto_remove,
+                cap_drop=["ALL"] if spec.cap_drop_all else None,
+                security_opt=["no-new-privileges"] if spec.no_new_privileges else None,
+            )
+            created = api.create_container(
+                image=spec.image,
+                command=list(spec.command) if spec.command is not None else None,
+                environment=dict(spec.env),
+                labels=dict(spec.labels),
+                name=spec.name,
+                host_config=host_config,
+            )
+        return str(created["Id"])
+
+    def start_container(self, container_id: str) -> None:
+        with self._call(container=container_id) as api:
+            api.start(container_id)
+
+    def inspect_container(self, container_id: str) -> ContainerState:
+        with self._call(container=container_id) as api:
+            raw = api.inspect_container(container_id)
+        return _container_state(raw)
+
+    def wait_container(self, container_id: str, timeout_s: float | None = None) -> int:
+        with self._call(container=container_id) as api:
+            result = api.wait(container_id, timeout=timeout_s)
+        return int(result["StatusCode"])
+
+    def stop_container(self, container_id: str, grace_s: float) -> None:
+        with self._call(container=container_id) as api:
+            # The API takes whole seconds; round up so the grace is never shortened.
+            api.stop(container_id, timeout=max(0, math.ceil(grace_s)))
+
+    def kill_container(self, container_id: str, signal: str = "SIGKILL") -> None:
+        try:
+            with self._call(container=container_id) as api:
+                api.kill(container_id, signal=signal)
+        except Conflict as exc:
+            # 409 "is not running": the protocol promises no error for that.
+            if "is not running" not in str(exc):
+                raise
+
+    def remove_container(self, container_id: str, force: bool = False) -> None:
+        with self._call(container=container_id) as api:
+            api.remove_container(container_id, force=force)
+
+    def container_logs(self, container_id: str, tail: int = 200) -> Logs:
+        # Docker tails the combined log before filtering by stream, so two
+        # calls split one tail rather than taking ``tail`` lines of each.
+        with self._call(container=container_id) as api:
+            out = api.logs(container_id, stdout=True, stderr=False, tail=max(0, tail))
+            err = api.logs(container_id, stdout=False, stderr=True, tail=max(0, tail))
+        return Logs(
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err.decode("utf-8", "replace"),
+        )
+
+    def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
+        with self._call() as api:
+            found = api.containers(all=True, filters=_label_filter(labels))
+        states = []
+        for summary in found:
+            # A container may go between the listing and the inspect (auto-remove).
+            with contextlib.suppress(ContainerMissing):
+                states.append(self.inspect_container(summary["Id"]))
+        return states
+
+    # Images
+
+    def commit_container(
+        self,
+        container_id: str,
+        repository: str,
+        tag: str,
+        config: ImageConfig,
+    ) -> str:
+        conf: dict[str, Any] = {"Labels": dict(config.labels), "WorkingDir": config.working_dir}
+        if config.env:
+            conf["Env"] = list(config.env)
+        if config.cmd is not None:
+            conf["Cmd"] = list(config.cmd)
+        if config.entrypoint is not None:
+            conf["Entrypoint"] = list(config.entrypoint)
+        with self._call(container=container_id) as api:
+            result = api.commit(container_id, repository=repository, tag=tag, conf=conf)
+        return str(result["Id"])
+
+    def inspect_image(self, image: str) -> ImageInfo:
+        with self._call(image=image) as api:
+            raw = api.inspect_image(image)
+        return _image_info(raw)
+
+    def list_images(self, labels: Mapping[str, str]) -> list[ImageInfo]:
+        with self._call() as api:
+            found = api.images(filters=_label_filter(labels))
+        infos = []
+        for summary in found:
+            with contextlib.suppress(ImageMissing):
+                infos.append(self.inspect_image(summary["Id"]))
+        return infos
+
+    def remove_image(self, image: str, force: bool = False) -> None:
+        with self._call(image=image) as api:
+            api.remove_image(image, force=force)
+
+    def tag_image(self, image: str, repository: str, tag: str) -> None:
+        with self._call(image=image) as api:
+            api.tag(image, repository, tag)
+
+    def build_image(self, context: bytes, tag: str, labels: Mapping[str, str]) -> str:
+        output: list[str] = []
+        with self._call() as api:
+            for chunk in api.build(
+                fileobj=io.BytesIO(context),
+                custom_context=True,
+                tag=tag,
+                labels=dict(labels),
+                pull=False,
+                rm=True,
+                forcerm=True,
+                decode=True,
+                network_mode="none",
+            ):
+                if "stream" in chunk:
+                    output.extend(chunk["stream"].splitlines())
+                if "error" in chunk:
+                    output.extend(str(chunk["error"]).splitlines())
+                    tail = "\n".join(output[-_BUILD_TAIL_LINES:])
+                    raise EngineError(f"building {tag} failed:\n{tail}")
+        return self.inspect_image(tag).id
+
+    # Events
+
+    def events(self, since: float | None = None) -> DockerEventStream:
+        filters = {
+            "type": ["container", "image"],
+            "event": sorted({action for _, action in _ACTIONS}),
+        }
+        with self._call() as api:
+            stream = api.events(
+                since=None if since is None else _since_param(since),
+                filters=filters,
+                decode=True,
+            )
+        return DockerEventStream(self, stream)
+
+
+class DockerEventStream:
+    """Docker's event stream, normalised.
+
+    docker-py ends the iteration quietly both when we close the stream and
+    when the daemon goes away; only the first is a normal end, so the second
+    raises EngineUnavailable (as the in-memory engine does) and the Watcher
+    knows to reconnect.
+    """
+
+    def __init__(self, engine: DockerEngine, stream: Any) -> None:
+        self._engine = engine
+        self._stream = stream
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        try:
+            for raw in self._stream:
+                event = _engine_event(raw)
+                if event is not None:
+                    yield event
+        except Exception as exc:
+            if self._closed.is_set():
+                return
+            self._engine._raise(exc)
+        if not self._closed.is_set():
+            raise self._engine._unavailable("the event stream ended")
+
+    def close(self) -> None:
+        self._closed.set()
+        # Closing a stream the daemon already dropped is not worth an error.
+        with contextlib.suppress(Exception):
+            self._stream.close()
+
+
+def _engine_event(raw: Mapping[str, Any]) -> EngineEvent | None:
+    kind = _ACTIONS.get((raw.get("Type", ""), raw.get("Action", "")))
+    if kind is None:
+        return None
+    actor = raw.get("Actor") or {}
+    attributes: Mapping[str, str] = actor.get("Attributes") or {}
+    exit_code = attributes.get("exitCode")
+    stamp = raw.get("timeNano")
+    return EngineEvent(
+        kind=kind,
+        id=str(actor.get("ID", "")),
+        time=stamp / 1e9 if stamp else float(raw.get("time", 0)),
+        exit_code=int(exit_code) if kind == "container_exited" and exit_code else None,
+        labels={k: v for k, v in attributes.items() if k not in _NOT_LABELS},
+    )
+
+
+def _container_state(raw: Mapping[str, Any]) -> ContainerState:
+    state = raw.get("State") or {}
+    status = state.get("Status", "created")
+    # Docker reports ExitCode 0 for containers that have not exited yet.
+    exited = status in ("exited", "dead")
+    return ContainerState(
+        id=raw["Id"],
+        status=status,
+        image_id=raw.get("Image", ""),
+        labels=dict((raw.get("Config") or {}).get("Labels") or {}),
+        exit_code=int(state.get("ExitCode", 0)) if exited else None,
+        oom_killed=bool(state.get("OOMKilled", False)),
+        created_at=_parse_time(raw.get("Created")) or 0.0,
+        started_at=_parse_time(state.get("StartedAt")),
+        finished_at=_parse_time(state.get("FinishedAt")) if exited else None,
+    )
+
+
+def _image_info(raw: Mapping[str, Any]) -> ImageInfo:
+    config = raw.get("Config") or {}
+    cmd = config.get("Cmd")
+    entrypoint = config.get("Entrypoint")
+    return ImageInfo(
+        id=raw["Id"],
+        tags=tuple(t for t in raw.get("RepoTags") or () if t != "<none>:<none>"),
+        labels=dict(config.get("Labels") or {}),
+        size_bytes=int(raw.get("Size", 0)),
+        layers=len((raw.get("RootFS") or {}).get("Layers") or ()),
+        created_at=_parse_time(raw.get("Created")) or 0.0,
+        env=tuple(config.get("Env") or ()),
+        cmd=None if cmd is None else tuple(cmd),
+        entrypoint=None if entrypoint is None else tuple(entrypoint),
+    )
