@@ -1,0 +1,192 @@
+"""``snapyard run`` as its own process on the real engine, driven by the CLI.
+
+This is what an operator does: start the supervisor in one terminal, submit
+from another, look at jobs and snapshots, then stop it with SIGTERM. The
+project name is unique to the test; its containers and images are removed
+afterwards, and the snapshot repository is the tests' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
+from actors.cli import main
+from actors.client import ApiClient, ApiUnreachable
+from actors.engine.base import Engine, EngineError, ImageMissing
+
+pytestmark = pytest.mark.docker
+
+TEST_REPOSITORY = "snapyard-test-snapshot"
+SECRET = "docker-cli-secret-" + uuid.uuid4().hex
+START_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Supervisor:
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    project: str
+    url: str
+    log: Path
+
+
+def cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        code = main(list(argv), out=out, err=err)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def supervisor(docker_engine: Engine, base_image: str, tmp_path: Path) -> Iterator[Supervisor]:
+    port = free_port()
+    project = f"it-cli-{uuid.uuid4().hex[:8]}"
+    env = {
+        "SNAPYARD_API": f"127.0.0.1:{port}",
+        "SNAPYARD_DATA_DIR": str(tmp_path / "data"),
+        "SNAPYARD_SNAPSHOTS__REPOSITORY": TEST_REPOSITORY,
+        "SNAPYARD_WORKER__SETUP_SECONDS": "1",
+        "SNAPYARD_LOG__FORMAT": "json",
+        "SNAPYARD_SUPERVISOR__SHUTDOWN_TIMEOUT_S": "20",
+    }
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "actors.cli", "run"],
+            env={**os.environ, **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    client = ApiClient(url, timeout_s=5)
+    deadline = time.monotonic() + START_S
+    while True:
+        try:
+            if client.health()[0]:
+                break
+        except ApiUnreachable:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"snapyard run did not come up:\n{log.read_text()}")
+        time.sleep(0.1)
+    yield Supervisor(process, env, project, url, log)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for container in docker_engine.list_containers({"snapyard.project": project}):
+        with contextlib.suppress(EngineError):
+            docker_engine.remove_container(container.id, force=True)
+    images = docker_engine.list_images({"snapyard.project": project})
+    for image in sorted(images, key=lambda i: i.created_at, reverse=True):
+        with contextlib.suppress(EngineError):
+            docker_engine.remove_image(image.id, force=True)
+
+
+def submit_wait(sup: Supervisor, work_item: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    code, out, err = cli(
+        sup.env,
+        "submit",
+        "--project",
+        sup.project,
+        "--work-item",
+        work_item,
+        "--wait",
+        "--json",
+        *extra,
+    )
+    assert err == "", err
+    return code, json.loads(out)
+
+
+def test_run_submit_snapshots_and_sigterm_on_the_real_engine(
+    supervisor: Supervisor, docker_engine: Engine, base_image: str
+) -> None:
+    sup = supervisor
+    code, first = submit_wait(sup, "item", "--env", f"API_TOKEN={SECRET}")
+    assert code == 0
+    assert tuple(first) == JOB_FIELDS
+    assert first["state"] == "succeeded"
+    assert first["project"] == sup.project
+    assert first["work_item"] == "item"
+    assert first["image_id"] == docker_engine.inspect_image(base_image).id
+    assert first["from_snapshot"] is False
+    assert first["snapshot_committed"] is True
+    assert first["exit_code"] == 0
+    assert first["error"] is None
+
+    code, second = submit_wait(sup, "item")
+    assert code == 0
+    assert second["from_snapshot"] is True
+    assert second["state"] == "succeeded"
+    code, out, _ = cli(sup.env, "job", second["id"], "--logs", "--json")
+    assert code == 0
+    assert "setup skipped" in json.loads(out)["logs"]
+
+    code, failed = submit_wait(sup, "broken", "--", "sh", "-c", "exit 7")
+    assert code == 1
+    assert failed["state"] == "failed"
+    assert failed["exit_code"] == 7
+    assert failed["snapshot_committed"] is False
+
+    code, out, _ = cli(sup.env, "snapshots", "--json")
+    assert code == 0
+    mine = [s for s in json.loads(out) if s["project"] == sup.project]
+    assert len(mine) == 1
+    snap = mine[0]
+    assert tuple(snap) == SNAPSHOT_FIELDS
+    assert snap["work_item"] == "item"
+    assert snap["base_image_id"] == first["image_id"]
+    assert snap["layers"] >= 2
+    docker_engine.inspect_image(snap["image_id"])
+
+    code, out, _ = cli(sup.env, "snapshots", "rm", sup.project, "item")
+    assert code == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            docker_engine.inspect_image(snap["image_id"])
+        except ImageMissing:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"snapshot image {snap['image_id']} still exists after snapshots rm")
+
+    code, out, _ = cli(sup.env, "jobs", "--json")
+    assert code == 0
+    assert {j["id"] for j in json.loads(out)} >= {first["id"], second["id"], failed["id"]}
+
+    sup.process.send_signal(signal.SIGTERM)
+    assert sup.process.wait(timeout=40) == 0
+    logs = sup.log.read_text()
+    assert SECRET not in logs
+    code, _, err = cli(sup.env, "jobs")
+    assert code == 3
+    assert sup.url in err
