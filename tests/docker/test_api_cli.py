@@ -190,3 +190,30 @@ def test_run_submit_snapshots_and_sigterm_on_the_real_engine(
     code, _, err = cli(sup.env, "jobs")
     assert code == 3
     assert sup.url in err
+
+
+def test_doctor_checks_engine_base_image_store_and_the_running_api(
+    supervisor: Supervisor, base_image: str
+) -> None:
+    code, out, _ = cli(supervisor.env, "doctor")
+    lines = {line.split()[1]: line for line in out.splitlines() if line[:4] in ("ok  ", "FAIL")}
+    assert code == 0, out
+    assert set(lines) == {"config", "engine", "base", "store", "api"}
+    assert all(line.startswith("ok  ") for line in lines.values()), out
+    assert base_image in lines["base"]
+    assert supervisor.env["SNAPYARD_DATA_DIR"] in lines["store"]
+    assert "a supervisor answers" in lines["api"]
+    assert out.splitlines()[-1] == "all checks passed"
+
+
+def test_doctor_says_what_to_do_when_the_port_is_taken(base_image: str, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = {"SNAPYARD_API": f"127.0.0.1:{port}", "SNAPYARD_DATA_DIR": str(tmp_path)}
+        code, out, _ = cli(env, "doctor")
+    assert code == 1
+    assert f"FAIL  api port    127.0.0.1:{port}: " in out
+    assert "-> free the port or change [api] port / SNAPYARD_API" in out
+    assert out.splitlines()[-1] == "1 check(s) failed: api port"

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from actors.cli import main
 from api_kit import BASE_TAG, WAIT_S, Served, served
 
 from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
+from actors.cli import main
 
 SECRET = "cli-secret-value-0451"
 
@@ -353,13 +353,3 @@ def test_token_from_the_environment_is_sent(
     )
     assert allowed.code == 0
     assert allowed.json() == []
-
-
-def test_doctor_reports_store_and_api_port(live: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SNAPYARD_DATA_DIR", str(live.settings.data_dir))
-    run = cli("doctor")
-    lines = {line.split()[1]: line for line in run.out.splitlines() if line[:4] in ("ok  ", "FAIL")}
-    assert lines["store"].startswith("ok  ")
-    assert str(live.settings.data_dir / "snapyard.db") in lines["store"]
-    assert lines["api"].startswith("ok  ")
-    assert "a supervisor answers" in lines["api"]
