@@ -1,0 +1,100 @@
+"""Fixtures shared by every test: actor clean-up, the real engine, the base image.
+
+Everything a test creates on Docker carries ``TEST_LABELS``; a sweep at the end
+of the session removes what a test left behind, so a failing test never leaks
+containers or images into the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+
+import pykka
+import pytest
+
+from actors.clock import FakeClock
+from actors.engine.base import Engine, EngineError, EngineUnavailable
+from actors.engine.docker import DockerEngine
+from actors.engine.memory import MemoryEngine
+from actors.settings import load_settings
+from actors.worker_image import ensure_base_image
+
+TEST_LABELS = {"snapyard.test": "1"}
+_DOCKER_FIXTURES = {"docker_engine", "base_image"}
+_SWEEP_PASSES = 5
+
+
+@pytest.fixture(autouse=True)
+def _stop_actors() -> Iterator[None]:
+    """A test that fails mid-way must not leave actor threads to haunt the next one."""
+    yield
+    pykka.ActorRegistry.stop_all()
+
+
+@pytest.fixture
+def test_label() -> dict[str, str]:
+    """The labels every test object on Docker carries (and the sweep looks for)."""
+    return dict(TEST_LABELS)
+
+
+def _sweep(engine: Engine, since: float) -> None:
+    """Remove test containers, then test images, newest (children) first."""
+    for container in engine.list_containers(TEST_LABELS):
+        if container.created_at >= since:
+            # Already gone (auto-remove) or being removed: nothing to do.
+            with contextlib.suppress(EngineError):
+                engine.remove_container(container.id, force=True)
+    # A parent cannot go before its children; each pass removes one generation.
+    for _ in range(_SWEEP_PASSES):
+        images = [i for i in engine.list_images(TEST_LABELS) if i.created_at >= since]
+        if not images:
+            return
+        for image in sorted(images, key=lambda i: i.created_at, reverse=True):
+            # A child still in the way: the next pass gets it.
+            with contextlib.suppress(EngineError):
+                engine.remove_image(image.id, force=True)
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """The real engine; a missing daemon fails the run, it never skips it."""
+    settings = load_settings(env=os.environ)
+    engine = DockerEngine(settings.engine.url, timeout_s=settings.engine.timeout_s)
+    try:
+        engine.ping()
+    except EngineUnavailable as exc:
+        pytest.fail(f"these tests need a Docker engine: {exc}", pytrace=False)
+    # Only what this session made: a concurrent session's objects are not ours.
+    started = time.time() - 1.0
+    yield engine
+    _sweep(engine, started)
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_engine: DockerEngine) -> str:
+    """The base worker image's tag, built if config/worker changed."""
+    tag = load_settings(env=os.environ).worker.image
+    ensure_base_image(docker_engine, tag)
+    return tag
+
+
+@pytest.fixture(params=["memory", "docker"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """Both engines, for the contract suite that keeps the fake honest."""
+    if request.param == "docker":
+        docker: Engine = request.getfixturevalue("docker_engine")
+        return docker
+    return MemoryEngine(clock=FakeClock())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that touches Docker, so ``-m docker`` / ``-m 'not docker'`` split them."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_docker = callspec is not None and callspec.params.get("engine") == "docker"
+        if on_docker or names & _DOCKER_FIXTURES:
+            item.add_marker(pytest.mark.docker)

@@ -1,0 +1,453 @@
+"""One suite, two engines: what Docker does, the MemoryEngine must do too.
+
+Every test runs against the real daemon (with the real busybox worker image)
+and against MemoryEngine (with the same image built from the same context, and
+an exit policy that plays the few shell scripts below). When Docker surprises
+us, the test here pins the surprise and the fake copies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from actors.engine.base import (
+    Conflict,
+    ContainerMissing,
+    ContainerSpec,
+    Engine,
+    EngineError,
+    EngineEvent,
+    EngineUnavailable,
+    EventKind,
+    ImageConfig,
+    ImageMissing,
+)
+from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.worker_image import ensure_base_image
+
+TAG = "snapyard-worker:latest"
+MARKER = "/workspace/.snapyard-setup-done"
+JOB_FILE = "/workspace/job-file"
+EVENT_WAIT_S = 15.0
+
+EXIT3 = ("sh", "-c", "echo out; echo err >&2; exit 3")
+DONE = ("sh", "-c", "echo job done")
+SLEEP = ("sh", "-c", "sleep 30")
+STUBBORN = ("sh", "-c", "trap '' TERM; sleep 30")
+WRITE = ("sh", "-c", f"echo data > {JOB_FILE}")
+READ = ("sh", "-c", f"cat {JOB_FILE}")
+
+
+def play(container: MemoryContainer) -> int | None:
+    """What the worker's entrypoint and the scripts above do, in memory."""
+    engine = PLAYING[container.id]
+    if MARKER in container.files:
+        reuse = container.env.get("SNAPYARD_SNAPSHOT_REUSE", "unknown")
+        engine.append_logs(
+            container.id, stdout=f"worker: snapshot reused ({reuse}), setup skipped\n"
+        )
+    else:
+        engine.append_logs(container.id, stdout="worker: setup starting (0s)\nworker: setup done\n")
+        engine.write_file(container.id, MARKER, "")
+    command = tuple(container.cmd or ())
+    if command == EXIT3:
+        engine.append_logs(container.id, stdout="out\n", stderr="err\n")
+        return 3
+    if command == DONE:
+        engine.append_logs(container.id, stdout="job done\n")
+        return 0
+    if command == WRITE:
+        engine.write_file(container.id, JOB_FILE, "data\n")
+        return 0
+    if command == READ:
+        engine.append_logs(container.id, stdout=container.files.get(JOB_FILE, ""))
+        return 0
+    if command == STUBBORN:
+        engine.ignore_sigterm(container.id)
+    return None
+
+
+# The policy gets only the container; this finds its engine again.
+PLAYING: dict[str, MemoryEngine] = {}
+
+
+@dataclass
+class Rig:
+    """One test's view of an engine: the base image, unique labels, helpers."""
+
+    engine: Engine
+    base: str
+    base_id: str
+    labels: dict[str, str]
+    repo: str
+    created: list[str] = field(default_factory=list)
+
+    def create(self, command: tuple[str, ...], image: str | None = None) -> str:
+        spec = ContainerSpec(
+            image=image or self.base,
+            command=command,
+            env={"SNAPYARD_SETUP_SECONDS": "0", "SNAPYARD_JOB_ID": "job-secret-4711"},
+            labels=self.labels,
+            memory_bytes=64 * 1024 * 1024,
+            pids_limit=64,
+        )
+        container_id = self.engine.create_container(spec)
+        if isinstance(self.engine, MemoryEngine):
+            PLAYING[container_id] = self.engine
+        return container_id
+
+    def run(self, command: tuple[str, ...], image: str | None = None) -> tuple[str, int]:
+        container_id = self.create(command, image)
+        self.engine.start_container(container_id)
+        return container_id, self.engine.wait_container(container_id, timeout_s=30)
+
+    def snapshot(self, tag: str = "one", image: str | None = None) -> str:
+        """A committed image from a clean run, as a Spawner would make it."""
+        container_id, code = self.run(WRITE, image)
+        assert code == 0
+        image_id = self.engine.commit_container(
+            container_id, self.repo, tag, ImageConfig(labels={"snapyard.role": "snapshot"})
+        )
+        self.engine.remove_container(container_id)
+        return image_id
+
+
+@pytest.fixture
+def rig(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    if isinstance(engine, MemoryEngine):
+        engine.exit_policy = play
+        ensure_base_image(engine, TAG)
+        base = TAG
+    else:
+        base = request.getfixturevalue("base_image")
+    run = uuid.uuid4().hex[:12]
+    labels = {"snapyard.test": "1", "snapyard.contract": run}
+    yield Rig(engine, base, engine.inspect_image(base).id, labels, f"snapyard-test/c{run}")
+    # Clean-up tolerates what vanished already (auto-remove, pruned parents).
+    for container in engine.list_containers(labels):
+        with contextlib.suppress(EngineError):
+            engine.remove_container(container.id, force=True)
+        PLAYING.pop(container.id, None)
+    for _ in range(3):  # children before parents
+        for image in engine.list_images(labels):
+            with contextlib.suppress(EngineError):
+                engine.remove_image(image.id, force=True)
+
+
+class Events:
+    """Collects an engine's event stream on a thread; waits on it, never sleeps."""
+
+    def __init__(self, engine: Engine, since: float | None = None) -> None:
+        self.stream = engine.events(since)
+        self.queue: queue.Queue[EngineEvent] = queue.Queue()
+        self.seen: list[EngineEvent] = []
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        for event in self.stream:
+            self.queue.put(event)
+
+    def until(self, kind: EventKind, object_id: str) -> EngineEvent:
+        while True:
+            event = self.queue.get(timeout=EVENT_WAIT_S)
+            self.seen.append(event)
+            if event.kind == kind and event.id == object_id:
+                return event
+
+    def kinds(self, object_id: str) -> list[EventKind]:
+        return [e.kind for e in self.seen if e.id == object_id]
+
+    def close(self) -> None:
+        self.stream.close()
+        self.thread.join(timeout=EVENT_WAIT_S)
+
+
+@pytest.fixture
+def events(rig: Rig) -> Iterator[Events]:
+    collector = Events(rig.engine)
+    yield collector
+    collector.close()
+    assert not collector.thread.is_alive(), "close() must end the event stream"
+
+
+# --- containers ------------------------------------------------------------------
+
+
+def test_create_on_a_missing_image_is_image_missing_404(rig: Rig) -> None:
+    missing = f"{rig.repo}/gone:nope"
+    with pytest.raises(ImageMissing) as caught:
+        rig.create(DONE, image=missing)
+    assert caught.value.status_code == 404
+    assert missing in str(caught.value)
+    assert "No such image" in str(caught.value)
+
+
+def test_missing_container_is_container_missing_404(rig: Rig) -> None:
+    with pytest.raises(ContainerMissing) as caught:
+        rig.engine.inspect_container("0" * 64)
+    assert caught.value.status_code == 404
+    with pytest.raises(ContainerMissing):
+        rig.engine.remove_container("0" * 64)
+
+
+def test_create_from_tag_from_id_and_from_short_id(rig: Rig) -> None:
+    bare = rig.base_id.removeprefix("sha256:")
+    for ref in (rig.base, rig.base_id, bare, bare[:12]):
+        container_id = rig.create(DONE, image=ref)
+        state = rig.engine.inspect_container(container_id)
+        assert state.image_id == rig.base_id
+        assert state.status == "created"
+        assert state.exit_code is None
+        assert state.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
+        # Image labels show through, under the container's own.
+        assert state.labels["snapyard.role"] == "base"
+
+
+def test_start_wait_gives_the_exit_code_and_logs_are_demultiplexed(rig: Rig) -> None:
+    container_id, code = rig.run(EXIT3)
+    assert code == 3
+    state = rig.engine.inspect_container(container_id)
+    assert state.status == "exited"
+    assert state.exit_code == 3
+    assert state.started_at is not None
+    assert state.finished_at is not None
+    logs = rig.engine.container_logs(container_id)
+    assert "out" in logs.stdout.splitlines()
+    assert "err" not in logs.stdout.splitlines()
+    assert logs.stderr.splitlines() == ["err"]
+    assert "worker: setup done" in logs.stdout.splitlines()
+    # Docker tails the combined log, then splits it: one line in all, not one per stream.
+    # (Which stream it comes from is up to the daemon's copy order.)
+    last = rig.engine.container_logs(container_id, tail=1)
+    assert len(last.stdout.splitlines()) + len(last.stderr.splitlines()) == 1
+
+
+def test_wait_times_out_as_engine_unavailable(rig: Rig) -> None:
+    container_id = rig.create(SLEEP)
+    rig.engine.start_container(container_id)
+    with pytest.raises(EngineUnavailable):
+        rig.engine.wait_container(container_id, timeout_s=0.5)
+    assert rig.engine.inspect_container(container_id).status == "running"
+
+
+def test_stop_sends_sigterm_and_the_worker_exits_143(rig: Rig) -> None:
+    container_id = rig.create(SLEEP)
+    rig.engine.start_container(container_id)
+    rig.engine.stop_container(container_id, grace_s=10)
+    assert rig.engine.wait_container(container_id, timeout_s=30) == 143
+    rig.engine.stop_container(container_id, grace_s=10)  # not running: no error
+    assert rig.engine.inspect_container(container_id).exit_code == 143
+
+
+def test_stop_escalates_to_sigkill_after_the_grace(rig: Rig) -> None:
+    container_id = rig.create(STUBBORN)
+    rig.engine.start_container(container_id)
+    rig.engine.stop_container(container_id, grace_s=1)
+    assert rig.engine.wait_container(container_id, timeout_s=30) == 137
+
+
+def test_kill_exits_137_and_a_second_kill_is_no_error(rig: Rig) -> None:
+    container_id = rig.create(SLEEP)
+    rig.engine.start_container(container_id)
+    rig.engine.kill_container(container_id)
+    assert rig.engine.wait_container(container_id, timeout_s=30) == 137
+    rig.engine.kill_container(container_id)
+    assert rig.engine.inspect_container(container_id).exit_code == 137
+
+
+def test_remove_running_container_needs_force(rig: Rig) -> None:
+    container_id = rig.create(SLEEP)
+    rig.engine.start_container(container_id)
+    with pytest.raises(Conflict) as caught:
+        rig.engine.remove_container(container_id)
+    assert caught.value.status_code == 409
+    assert rig.engine.inspect_container(container_id).status == "running"
+    rig.engine.remove_container(container_id, force=True)
+    with pytest.raises(ContainerMissing):
+        rig.engine.inspect_container(container_id)
+
+
+def test_list_containers_by_label_in_every_state(rig: Rig) -> None:
+    created = rig.create(DONE)
+    exited, _ = rig.run(DONE)
+    running = rig.create(SLEEP)
+    rig.engine.start_container(running)
+    found = {c.id: c.status for c in rig.engine.list_containers(rig.labels)}
+    assert found == {created: "created", exited: "exited", running: "running"}
+    other = {"snapyard.contract": "not-" + rig.labels["snapyard.contract"]}
+    assert rig.engine.list_containers(other) == []
+
+
+# --- commit ----------------------------------------------------------------------
+
+
+def test_commit_merges_config_like_docker(rig: Rig) -> None:
+    container_id, code = rig.run(DONE)
+    assert code == 0
+    base = rig.engine.inspect_image(rig.base_id)
+    override = ImageConfig(
+        env=["SNAPYARD_JOB_ID=", "SNAPYARD_SETUP_SECONDS=", "SNAPYARD_SNAPSHOT_REUSE=true"],
+        labels={"snapyard.role": "snapshot", "snapyard.key": "k1"},
+    )
+    image_id = rig.engine.commit_container(container_id, rig.repo, "merge", override)
+    info = rig.engine.inspect_image(image_id)
+    # The override's entries first, then the container's whose KEY it did not name.
+    assert info.env[:3] == tuple(override.env)
+    assert not any("job-secret-4711" in entry for entry in info.env)
+    assert set(base.env) <= set(info.env)
+    assert info.labels["snapyard.role"] == "snapshot"
+    assert info.labels["snapyard.key"] == "k1"
+    assert info.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
+    assert info.labels["snapyard.worker.digest"] == base.labels["snapyard.worker.digest"]
+    assert info.entrypoint == base.entrypoint
+    assert info.cmd == DONE
+    assert info.tags == (f"{rig.repo}:merge",)
+    assert info.layers == base.layers + 1
+    assert info.size_bytes >= base.size_bytes
+
+
+def test_commit_keeps_the_filesystem_for_the_next_container(rig: Rig) -> None:
+    snapshot = rig.snapshot()
+    container_id, code = rig.run(READ, image=snapshot)
+    assert code == 0
+    logs = rig.engine.container_logs(container_id).stdout.splitlines()
+    assert "data" in logs
+    assert any("setup skipped" in line for line in logs)
+
+
+def test_commit_of_a_snapshot_adds_one_more_layer(rig: Rig) -> None:
+    first = rig.snapshot("first")
+    second = rig.snapshot("second", image=first)
+    layers = [rig.engine.inspect_image(i).layers for i in (rig.base_id, first, second)]
+    assert layers == [layers[0], layers[0] + 1, layers[0] + 2]
+
+
+# --- image removal ---------------------------------------------------------------
+
+
+def test_remove_by_tag_untags_while_other_tags_remain(rig: Rig, events: Events) -> None:
+    image_id = rig.snapshot("a")
+    rig.engine.tag_image(image_id, rig.repo, "b")
+    rig.engine.remove_image(f"{rig.repo}:a")
+    assert rig.engine.inspect_image(image_id).tags == (f"{rig.repo}:b",)
+    rig.engine.remove_image(image_id)
+    with pytest.raises(ImageMissing):
+        rig.engine.inspect_image(image_id)
+    deleted = events.until("image_deleted", image_id)
+    assert events.kinds(image_id) == ["image_untagged", "image_untagged", "image_deleted"]
+    assert deleted.labels == {}  # the daemon logs it after the config is gone
+
+
+def test_remove_by_id_with_two_tags_must_be_forced(rig: Rig) -> None:
+    image_id = rig.snapshot("a")
+    rig.engine.tag_image(image_id, rig.repo, "b")
+    with pytest.raises(Conflict, match="must be forced"):
+        rig.engine.remove_image(image_id)
+    rig.engine.remove_image(image_id, force=True)
+    with pytest.raises(ImageMissing):
+        rig.engine.inspect_image(image_id)
+
+
+def test_moving_a_tag_emits_no_untag_for_the_image_that_lost_it(rig: Rig, events: Events) -> None:
+    old = rig.snapshot("same")
+    new = rig.snapshot("same")
+    assert rig.engine.inspect_image(old).tags == ()
+    assert rig.engine.inspect_image(new).tags == (f"{rig.repo}:same",)
+    rig.engine.remove_image(old)  # events are ordered: this one marks "later"
+    events.until("image_deleted", old)
+    assert events.kinds(old) == ["image_deleted"]
+
+
+def test_image_used_by_a_stopped_container_needs_force(rig: Rig) -> None:
+    image_id = rig.snapshot()
+    container_id, _ = rig.run(DONE, image=image_id)
+    with pytest.raises(Conflict, match="must force"):
+        rig.engine.remove_image(f"{rig.repo}:one")
+    with pytest.raises(Conflict, match="stopped container"):
+        rig.engine.remove_image(image_id)
+    rig.engine.remove_image(image_id, force=True)
+    with pytest.raises(ImageMissing):
+        rig.engine.inspect_image(image_id)
+    # The container outlives its image and still names it.
+    assert rig.engine.inspect_container(container_id).image_id == image_id
+
+
+def test_image_used_by_a_running_container_cannot_be_forced_away(rig: Rig) -> None:
+    image_id = rig.snapshot()
+    container_id = rig.create(SLEEP, image=image_id)
+    rig.engine.start_container(container_id)
+    with pytest.raises(Conflict, match="cannot be forced"):
+        rig.engine.remove_image(image_id, force=True)
+    # By tag, force only takes the tag away; the image stays for its container.
+    rig.engine.remove_image(f"{rig.repo}:one", force=True)
+    assert rig.engine.inspect_image(image_id).tags == ()
+
+
+def test_image_with_a_child_untags_by_tag_and_refuses_by_id(rig: Rig, events: Events) -> None:
+    parent = rig.snapshot("parent")
+    child = rig.snapshot("child", image=parent)
+    with pytest.raises(Conflict, match="dependent child images"):
+        rig.engine.remove_image(parent, force=True)
+    rig.engine.remove_image(f"{rig.repo}:parent")
+    assert rig.engine.inspect_image(parent).tags == ()
+    # Untagged with a child: an intermediate image, hidden from the listing.
+    assert {i.id for i in rig.engine.list_images(rig.labels)} == {child}
+    # Deleting the child prunes the parent nobody else holds; the base stays.
+    rig.engine.remove_image(child)
+    events.until("image_deleted", parent)
+    with pytest.raises(ImageMissing):
+        rig.engine.inspect_image(parent)
+    assert rig.engine.inspect_image(rig.base_id).id == rig.base_id
+    assert events.kinds(child)[-1] == "image_deleted"
+
+
+def test_remove_missing_image_is_image_missing(rig: Rig) -> None:
+    with pytest.raises(ImageMissing):
+        rig.engine.remove_image(f"{rig.repo}:never")
+
+
+def test_list_images_by_label(rig: Rig) -> None:
+    first = rig.snapshot("a")
+    second = rig.snapshot("b")
+    found = {i.id: i.tags for i in rig.engine.list_images(rig.labels)}
+    assert found == {first: (f"{rig.repo}:a",), second: (f"{rig.repo}:b",)}
+    assert rig.engine.list_images({"snapyard.contract": "nothing-has-this"}) == []
+
+
+def test_inspect_image_by_short_and_bare_id(rig: Rig) -> None:
+    bare = rig.base_id.removeprefix("sha256:")
+    assert rig.engine.inspect_image(bare).id == rig.base_id
+    assert rig.engine.inspect_image(bare[:12]).id == rig.base_id
+    with pytest.raises(ImageMissing):
+        rig.engine.inspect_image("sha256:" + "0" * 64)
+
+
+# --- events ----------------------------------------------------------------------
+
+
+def test_events_report_exit_codes_as_ints_with_labels(rig: Rig, events: Events) -> None:
+    container_id, _ = rig.run(EXIT3)
+    exited = events.until("container_exited", container_id)
+    assert exited.exit_code == 3
+    assert exited.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
+    assert exited.time > 0
+
+
+def test_events_since_replays_what_happened(rig: Rig) -> None:
+    container_id, _ = rig.run(DONE)
+    since = rig.engine.inspect_container(container_id).created_at - 1
+    replay = Events(rig.engine, since=since)
+    try:
+        exited = replay.until("container_exited", container_id)
+    finally:
+        replay.close()
+    assert exited.exit_code == 0
+    assert not replay.thread.is_alive()
