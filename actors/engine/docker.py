@@ -200,8 +200,20 @@ class DockerEngine:
         return _container_state(raw)
 
     def wait_container(self, container_id: str, timeout_s: float | None = None) -> int:
-        with self._call(container=container_id) as api:
-            result = api.wait(container_id, timeout=timeout_s)
+        try:
+            with self._call(container=container_id) as api:
+                result = api.wait(container_id, timeout=timeout_s)
+        except EngineUnavailable as exc:
+            # A read timeout here is the wait running out, not the daemon being down.
+            # Over a unix socket requests reports it as a ConnectionError, not a Timeout.
+            cause = exc.__cause__
+            if timeout_s is not None and (
+                isinstance(cause, requests.exceptions.Timeout) or "Read timed out" in str(cause)
+            ):
+                raise EngineUnavailable(
+                    f"timed out after {timeout_s}s waiting for container {container_id[:12]}"
+                ) from exc
+            raise
         return int(result["StatusCode"])
 
     def stop_container(self, container_id: str, grace_s: float) -> None:

@@ -72,8 +72,11 @@ _EVENT_BACKLOG = 256
 _DEFAULT_BASE_SIZE = 5_000_000
 # What a commit adds on top of the files written: a layer is never free.
 _COMMIT_OVERHEAD_BYTES = 4096
+# ``describe`` never talks to the engine, so there is nothing to inject into it.
 _ENGINE_METHODS = frozenset(
-    name for name in dir(Engine) if not name.startswith("_") and callable(getattr(Engine, name))
+    name
+    for name in dir(Engine)
+    if not name.startswith("_") and callable(getattr(Engine, name)) and name != "describe"
 )
 
 

@@ -233,7 +233,7 @@ def test_start_wait_gives_the_exit_code_and_logs_are_demultiplexed(rig: Rig) -> 
 def test_wait_times_out_as_engine_unavailable(rig: Rig) -> None:
     container_id = rig.create(SLEEP)
     rig.engine.start_container(container_id)
-    with pytest.raises(EngineUnavailable):
+    with pytest.raises(EngineUnavailable, match="timed out"):
         rig.engine.wait_container(container_id, timeout_s=0.5)
     assert rig.engine.inspect_container(container_id).status == "running"
 
