@@ -65,6 +65,7 @@ from actors.snapshot_manager import (
     LABEL_ROLE,
     LABEL_WORK_ITEM,
     ROLE_SNAPSHOT,
+    same_image,
 )
 from actors.telemetry import METRICS, capture_error, job_log
 
@@ -430,7 +431,7 @@ class Spawner(pykka.ThreadingActor):
         state = self._patiently(self._engine.inspect_container, msg.container_id)
         current_base = self._patiently(self._resolve_base)
         lineage = state.labels.get(LABEL_BASE_IMAGE_ID) or current_base
-        if lineage != current_base:
+        if not same_image(lineage, current_base):
             log.info(
                 "job %s ran on base %s, now %s: not committing", msg.job_id, lineage, current_base
             )
