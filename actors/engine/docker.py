@@ -52,6 +52,7 @@ _ACTIONS: dict[tuple[str, str], EventKind] = {
     ("image", "delete"): "image_deleted",
     ("image", "untag"): "image_untagged",
 }
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _FRACTION = re.compile(r"\.(\d+)")
 _ZERO_TIME = "0001-01-01T00:00:00Z"
 # Enough for a wait per worker plus the event stream: blocking calls hold a connection.
@@ -136,6 +137,11 @@ class DockerEngine:
                 return EngineError(message, status_code=404)
             if status == 409:
                 return Conflict(message, status_code=409)
+            if status == 500 and "failed to get digest" in lowered:
+                # Committing a container whose image was deleted: the daemon says 500,
+                # but no retry brings the image back.
+                found = _DIGEST.search(message)
+                return ImageMissing(found.group(0) if found else image or "", message)
             if status is not None and status >= 500:
                 return EngineUnavailable(
                     f"the Docker engine at {self.url} failed ({status}): {message}",

@@ -146,7 +146,7 @@ class MemoryContainer:
     working_dir: str
     files: dict[str, str]
     created_at: float
-    # What the image weighed at create: a commit still works after the image is deleted.
+    # What the image held at create, so a commit can tell what the container wrote.
     base_layers: int
     base_size: int
     base_files: dict[str, str]
@@ -551,6 +551,12 @@ class MemoryEngine:
         self._enter("commit_container", container_id, repository, tag, config)
         with self._lock:
             record = self._find_container(container_id)
+            if record.image_id not in self._images:
+                # Docker cannot commit onto a deleted image (a 500 "failed to get
+                # digest", which DockerEngine reports as ImageMissing too).
+                raise ImageMissing(
+                    record.image_id, f"failed to get digest {record.image_id}: image deleted"
+                )
             entrypoint = None if config.entrypoint is None else tuple(config.entrypoint)
             cmd = None if config.cmd is None else tuple(config.cmd)
             if not entrypoint:
@@ -578,7 +584,7 @@ class MemoryEngine:
                 entrypoint=entrypoint,
                 working_dir=config.working_dir or record.working_dir,
                 files=dict(record.files),
-                parent=record.image_id if record.image_id in self._images else None,
+                parent=record.image_id,
             )
             self._images[image.id] = image
             self._set_tag(image, normalize_tag(f"{repository}:{tag}"))

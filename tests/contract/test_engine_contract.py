@@ -380,6 +380,19 @@ def test_image_used_by_a_stopped_container_needs_force(rig: Rig) -> None:
     assert rig.engine.inspect_container(container_id).image_id == image_id
 
 
+def test_commit_onto_a_deleted_image_is_image_missing(rig: Rig) -> None:
+    image_id = rig.snapshot()
+    container_id, code = rig.run(DONE, image=image_id)
+    assert code == 0
+    rig.engine.remove_image(image_id, force=True)
+    # Docker answers 500 "failed to get digest": permanent, so not EngineUnavailable.
+    with pytest.raises(ImageMissing) as caught:
+        rig.engine.commit_container(container_id, rig.repo, "orphan", ImageConfig())
+    assert caught.value.image == image_id
+    with pytest.raises(ImageMissing):
+        rig.engine.inspect_image(f"{rig.repo}:orphan")
+
+
 def test_image_used_by_a_running_container_cannot_be_forced_away(rig: Rig) -> None:
     image_id = rig.snapshot()
     container_id = rig.create(SLEEP, image=image_id)
