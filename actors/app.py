@@ -1,0 +1,421 @@
+"""The application: wires the actors together, starts them in dependency order
+and stops them in reverse (as Mopidy does), and offers one small facade that
+the HTTP API and the CLI use.
+
+Start order: engine check -> job store -> SnapshotManager -> Supervisor (which
+starts and owns the Spawner pool and the Reaper, and recovers unfinished jobs)
+-> Watcher -> timers. Stop order is the reverse. Stopping never kills a running
+worker: its container keeps running and the next start re-adopts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import FrameType, TracebackType
+from typing import Any
+
+import pykka
+
+from actors.clock import Clock, SystemClock
+from actors.engine.base import Engine, EngineError
+from actors.engine.docker import DockerEngine
+from actors.messages import (
+    Cancel,
+    GetJob,
+    GetStatus,
+    ListJobs,
+    ListSnapshots,
+    RemoveSnapshot,
+    SetBaseImage,
+    StopDispatching,
+    Submit,
+    SupervisorStatus,
+    SweepOrphans,
+    SweepSnapshots,
+    Tick,
+)
+from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.settings import Settings
+from actors.snapshot_manager import SnapshotManager
+from actors.spawner import Spawner
+from actors.store import JobStore
+from actors.supervisor import Supervisor, SupervisorStopped
+from actors.telemetry import (
+    flush_sentry,
+    install_thread_dump_signal,
+    setup_logging,
+    setup_sentry,
+)
+from actors.timers import Scheduler
+from actors.watcher import Watcher
+from actors.worker_image import ensure_base_image
+
+__all__ = ["Snapyard", "SnapyardError", "run_forever"]
+
+log = logging.getLogger(__name__)
+
+# How long a facade call waits for an actor's answer before giving up.
+ASK_TIMEOUT_S = 30.0
+_WAIT_POLL_S = 0.05
+
+
+class SnapyardError(RuntimeError):
+    """Snapyard cannot start (or go on): the message says what to fix."""
+
+
+class Snapyard:
+    """The running supervisor and its facade: ``start()``, ``submit()``, ``stop()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        clock: Clock | None = None,
+        store: JobStore | None = None,
+        *,
+        container_labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """``engine``/``clock``/``store`` default to Docker, real time and the
+        store under ``settings.data_dir``; ``container_labels`` are stamped on
+        every worker container (tests mark theirs ``snapyard.test=1``)."""
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self._engine = engine
+        self._store = store
+        self._owns_store = store is None
+        self._container_labels = dict(container_labels or {})
+        self.snapshots_ref: pykka.ActorRef[Any] | None = None
+        self.supervisor_ref: pykka.ActorRef[Any] | None = None
+        self.watcher: Watcher | None = None
+        self.scheduler = Scheduler(self.clock)
+        self.base_image_id: str | None = None
+        self._accepting = False
+        self._started = False
+        self._fatal: str | None = None
+        self.stopped = threading.Event()
+        # Set when the Supervisor gives up; run_forever waits on it too.
+        self.failed = threading.Event()
+
+    # --- life cycle --------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise SnapyardError("Snapyard is not started")
+        return self._engine
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise SnapyardError("Snapyard is not started")
+        return self._store
+
+    def start(self) -> Snapyard:
+        if self._started:
+            return self
+        settings = self.settings
+        engine = self._engine
+        if engine is None:
+            engine = DockerEngine(settings.engine.url, settings.engine.timeout_s)
+        self._engine = engine
+        try:
+            engine.ping()
+        except EngineError as exc:
+            raise SnapyardError(
+                f"cannot reach the container engine at {engine.describe()}: {exc}. "
+                "Start it (make engine, or config/engine.sh) or set engine.url / DOCKER_HOST."
+            ) from exc
+        try:
+            self.base_image_id, built = ensure_base_image(engine, settings.worker.image)
+        except Exception as exc:
+            raise SnapyardError(
+                f"the worker image {settings.worker.image} is missing and could not be "
+                f"built: {exc}. Run `snapyard image build`."
+            ) from exc
+        if built:
+            log.info("built the worker image %s (%s)", settings.worker.image, self.base_image_id)
+        if self._store is None:
+            self._store = JobStore(settings.data_dir / "snapyard.db", self.clock)
+        try:
+            self._start_actors(engine, self._store)
+        except BaseException:
+            self._stop_actors(timeout_s=settings.supervisor.shutdown_timeout_s)
+            raise
+        self._started = True
+        self._accepting = True
+        self.stopped.clear()
+        log.info("snapyard started on %s", engine.describe())
+        return self
+
+    def _start_actors(self, engine: Engine, store: JobStore) -> None:
+        settings, clock = self.settings, self.clock
+        snapshots = SnapshotManager.start(engine, settings, clock)
+        self.snapshots_ref = snapshots
+        if self.base_image_id is not None:
+            snapshots.tell(SetBaseImage(self.base_image_id))
+        labels = self._container_labels
+
+        def spawner_factory(name: str, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
+            return Spawner.start(engine, snapshots, settings, clock, name, supervisor, labels)
+
+        # Events from here on are replayed to the Watcher: an exit between the
+        # Supervisor's recovery listing and the stream opening is not lost.
+        since = clock.now()
+        supervisor = Supervisor.start(
+            engine, store, settings, clock, snapshots, spawner_factory, self._on_fatal
+        )
+        self.supervisor_ref = supervisor
+        try:
+            supervisor.ask(GetStatus(), block=True, timeout=ASK_TIMEOUT_S)
+        except pykka.ActorDeadError as exc:
+            raise SnapyardError(
+                "the supervisor failed to start (recovery of unfinished jobs failed); see the log"
+            ) from exc
+        self.watcher = Watcher(
+            engine,
+            supervisor,
+            snapshots,
+            clock,
+            since=since,
+            backoff_initial_s=settings.retry.backoff_initial_s,
+            backoff_max_s=settings.retry.backoff_max_s,
+        )
+        self.watcher.start()
+        sup = settings.supervisor
+        self.scheduler.every(sup.tick_interval_s, supervisor, Tick)
+        self.scheduler.every(
+            settings.snapshots.sweep_interval_s, snapshots, lambda _now: SweepSnapshots()
+        )
+        # The first orphan sweep waits one grace period: re-adoption comes first.
+        self.scheduler.every(
+            sup.orphan_sweep_interval_s, supervisor, SweepOrphans, first_after_s=sup.orphan_grace_s
+        )
+        self.scheduler.start(granularity_s=sup.tick_interval_s)
+
+    def stop(self, drain: bool = False, timeout_s: float | None = None) -> None:
+        """Stop intake, then the timers, the Watcher and the actors, in reverse order.
+
+        Running containers are left running (the next start re-adopts them);
+        with ``drain`` the call first waits (up to ``timeout_s``) for the jobs
+        in flight to end. Queued jobs stay queued in the store either way.
+        """
+        if not self._started:
+            return
+        timeout = self.settings.supervisor.shutdown_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        self._accepting = False
+        supervisor = self.supervisor_ref
+        if supervisor is not None and supervisor.is_alive():
+            try:
+                supervisor.tell(StopDispatching())
+                # Let Spawners finish what they hold (a start, a commit) while the
+                # Supervisor can still record it; with drain, wait for every job.
+                self._wait_settled(drain, deadline)
+            except pykka.ActorDeadError:
+                pass
+        self._stop_actors(timeout_s=max(1.0, deadline - time.monotonic()))
+        if self._owns_store and self._store is not None:
+            self._store.close()
+        flush_sentry(min(2.0, max(0.1, deadline - time.monotonic())))
+        self._started = False
+        self.stopped.set()
+        log.info("snapyard stopped")
+
+    def _wait_settled(self, drain: bool, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            status = self.status()
+            if drain and status.in_flight == 0:
+                return
+            if not drain and status.pending_ops == 0:
+                return
+            time.sleep(_WAIT_POLL_S)
+        log.warning(
+            "shutdown: %s did not settle in time; stopping anyway", "drain" if drain else ""
+        )
+
+    def _stop_actors(self, timeout_s: float) -> None:
+        self.scheduler.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        for ref in (self.supervisor_ref, self.snapshots_ref):
+            if ref is None:
+                continue
+            try:
+                ref.stop(timeout=timeout_s)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                log.warning("%s did not stop within %.1fs", ref, timeout_s)
+        self.supervisor_ref = None
+        self.snapshots_ref = None
+
+    def _on_fatal(self, reason: str) -> None:
+        self._fatal = reason
+        self._accepting = False
+        self.failed.set()
+
+    def __enter__(self) -> Snapyard:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- facade ------------------------------------------------------------
+
+    def _supervisor(self) -> pykka.ActorRef[Any]:
+        ref = self.supervisor_ref
+        if ref is None or not ref.is_alive():
+            raise SupervisorStopped(self._fatal or "Snapyard is not running")
+        return ref
+
+    def _snapshots(self) -> pykka.ActorRef[Any]:
+        ref = self.snapshots_ref
+        if ref is None:
+            raise SupervisorStopped("Snapyard is not running")
+        return ref
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Queue a validated job; it is on disk when this returns."""
+        if not self._accepting:
+            raise SupervisorStopped(self._fatal or "Snapyard is not accepting jobs (stopped)")
+        job: Job = self._supervisor().ask(Submit(spec), block=True, timeout=ASK_TIMEOUT_S)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        ref = self.supervisor_ref
+        if ref is None or not ref.is_alive():
+            # Read-only questions still have an answer when the actors are gone.
+            return self._store.get(job_id) if self._store is not None and self._started else None
+        job: Job | None = ref.ask(GetJob(job_id), block=True, timeout=ASK_TIMEOUT_S)
+        return job
+
+    def jobs(
+        self, state: JobState | None = None, project: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        jobs: list[Job] = self._supervisor().ask(
+            ListJobs(state=state, project=project, limit=limit), block=True, timeout=ASK_TIMEOUT_S
+        )
+        return jobs
+
+    def cancel(self, job_id: str) -> Job | None:
+        job: Job | None = self._supervisor().ask(Cancel(job_id), block=True, timeout=ASK_TIMEOUT_S)
+        return job
+
+    def snapshots(self) -> list[Snapshot]:
+        snaps: list[Snapshot] = self._snapshots().ask(
+            ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S
+        )
+        return snaps
+
+    def remove_snapshot(self, key: SnapshotKey) -> bool:
+        removed: bool = self._snapshots().ask(
+            RemoveSnapshot(key), block=True, timeout=ASK_TIMEOUT_S
+        )
+        return removed
+
+    def prune_snapshots(self) -> list[Snapshot]:
+        """Run eviction now; return the entries it removed."""
+        ref = self._snapshots()
+        before = ref.ask(ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S)
+        ref.ask(SweepSnapshots(), block=True, timeout=ASK_TIMEOUT_S)
+        after = {
+            (s.key, s.image_id) for s in ref.ask(ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S)
+        }
+        return [s for s in before if (s.key, s.image_id) not in after]
+
+    def status(self) -> SupervisorStatus:
+        status: SupervisorStatus = self._supervisor().ask(
+            GetStatus(), block=True, timeout=ASK_TIMEOUT_S
+        )
+        return status
+
+    def health(self) -> tuple[bool, str]:
+        """(ok, reason): the supervisor answers, the Watcher follows events, the engine pings."""
+        if self._fatal is not None:
+            return False, f"supervisor stopped: {self._fatal}"
+        if not self._started:
+            return False, "not started"
+        try:
+            status = self.status()
+        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+            return False, f"supervisor not answering: {exc or type(exc).__name__}"
+        if self.watcher is None or not self.watcher.alive:
+            return False, "the event watcher is not running"
+        try:
+            self.engine.ping()
+        except EngineError as exc:
+            return False, f"engine unreachable at {self.engine.describe()}: {exc}"
+        return True, (
+            f"ok: {status.running} running, {status.in_flight} in flight, {status.queued} queued"
+        )
+
+    def wait(self, job_id: str, timeout_s: float) -> Job:
+        """Block until the job is terminal; TimeoutError after ``timeout_s`` (real time)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.state.terminal:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout_s:g}s")
+            time.sleep(_WAIT_POLL_S)
+
+
+def run_forever(
+    settings: Settings,
+    drain: bool = False,
+    *,
+    container_labels: Mapping[str, str] | None = None,
+    on_started: Callable[[Snapyard], None] | None = None,
+) -> int:
+    """``snapyard run``: start, serve until SIGTERM/SIGINT, stop gracefully; the exit code.
+
+    The first signal stops within ``shutdown_timeout_s`` and returns 0; a
+    second one exits at once (130). 1 when the supervisor gave up, 2 when it
+    could not start.
+    """
+    setup_logging(settings.log)
+    setup_sentry(settings.sentry)
+    install_thread_dump_signal()
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop_requested.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s: stopping (drain=%s)", signal.Signals(signum).name, drain)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    app = Snapyard(settings, container_labels=container_labels)
+    try:
+        try:
+            app.start()
+        except SnapyardError as exc:
+            log.error("%s", exc)
+            return 2
+        if on_started is not None:
+            on_started(app)
+        if on_started is not None:
+            on_started(app)  # e.g. the CLI hands the running facade to its API server
+        # A bounded wait keeps the main thread returning to Python, where
+        # signal handlers run.
+        while not stop_requested.wait(0.5):
+            if app.failed.is_set():
+                break
+        app.stop(drain=drain, timeout_s=settings.supervisor.shutdown_timeout_s)
+        return 1 if app.failed.is_set() else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,141 @@
+"""The Snapyard facade: wiring, start/stop order, restart re-adoption, drain, health."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pykka
+import pytest
+from yard_kit import BASE_TAG, new_engine
+
+from actors.app import Snapyard, SnapyardError
+from actors.clock import FakeClock
+from actors.engine.memory import MemoryEngine
+from actors.model import JobState, SnapshotKey, validate_spec
+from actors.settings import Settings
+from actors.store import JobStore
+from actors.supervisor import SupervisorStopped
+
+WAIT_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _stop_actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all()
+
+
+def app_settings(tmp_path: Path, **supervisor: object) -> Settings:
+    return Settings().replace(
+        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+        retry={"attempts": 2, "backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+        supervisor={"data_dir": str(tmp_path / "data"), "tick_interval_s": 0.05, **supervisor},
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def engine(clock: FakeClock) -> MemoryEngine:
+    return new_engine(clock)
+
+
+def test_a_job_runs_commits_and_the_next_reuses_the_snapshot(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    engine.exit_policy = lambda _c: 0
+    with Snapyard(app_settings(tmp_path), engine=engine, clock=clock) as app:
+        assert app.health() == (True, "ok: 0 running, 0 in flight, 0 queued")
+        first = app.wait(app.submit(validate_spec("p", "w")).id, WAIT_S)
+        assert first.state is JobState.SUCCEEDED
+        assert first.snapshot_committed
+        assert [s.key for s in app.snapshots()] == [SnapshotKey("p", "w")]
+        second = app.wait(app.submit(validate_spec("p", "w")).id, WAIT_S)
+        assert second.from_snapshot
+        assert [j.id for j in app.jobs(state=JobState.SUCCEEDED)] == [second.id, first.id]
+        assert app.remove_snapshot(SnapshotKey("p", "w"))
+        assert app.snapshots() == []
+        assert app.cancel("j-nope") is None
+        assert app.get("j-nope") is None
+
+
+def test_stop_detaches_and_the_next_start_readopts(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    settings = app_settings(tmp_path)
+    app = Snapyard(settings, engine=engine, clock=clock).start()
+    job = app.submit(validate_spec("p", "w"))
+    cid = _running_container(app, job.id)
+    app.stop()
+    assert engine.inspect_container(cid).running  # stopping never kills a worker
+    with pytest.raises(SupervisorStopped):
+        app.submit(validate_spec("p", "x"))
+
+    app2 = Snapyard(settings, engine=engine, clock=clock).start()
+    adopted = app2.get(job.id)
+    assert adopted is not None
+    assert adopted.state is JobState.RUNNING
+    assert adopted.container_id == cid
+    engine.exit_container(cid, 0)
+    assert app2.wait(job.id, WAIT_S).state is JobState.SUCCEEDED
+    app2.stop()
+
+
+def test_stop_with_drain_waits_for_running_jobs(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    app = Snapyard(app_settings(tmp_path), engine=engine, clock=clock).start()
+    job = app.submit(validate_spec("p", "w", timeout_s=5))
+    _running_container(app, job.id)
+    clock.advance(6)  # the job's deadline passes; the timers keep running while draining
+    app.stop(drain=True, timeout_s=WAIT_S)
+    with JobStore(tmp_path / "data" / "snapyard.db") as store:
+        final = store.get(job.id)
+    assert final is not None
+    assert final.state is JobState.TIMED_OUT
+
+
+def test_engine_down_at_start_is_a_clear_error(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    engine.set_unavailable(True)
+    with pytest.raises(SnapyardError, match=r"cannot reach the container engine at memory://"):
+        Snapyard(app_settings(tmp_path), engine=engine, clock=clock).start()
+
+
+def test_health_reports_a_supervisor_that_gave_up(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    app = Snapyard(
+        app_settings(tmp_path, restart_max=1, spawners=1), engine=engine, clock=clock
+    ).start()
+
+    def boom() -> None:
+        raise RuntimeError("always broken")
+
+    engine.before("create_container", boom, once=False)
+    app.submit(validate_spec("p", "a"))
+    app.submit(validate_spec("p", "b"))
+    assert app.failed.wait(WAIT_S)
+    ok, reason = app.health()
+    assert not ok
+    assert "supervisor stopped: Spawners crashed 2 times" in reason
+    with pytest.raises(SupervisorStopped):
+        app.submit(validate_spec("p", "c"))
+    app.stop()
+
+
+def _running_container(app: Snapyard, job_id: str) -> str:
+    """Wait (bounded) until the job runs; return its container."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        job = app.get(job_id)
+        if job is not None and job.state is JobState.RUNNING and job.container_id:
+            return job.container_id
+        time.sleep(0.005)
+    raise AssertionError(f"job {job_id} never ran: {app.get(job_id)!r}")
