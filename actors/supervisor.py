@@ -176,6 +176,8 @@ class Supervisor(pykka.ThreadingActor):
         self._retry_at: dict[str, float] = {}
         self._retries: dict[str, int] = {}
         self._crashes: dict[str, int] = collections.Counter()
+        # Why a job is being recovered mid-run (a Spawner crash), for its history.
+        self._recover_notes: dict[str, str] = {}
         self._restarts: collections.deque[float] = collections.deque()
         self._early_exits: dict[str, tuple[ContainerExited, float]] = {}
         self._list_seq = 0
@@ -680,7 +682,8 @@ class Supervisor(pykka.ThreadingActor):
                     if container is not None and self._reaper is not None:
                         # Created but never started: it never ran, remove it.
                         self._reaper.tell(RemoveContainer(container.id, 0.0, "never started"))
-                    self._requeue(job, "recovered: it had not started", backoff=False)
+                    note = self._recover_notes.pop(job.id, "recovered: it had not started")
+                    self._requeue(job, note, backoff=False)
                     continue
             else:
                 container = by_id.get(job.container_id or "")
@@ -695,6 +698,7 @@ class Supervisor(pykka.ThreadingActor):
             self._adopt(job, container, now)
 
     def _adopt(self, job: Job, container: ContainerState, now: float) -> None:
+        self._recover_notes.pop(job.id, None)
         slot = _Slot(job.id, job.spec, "running", container_id=container.id)
         started_at = job.started_at or container.started_at or now
         slot.deadline = job.deadline or started_at + job_timeout(self._settings, job.spec)
@@ -779,8 +783,13 @@ class Supervisor(pykka.ThreadingActor):
                 self._complete(slot, job, slot.exit_code, "", None, reason)
             return
         if kind == "spawn":
-            del self._slots[job_id]
-            self._requeue(job, f"retrying: {reason}", backoff=False)
+            # The Spawner may have started the container before it died: recover
+            # the job as after a restart (adopt a container labelled with it,
+            # else re-queue), so the work never runs twice.
+            log.warning("job %s: %s; looking for its container", job_id, reason)
+            self._slots[job_id] = _Slot(job_id, job.spec, "recovering")
+            self._recover_notes[job_id] = f"retrying: {reason}"
+            self._request_listing("recover")
         else:
             self._send_any(job_id, kind, lambda: message)
 
@@ -825,6 +834,7 @@ class Supervisor(pykka.ThreadingActor):
         self._retry_at.pop(job.id, None)
         self._retries.pop(job.id, None)
         self._crashes.pop(job.id, None)
+        self._recover_notes.pop(job.id, None)
         SECRETS.forget(job.id)
         self._log(job).info("job %s", state.value)
         return job

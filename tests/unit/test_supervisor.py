@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pykka
 import pytest
@@ -22,12 +23,13 @@ from actors.messages import (
     ListJobs,
     ListSnapshots,
     Reconcile,
+    Started,
     SupervisorStatus,
     SweepOrphans,
 )
 from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
 from actors.settings import AgentTypeSettings, ProjectSettings
-from actors.spawner import LABEL_JOB_ID
+from actors.spawner import LABEL_JOB_ID, Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
 from actors.telemetry import METRICS
@@ -543,6 +545,30 @@ def test_spawner_crash_mid_job_restarts_it_and_retries_the_job(
     assert yard.wait_state(job.id, JobState.SUCCEEDED).attempts >= 1
     status: SupervisorStatus = yard.sup.ask(GetStatus(), timeout=10)
     assert status.spawners == 1
+
+
+def test_spawner_crash_after_start_adopts_the_container_instead_of_running_the_job_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Spawner._tell
+    crashed = threading.Event()
+
+    def tell(self: Spawner, ref: pykka.ActorRef[Any], message: object) -> None:
+        if isinstance(message, Started) and not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("injected crash after start")
+        original(self, ref, message)
+
+    monkeypatch.setattr(Spawner, "_tell", tell)
+    yard = Yard(tmp_path, yard_settings(spawners=1)).start()
+    job = yard.submit()
+    running = yard.running_job(job.id)
+    assert crashed.is_set()
+    # The container the crashed Spawner had started is the job's: adopted, not run again.
+    assert yard.created_for() == [job.id]
+    assert [c.id for c in yard.running()] == [running.container_id]
+    yard.engine.exit_container(running.container_id or "", 0)
+    assert yard.wait_state(job.id, JobState.SUCCEEDED).snapshot_committed
 
 
 def test_a_job_that_keeps_crashing_its_spawner_fails_with_the_reason(tmp_path: Path) -> None:
