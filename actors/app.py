@@ -154,7 +154,7 @@ class Snapyard:
 
     def _start_actors(self, engine: Engine, store: JobStore) -> None:
         settings, clock = self.settings, self.clock
-        snapshots = SnapshotManager.start(engine, settings, clock)
+        snapshots = SnapshotManager.start(engine, settings, clock, on_fatal=self._on_fatal)
         self.snapshots_ref = snapshots
         if self.base_image_id is not None:
             snapshots.tell(SetBaseImage(self.base_image_id))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -37,6 +37,7 @@ from actors.messages import (
     SweepSnapshots,
 )
 from actors.model import Snapshot, SnapshotKey
+from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.telemetry import METRICS, capture_error
 
@@ -93,7 +94,9 @@ class SnapshotManager(pykka.ThreadingActor):
         clock: Clock,
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "snapshot-manager",
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_fatal`` hears when the restart budget is spent and the manager stops."""
         super().__init__()
         self._engine = engine
         self._settings = settings
@@ -107,6 +110,10 @@ class SnapshotManager(pykka.ThreadingActor):
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self._base_image_id: str | None = None
         self._needs_rebuild = True
+        self._on_fatal = on_fatal
+        self._restarts = RestartIntensity(
+            settings.supervisor.restart_max, settings.supervisor.restart_window_s
+        )
 
     # --- life cycle --------------------------------------------------------
 
@@ -131,6 +138,43 @@ class SnapshotManager(pykka.ThreadingActor):
             )
 
     def on_receive(self, message: Any) -> Any:
+        try:
+            return self._handle(message)
+        except Exception as exc:
+            return self._restart_in_place(message, exc)
+
+    def _restart_in_place(self, message: Any, exc: Exception) -> Any:
+        """A bug hit a message: restart as OTP would, but keep our address.
+
+        The registry is only a cache of the engine's labelled images, so a
+        restart is a rebuild from them; Spawners, the Watcher and the API keep
+        the same ActorRef. Past the restart budget we stop for good and say so.
+        """
+        capture_error(exc, source="snapshot_manager", extras={"message": type(message).__name__})
+        if not self._restarts.record(self._clock.now()):
+            reason = (
+                f"the SnapshotManager failed {self._restarts.describe()}; "
+                f"the last error: {type(exc).__name__}: {exc}"
+            )
+            log.critical("%s; stopping it", reason)
+            if self._on_fatal is not None:
+                self._on_fatal(reason)
+            self.actor_ref.stop(block=False)  # an ask's failure would not stop us
+            raise exc
+        log.exception(
+            "%s failed on %s; rebuilding the registry", self._name, type(message).__name__
+        )
+        self._registry.clear()
+        self._needs_rebuild = True
+        self._resolve_base()
+        self._rebuild()
+        if isinstance(message, Lookup):
+            return None  # a miss: the job starts from the base image
+        if isinstance(message, ListSnapshots | RemoveSnapshot):
+            raise exc  # the asker gets the error; the actor lives on
+        return None
+
+    def _handle(self, message: Any) -> Any:
         match message:
             case Lookup(key=key):
                 return self._lookup(key)

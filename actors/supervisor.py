@@ -54,6 +54,7 @@ from actors.messages import (
 )
 from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
 from actors.reaper import MANAGED_LABEL, MANAGED_LABELS, Reaper
+from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.spawner import LABEL_JOB_ID
 from actors.store import JobStore, new_job_id
@@ -178,7 +179,7 @@ class Supervisor(pykka.ThreadingActor):
         self._crashes: dict[str, int] = collections.Counter()
         # Why a job is being recovered mid-run (a Spawner crash), for its history.
         self._recover_notes: dict[str, str] = {}
-        self._restarts: collections.deque[float] = collections.deque()
+        self._restarts = RestartIntensity(self._sup.restart_max, self._sup.restart_window_s)
         self._early_exits: dict[str, tuple[ContainerExited, float]] = {}
         self._list_seq = 0
         self._reconcile_requested = False
@@ -737,14 +738,9 @@ class Supervisor(pykka.ThreadingActor):
             error, source="supervisor", extras={"spawner": msg.name, "job_id": msg.job_id}
         )
         log.error("%s crashed (%s); restarting it", msg.name, msg.error)
-        now = self._clock.now()
-        self._restarts.append(now)
-        while self._restarts and self._restarts[0] < now - self._sup.restart_window_s:
-            self._restarts.popleft()
-        if len(self._restarts) > self._sup.restart_max:
+        if not self._restarts.record(self._clock.now()):
             self._give_up(
-                f"Spawners crashed {len(self._restarts)} times within "
-                f"{self._sup.restart_window_s:g}s (restart_max = {self._sup.restart_max}); "
+                f"Spawners crashed {self._restarts.describe()}; "
                 f"the last one: {msg.name}: {msg.error}"
             )
             return

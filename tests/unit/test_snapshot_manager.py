@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pykka
 import pytest
 from spawn_kit import Rig, make_rig, test_settings
 
 from actors.engine.base import EngineUnavailable
-from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseImage
+from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseImage, SweepSnapshots
 from actors.model import SnapshotKey
 from actors.settings import ProjectSettings
+from actors.snapshot_manager import SnapshotManager
 from actors.telemetry import METRICS
 
 KEY = SnapshotKey("proj", "item-1")
@@ -299,3 +302,64 @@ def test_lookup_while_the_engine_is_down_still_answers(rig: Rig) -> None:
     rig.engine.fail_next("list_images", error=EngineUnavailable("down"))
     rig.sweep()
     assert rig.lookup(KEY) is not None
+
+
+# --- supervision ----------------------------------------------------------------
+
+
+def _break_once(monkeypatch: pytest.MonkeyPatch, method: str, times: int = 1) -> list[str]:
+    """Make SnapshotManager.<method> raise ``times`` times, like a bug would."""
+    original = getattr(SnapshotManager, method)
+    raised: list[str] = []
+
+    def broken(self: SnapshotManager, *args: Any) -> Any:
+        if len(raised) < times:
+            raised.append(method)
+            raise RuntimeError(f"injected bug in {method}")
+        return original(self, *args)
+
+    monkeypatch.setattr(SnapshotManager, method, broken)
+    return raised
+
+
+def test_a_bug_in_a_told_message_restarts_the_manager_in_place_and_loses_no_snapshot(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    raised = _break_once(monkeypatch, "_image_deleted")
+    assert rig.manager is not None
+    rig.manager.tell(ImageDeleted("sha256:" + "0" * 64))
+    # Same address, still alive, and the registry was rebuilt from image labels.
+    found = rig.lookup(KEY)
+    assert raised == ["_image_deleted"]
+    assert rig.manager.is_alive()
+    assert found is not None
+    assert found.image_id == snap.image_id
+
+
+def test_a_bug_in_lookup_is_a_miss_not_a_crash(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = rig.add_snapshot(KEY)
+    rig.register(snap)
+    _break_once(monkeypatch, "_lookup")
+    assert rig.lookup(KEY) is None
+    found = rig.lookup(KEY)
+    assert found is not None
+    assert found.image_id == snap.image_id
+
+
+def test_past_the_restart_budget_the_manager_stops_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = make_rig(test_settings(supervisor={"restart_max": 2, "restart_window_s": 60.0}))
+    fatal: list[str] = []
+    rig.manager = SnapshotManager.start(rig.engine, rig.settings, rig.clock, on_fatal=fatal.append)
+    _break_once(monkeypatch, "_sweep", times=10)
+    for _ in range(3):
+        with contextlib.suppress(RuntimeError, pykka.ActorDeadError):
+            rig.manager.ask(SweepSnapshots(), timeout=5)
+    rig.manager.actor_stopped.wait(5)
+    assert not rig.manager.is_alive()
+    assert len(fatal) == 1
+    assert "failed 3 times within 60s (restart_max = 2)" in fatal[0]
+    assert "injected bug in _sweep" in fatal[0]
