@@ -244,7 +244,7 @@ def _code_under_test() -> dict[str, Any]:
 
     path = Path(actors.__file__).resolve().parent
     info: dict[str, Any] = {"actors": str(path)}
-    if path == REPO / "actors":
+    if path == REPO / "actors" and (REPO / ".git").exists():
         dirty = _git("status", "--porcelain", "--", "actors", "config")
         info["uncommitted_changes"] = dirty.splitlines() if dirty else []
     return info
