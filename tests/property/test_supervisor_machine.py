@@ -1,0 +1,384 @@
+"""Issue 6: no interleaving of image deletions, worker failures, engine outages
+and supervisor restarts leaves a job stuck, a container leaked, a snapshot
+wrong, a secret shown or a job lost.
+
+A hypothesis state machine drives a real Supervisor (real SnapshotManager,
+Spawners, Reaper, Watcher, SQLite store, the timers of ``actors.timers``) on
+a ChaosEngine with a FakeClock. After every step the actors are settled by
+waiting on futures (``Rig.settle``), then the invariants are checked; at the
+end the rig drains all work and checks what must be true of a quiet system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from budget import budget
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from machine_kit import BASE_TAG, HANG, OOM, Key, Rig, add_base, outcome_command
+
+from actors.engine.base import EngineError
+from actors.messages import Cancel, ListJobs, Submit, SweepSnapshots
+from actors.model import JobState, validate_spec
+from actors.settings import LogSettings, SentrySettings
+from actors.telemetry import (
+    SECRETS,
+    RecordingTransport,
+    close_sentry,
+    flush_sentry,
+    setup_logging,
+    setup_sentry,
+)
+
+# One key drawn more often, so jobs queue behind each other and reuse snapshots.
+KEYS: tuple[Key, ...] = (("p1", "w1"), ("p1", "w1"), ("p1", "w2"), ("p2", "w1"))
+SECRET_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=4)
+OUTCOMES: tuple[int | str, ...] = (0, 0, 1, 3, HANG, OOM)
+# The steps of a job's run where a snapshot deletion hurts most.
+DELETE_AT = ("create", "start", "commit", "register")
+DRAIN_ROUNDS = 40
+
+
+@dataclass
+class Expect:
+    key: Key
+    outcome: int | str
+    secret: str
+    cancelled: bool = False
+    # The base image was gone at some point while the job was unfinished:
+    # failing with "base image missing" is then the right answer.
+    base_outage: bool = False
+
+
+class Capture:
+    """Every log line (as formatted for operators) and every Sentry event."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.transport = RecordingTransport()
+
+    def reset(self) -> None:
+        self.stream.seek(0)
+        self.stream.truncate()
+        with self.transport._lock:
+            self.transport.events.clear()
+            self.transport.raw.clear()
+
+    def text(self) -> str:
+        flush_sentry(2.0)
+        with self.transport._lock:
+            raw = b"".join(self.transport.raw).decode("utf-8", "replace")
+            events = json.dumps(self.transport.events, default=str, ensure_ascii=False)
+        return self.stream.getvalue() + raw + events
+
+
+CAPTURE: Capture | None = None
+
+
+class SupervisorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        assert CAPTURE is not None
+        CAPTURE.reset()
+        SECRETS.clear()
+        self.rig = Rig()
+        self.rig.start()
+        self.jobs: dict[str, Expect] = {}
+        self.base_present = True
+        self.latest: dict[Key, tuple[str, float]] = {}
+        self.clean = True
+
+    # --- rules ---------------------------------------------------------------
+
+    @rule(
+        key=st.sampled_from(KEYS),
+        outcome=st.sampled_from(OUTCOMES),
+        secret=SECRET_TEXT,
+        timeout=st.sampled_from([None, 20.0, 90.0]),
+    )
+    def submit(self, key: Key, outcome: int | str, secret: str, timeout: float | None) -> None:
+        self.clean = False
+        self._submit(key, outcome, secret, timeout)
+        self.settle()
+
+    @rule(
+        key=st.sampled_from(KEYS),
+        outcome=st.sampled_from([0, 0, 0, 1, HANG]),
+        secret=SECRET_TEXT,
+        delete_at=st.sampled_from(DELETE_AT),
+    )
+    def submit_racing_a_deletion(
+        self, key: Key, outcome: int | str, secret: str, delete_at: str
+    ) -> None:
+        """Queue a job and delete its key's snapshot at one step of its spawn or finish."""
+        self.clean = False
+        self._arm_delete(key, delete_at)
+        self._submit(key, outcome, secret, None)
+        self.settle()
+
+    def _submit(self, key: Key, outcome: int | str, secret: str, timeout: float | None) -> None:
+        value = "s3cret-" + secret
+        spec = validate_spec(
+            key[0],
+            key[1],
+            command=list(outcome_command(outcome)),
+            env={"API_TOKEN": value},
+            timeout_s=timeout,
+        )
+        job = self.rig.ask_sup(Submit(spec))
+        self.jobs[job.id] = Expect(key, outcome, value, base_outage=not self.base_present)
+
+    @rule(seconds=st.sampled_from([1.0, 5.0, 30.0, 120.0, 700.0]))
+    def advance_clock(self, seconds: float) -> None:
+        self.clean = False
+        self.rig.advance(seconds)
+        self.settle()
+
+    @rule(
+        key=st.sampled_from(KEYS),
+        when=st.sampled_from(["now", *DELETE_AT]),
+    )
+    def delete_snapshot(self, key: Key, when: str) -> None:
+        self.clean = False
+        self._arm_delete(key, when)
+        self.settle()
+
+    def _arm_delete(self, key: Key, when: str) -> None:
+        engine = self.rig.engine
+
+        def delete() -> None:
+            engine.delete_key_snapshots(key)
+
+        match when:
+            case "now":
+                delete()
+            case "create" | "start" | "commit":
+                engine.before_key(f"{when}_container", key, delete)
+            case _:  # after the commit, before its Register: the inspect that follows it
+                engine.before_key(
+                    "commit_container",
+                    key,
+                    lambda: engine.before_key("inspect_image", key, delete),
+                )
+
+    @rule(action=st.sampled_from(["rmi", "retag", "rebuild"]))
+    def base_image(self, action: str) -> None:
+        """An operator removes the base image (or moves its tag away), or rebuilds it."""
+        self.clean = False
+        engine = self.rig.engine
+        if action == "rebuild":
+            add_base(engine)
+        elif self.base_present:
+            if action == "retag":
+                base_id = engine.base_id()
+                assert base_id is not None
+                engine.tag_behind_back(base_id, "snapyard-worker:previous")
+            with contextlib.suppress(EngineError):
+                engine.delete_image_behind_back(BASE_TAG)
+        self.base_present = engine.base_id() is not None
+        if not self.base_present:
+            self._mark_base_outage()
+        self.settle()
+
+    @rule()
+    def engine_outage(self) -> None:
+        """The daemon goes away, or comes back."""
+        self.clean = False
+        self.rig.set_available(not self.rig.available)
+        self.settle()
+
+    @precondition(lambda self: bool(self.jobs))
+    @rule(index=st.integers(min_value=0, max_value=64))
+    def cancel(self, index: int) -> None:
+        self.clean = False
+        job_ids = sorted(self.jobs)
+        job_id = job_ids[index % len(job_ids)]
+        job = self.rig.ask_sup(Cancel(job_id))
+        if job is not None and job.state is JobState.CANCELLED:
+            self.jobs[job_id].cancelled = True
+        self.settle()
+
+    @rule(graceful=st.booleans())
+    def restart(self, graceful: bool) -> None:
+        self.clean = False
+        self.rig.restart(graceful)
+        self.settle()
+
+    @rule()
+    def sweep(self) -> None:
+        self.clean = False
+        assert self.rig.snapshots is not None
+        self.rig.snapshots.ask(SweepSnapshots(), timeout=10)
+        self.settle()
+        if self.rig.available:
+            self._check_registry_exists()
+
+    # --- invariants ----------------------------------------------------------
+
+    @invariant()
+    def nothing_lost_and_one_terminal_state(self) -> None:
+        self.clean = False
+        assert self.rig.store.job_ids() == set(self.jobs)
+        for job_id in self.jobs:
+            terminal = [s for s, _, _ in self.rig.store.history(job_id) if s.terminal]
+            if terminal:
+                assert terminal[0] == terminal[-1], (job_id, self.rig.store.history(job_id))
+                last = self.rig.store.history(job_id)[-1][0]
+                assert last == terminal[0], (job_id, self.rig.store.history(job_id))
+        self.clean = True
+
+    @invariant()
+    def limits_and_snapshot_choice_hold(self) -> None:
+        self.clean = False
+        engine = self.rig.engine
+        assert engine.violations == []
+        running = [c for c in engine.managed_containers() if c.status == "running"]
+        assert len(running) <= self.rig.settings.supervisor.max_workers
+        self.clean = True
+
+    @invariant()
+    def registry_never_goes_back_in_time(self) -> None:
+        self.clean = False
+        for entry in self.rig.registry():
+            key = (entry.key.project, entry.key.work_item)
+            previous = self.latest.get(key)
+            if previous is not None and previous[0] != entry.image_id:
+                assert entry.created_at >= previous[1], (key, previous, entry)
+            self.latest[key] = (entry.image_id, entry.created_at)
+        self.clean = True
+
+    # --- helpers -------------------------------------------------------------
+
+    def settle(self) -> None:
+        self.rig.settle()
+        self.clean = True
+
+    def _mark_base_outage(self) -> None:
+        for job_id, expect in self.jobs.items():
+            job = self.rig.store.get(job_id)
+            if job is not None and not job.state.terminal:
+                expect.base_outage = True
+
+    def _check_registry_exists(self) -> None:
+        for entry in self.rig.registry():
+            assert self.rig.engine.has_image(entry.image_id), f"registry points at gone {entry}"
+
+    def teardown(self) -> None:
+        try:
+            if self.clean:
+                self._drain_and_check()
+        finally:
+            self.rig.close()
+
+    def _drain_and_check(self) -> None:
+        rig = self.rig
+        rig.set_available(True)
+        if not self.base_present:
+            add_base(rig.engine)
+            self.base_present = True
+        rig.settle()
+        for _ in range(DRAIN_ROUNDS):
+            unfinished = rig.store.unfinished()
+            if not unfinished:
+                break
+            rig.advance(50.0)
+            rig.settle()
+        else:
+            stuck = [(j.id, j.state, j.spec.command, j.error) for j in rig.store.unfinished()]
+            raise AssertionError(f"jobs stuck after draining: {stuck}")
+        # Past the orphan grace, twice, so an orphan sweep runs after the last finish.
+        for _ in range(3):
+            rig.advance(rig.settings.supervisor.orphan_sweep_interval_s)
+            rig.settle()
+        assert rig.snapshots is not None
+        rig.snapshots.ask(SweepSnapshots(), timeout=10)
+        rig.settle()
+        self._check_final()
+
+    def _check_final(self) -> None:
+        rig, engine = self.rig, self.rig.engine
+        jobs = {j.id: j for j in rig.ask_sup(ListJobs(limit=10_000))}
+        assert set(jobs) == set(self.jobs)
+        for job_id, expect in self.jobs.items():
+            job = jobs[job_id]
+            assert job.state.terminal, job
+            if expect.outcome == 0 and not expect.cancelled:
+                if expect.base_outage and job.state is JobState.FAILED:
+                    assert "base image" in (job.error or ""), job
+                else:
+                    assert job.state is JobState.SUCCEEDED, (job, expect)
+            if expect.outcome != 0 and job.state is JobState.SUCCEEDED:
+                raise AssertionError(f"a worker that did not exit 0 succeeded: {job}")
+        leaked = [(c.id, c.status, c.labels) for c in engine.managed_containers()]
+        assert leaked == [], f"containers left after drain: {leaked}"
+        registry = rig.registry()
+        registered = {s.image_id for s in registry}
+        unowned = [i.id for i in engine.snapshot_images() if i.id not in registered]
+        assert unowned == [], f"snapshot images not in the registry: {unowned}"
+        self._check_registry_exists()
+        snaps = rig.settings.snapshots
+        assert len(registry) <= snaps.max_count
+        assert sum(s.size_bytes for s in registry) <= snaps.max_total_bytes
+        self._check_no_secret_shown()
+        states = sorted({j.state.value for j in jobs.values()})
+        event(f"final states: {states}")
+        event(f"snapshot starts: {min(len(engine.snapshot_starts), 3)}+")
+
+    def _check_no_secret_shown(self) -> None:
+        assert CAPTURE is not None
+        shown = CAPTURE.text()
+        configs = json.dumps(
+            [
+                {"env": i.env, "labels": i.labels, "cmd": i.cmd}
+                for i in self.rig.engine.all_images()
+            ],
+            ensure_ascii=False,
+        )
+        for job_id, expect in self.jobs.items():
+            assert expect.secret not in shown, f"job {job_id}'s env value in a log or event"
+            assert expect.secret not in configs, f"job {job_id}'s env value in an image"
+
+
+@pytest.fixture
+def capture() -> Iterator[Capture]:
+    global CAPTURE
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    CAPTURE = Capture()
+    setup_logging(LogSettings(level="DEBUG", format="json"), stream=CAPTURE.stream)
+    setup_sentry(SentrySettings(dsn="https://public@127.0.0.1/1"), transport=CAPTURE.transport)
+    try:
+        yield CAPTURE
+    finally:
+        close_sentry()
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        SECRETS.clear()
+        CAPTURE = None
+
+
+@pytest.mark.slow
+def test_supervisor_survives_any_interleaving(capture: Capture) -> None:
+    run_state_machine_as_test(
+        SupervisorMachine,
+        settings=settings(
+            max_examples=budget().machine_examples,
+            stateful_step_count=budget().machine_steps,
+        ),
+    )
