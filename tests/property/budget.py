@@ -18,7 +18,7 @@ class Budget:
 
 
 BUDGETS = {
-    "ci": Budget(machine_examples=60, machine_steps=30, bad_input_examples=200),
+    "ci": Budget(machine_examples=200, machine_steps=30, bad_input_examples=200),
     "thorough": Budget(machine_examples=2000, machine_steps=40, bad_input_examples=2000),
 }
 
