@@ -179,8 +179,12 @@ class SnapshotManager(pykka.ThreadingActor):
             case Lookup(key=key):
                 return self._lookup(key)
             case Register(snapshot=snapshot):
+                queued = set(self._pending)
                 self._register(snapshot)
-                self._sweep()
+                # A light sweep: the policy in memory, deleting only what this
+                # Register evicted. The engine listing (1 + N calls on Docker)
+                # is left to the timer's sweep, so Lookups never queue behind it.
+                self._sweep(full=False, queued_before=queued)
                 return None
             case Invalidate(key=key, image_id=image_id, reason=reason):
                 self._invalidate(key, image_id, reason)
@@ -299,11 +303,18 @@ class SnapshotManager(pykka.ThreadingActor):
 
     # --- sweeping ----------------------------------------------------------
 
-    def _sweep(self) -> None:
-        """Drop what is gone, then evict by TTL, count (LRU) and size; delete images."""
-        if self._needs_rebuild:
-            self._rebuild()
-        self._drop_gone()
+    def _sweep(self, full: bool = True, queued_before: set[str] | None = None) -> None:
+        """Drop what is gone, then evict by TTL, count (LRU) and size; delete images.
+
+        ``full=False`` skips the engine listing and retries only deletions queued
+        since ``queued_before`` (the rest wait for the next full sweep).
+        """
+        if full:
+            if self._needs_rebuild:
+                self._rebuild()
+            self._drop_gone()
+        else:
+            queued_before = queued_before or set()
         for entry in list(self._registry.values()):
             reason = self._unusable(entry)
             if reason is not None:
@@ -316,7 +327,7 @@ class SnapshotManager(pykka.ThreadingActor):
             victim = by_lru.pop(0)
             total -= victim.size_bytes
             self._evict(victim, "over snapshots.max_total_bytes")
-        self._delete_pending()
+        self._delete_pending(skip=None if full else queued_before)
         METRICS.set("snapyard_snapshots", float(len(self._registry)))
         METRICS.set("snapyard_snapshot_bytes", float(sum(s.size_bytes for s in by_lru)))
         METRICS.set("snapyard_snapshot_pending_deletions", float(len(self._pending)))
@@ -376,9 +387,11 @@ class SnapshotManager(pykka.ThreadingActor):
         if _norm(image_id) not in self._tombstones:
             self._pending[_norm(image_id)] = reason
 
-    def _delete_pending(self) -> None:
+    def _delete_pending(self, skip: set[str] | None = None) -> None:
         """Try every queued deletion; what the engine refuses stays for the next sweep."""
         for image_id, reason in list(self._pending.items()):
+            if skip is not None and image_id in skip:
+                continue
             try:
                 self._engine.remove_image(image_id)
             except ImageMissing:

@@ -363,3 +363,22 @@ def test_past_the_restart_budget_the_manager_stops_and_says_why(
     assert len(fatal) == 1
     assert "failed 3 times within 60s (restart_max = 2)" in fatal[0]
     assert "injected bug in _sweep" in fatal[0]
+
+
+def test_register_evicts_in_memory_without_listing_images_so_lookups_never_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = make_rig(test_settings(snapshots={"max_count": 1})).start(spawner=False)
+    old = rig.add_snapshot(KEY)
+    rig.register(old)
+    rig.clock.advance(1)
+    other = rig.add_snapshot(OTHER)
+    listings = len(rig.engine.calls_of("list_images"))
+    inspections = len(rig.engine.calls_of("inspect_image"))
+    rig.register(other)
+    # No engine listing in the manager's loop (that is the timer's sweep)...
+    assert len(rig.engine.calls_of("list_images")) == listings
+    assert len(rig.engine.calls_of("inspect_image")) == inspections
+    # ...yet over max_count the older entry is evicted and its image deleted at once.
+    assert [s.key for s in rig.snapshots()] == [OTHER]
+    assert old.image_id not in rig.image_ids()
