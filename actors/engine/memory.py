@@ -325,6 +325,23 @@ class MemoryEngine:
 
     # Test helpers: seeding images and driving containers
 
+    def add_worker_image(
+        self, tag: str = "snapyard-worker:latest", labels: Mapping[str, str] | None = None
+    ) -> str:
+        """Seed an image shaped like config/worker's: its entrypoint, cmd, env and workdir.
+
+        Tests, benchmarks and users of this engine then create containers
+        whose committed snapshots carry the same config as on Docker.
+        """
+        return self.add_image(
+            tag,
+            labels=dict(labels or {"snapyard.role": "base"}),
+            env=("PATH=/usr/local/bin:/bin",),
+            cmd=("sh", "-c", "echo job done"),
+            entrypoint=("/usr/local/bin/snapyard-worker",),
+            working_dir="/workspace",
+        )
+
     def add_image(
         self,
         tag: str,

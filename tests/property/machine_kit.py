@@ -21,6 +21,7 @@ from typing import Any
 
 import pykka
 from pykka.messages import ProxyGetAttr
+from waiting import eventually
 
 from actors.clock import FakeClock
 from actors.engine.base import (
@@ -342,14 +343,7 @@ def _container_key(container: MemoryContainer) -> tuple[str | None, str | None]:
 
 
 def add_base(engine: MemoryEngine, tag: str = BASE_TAG) -> str:
-    return engine.add_image(
-        tag,
-        labels={LABEL_ROLE: "base"},
-        env=("PATH=/usr/local/bin:/bin",),
-        cmd=("sh", "-c", "echo job done"),
-        entrypoint=("/usr/local/bin/snapyard-worker",),
-        working_dir="/workspace",
-    )
+    return engine.add_worker_image(tag)
 
 
 class Rig:
@@ -499,19 +493,3 @@ class Rig:
             previous = current
             if time.monotonic() > deadline:
                 raise AssertionError(f"the actors did not settle in {SETTLE_S}s: {current!r}")
-
-
-def eventually(
-    query: Callable[[], Any], predicate: Callable[[Any], bool], what: str, timeout_s: float = 10.0
-) -> Any:
-    """Poll ``query`` until ``predicate`` holds; AssertionError after ``timeout_s`` real seconds."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = query()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout_s}s waiting for {what}; last: {value!r}"
-            )
-        time.sleep(0.001)  # a polling interval, bounded by the deadline above

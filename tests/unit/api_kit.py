@@ -47,14 +47,7 @@ def worker_policy(engine: MemoryEngine) -> Callable[[MemoryContainer], int | Non
 def memory_engine() -> MemoryEngine:
     engine = MemoryEngine()
     engine.exit_policy = worker_policy(engine)
-    engine.add_image(
-        BASE_TAG,
-        labels={"snapyard.role": "base"},
-        env=("PATH=/usr/local/bin:/bin",),
-        cmd=("sh", "-c", "echo job done"),
-        entrypoint=("/usr/local/bin/snapyard-worker",),
-        working_dir="/workspace",
-    )
+    engine.add_worker_image(BASE_TAG)
     return engine
 
 

@@ -34,7 +34,6 @@ from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
 
 BASE_TAG = "snapyard-worker:test"
-BASE_ENV = ("PATH=/usr/local/bin:/bin",)
 REPLY_TIMEOUT_S = 10.0
 
 
@@ -201,12 +200,5 @@ def make_rig(
     engine = MemoryEngine(
         clock=clock, exit_policy=(lambda _c: exit_code) if exit_code is not None else None
     )
-    base_id = engine.add_image(
-        BASE_TAG,
-        labels=dict(base_labels or {"snapyard.role": "base"}),
-        env=BASE_ENV,
-        cmd=("sh", "-c", "echo job done"),
-        entrypoint=("/usr/local/bin/snapyard-worker",),
-        working_dir="/workspace",
-    )
+    base_id = engine.add_worker_image(BASE_TAG, labels=base_labels)
     return Rig(engine=engine, clock=clock, settings=settings or test_settings(), base_id=base_id)

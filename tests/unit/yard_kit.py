@@ -8,12 +8,11 @@ bounded real-time timeout and fails loudly with the last value it saw.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pykka
+from waiting import EVENTUALLY_S, eventually
 
 from actors.clock import FakeClock
 from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
@@ -27,31 +26,9 @@ from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.watcher import Watcher
 
-T = TypeVar("T")
-
 BASE_TAG = "snapyard-worker:test"
 MANAGED = {LABEL_MANAGED: "true"}
 ASK_S = 10.0
-EVENTUALLY_S = 10.0
-
-
-def eventually(
-    query: Callable[[], T],
-    predicate: Callable[[T], bool],
-    what: str,
-    timeout_s: float = EVENTUALLY_S,
-) -> T:
-    """Poll ``query`` until ``predicate`` holds; AssertionError after ``timeout_s`` real seconds."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = query()
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout_s}s waiting for {what}; last: {value!r}"
-            )
-        time.sleep(0.002)  # a polling interval, bounded by the deadline above
 
 
 def yard_settings(**supervisor: Any) -> Settings:
@@ -71,14 +48,7 @@ def yard_settings(**supervisor: Any) -> Settings:
 
 def new_engine(clock: FakeClock) -> MemoryEngine:
     engine = MemoryEngine(clock=clock)
-    engine.add_image(
-        BASE_TAG,
-        labels={"snapyard.role": "base"},
-        env=("PATH=/usr/local/bin:/bin",),
-        cmd=("sh", "-c", "echo job done"),
-        entrypoint=("/usr/local/bin/snapyard-worker",),
-        working_dir="/workspace",
-    )
+    engine.add_worker_image(BASE_TAG)
     return engine
 
 
