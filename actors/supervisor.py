@@ -39,6 +39,7 @@ from actors.messages import (
     GetStatus,
     ListContainers,
     ListJobs,
+    ListSnapshots,
     Reconcile,
     RemoveContainer,
     Spawn,
@@ -52,7 +53,7 @@ from actors.messages import (
     Terminated,
     Tick,
 )
-from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
+from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.reaper import MANAGED_LABEL, MANAGED_LABELS, Reaper
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
@@ -75,6 +76,8 @@ JOB_LABELS = (LABEL_JOB_ID,)
 # A job that crashed its Spawner this many times is failed, not retried: a
 # poison job must not burn the restart intensity of the whole supervisor.
 MAX_CRASHES_PER_JOB = 2
+# The registry is in memory: a slower answer means the SnapshotManager is wedged.
+SNAPSHOTS_ASK_S = 10.0
 # How long an exit of a not-yet-known container is kept: the Watcher can see
 # an exit before the Spawner's Started reaches us.
 EARLY_EXIT_TTL_S = 600.0
@@ -689,14 +692,43 @@ class Supervisor(pykka.ThreadingActor):
             else:
                 container = by_id.get(job.container_id or "")
                 if container is None:
-                    self._finish_job(
-                        job,
-                        JobState.FAILED,
-                        error="its container disappeared while Snapyard was down; "
-                        "the exit code is unknown",
-                    )
+                    self._finish_vanished(job)
                     continue
             self._adopt(job, container, now)
+
+    def _finish_vanished(self, job: Job) -> None:
+        """A running job's container is gone after a restart: succeeded if it committed.
+
+        A Spawner removes the container right after committing a clean exit;
+        if the process died before the outcome was stored, the snapshot tells
+        it. Jobs of one key never overlap, so a snapshot of this key made
+        after this job started can only be this job's commit.
+        """
+        since = job.started_at or job.created_at
+        committed = [s for s in self._registered_snapshots() if s.key == job.key]
+        if any(s.created_at >= since for s in committed):
+            self._finish_job(
+                job,
+                JobState.SUCCEEDED,
+                exit_code=0,
+                snapshot_committed=True,
+                error=None,
+            )
+            self._log(job).info("recovered: it exited 0 and committed before the restart")
+            return
+        self._finish_job(
+            job,
+            JobState.FAILED,
+            error="its container disappeared while Snapyard was down; the exit code is unknown",
+        )
+
+    def _registered_snapshots(self) -> list[Snapshot]:
+        # Safe to ask: the SnapshotManager never asks anyone, so it cannot wait on us.
+        try:
+            found = self._snapshots.ask(ListSnapshots(), timeout=SNAPSHOTS_ASK_S)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return []
+        return list(found) if isinstance(found, list) else []
 
     def _adopt(self, job: Job, container: ContainerState, now: float) -> None:
         self._recover_notes.pop(job.id, None)

@@ -6,6 +6,7 @@ MemoryEngine with a FakeClock. Containers run until the test ends them.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,15 @@ from typing import Any
 
 import pykka
 import pytest
+from spawn_kit import Collector
 from yard_kit import MANAGED, Yard, eventually, yard_settings
 
 from actors.engine.base import ContainerMissing
 from actors.messages import (
     Cancel,
     ContainerExited,
+    Finish,
+    Finished,
     GetStatus,
     ListJobs,
     ListSnapshots,
@@ -29,6 +33,7 @@ from actors.messages import (
 )
 from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
 from actors.settings import AgentTypeSettings, ProjectSettings
+from actors.snapshot_manager import SnapshotManager
 from actors.spawner import LABEL_JOB_ID, Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
@@ -436,6 +441,38 @@ def test_restart_starting_with_a_running_container_adopts_it(tmp_path: Path) -> 
     yard.start()
     assert yard.running_job(job.id).container_id == cid
     assert yard.created_for() == [job.id]  # only the one made above: not started twice
+
+
+def test_restart_after_a_commit_whose_outcome_was_not_recorded_is_succeeded(
+    tmp_path: Path,
+) -> None:
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(work_item="item").id)
+    container_id = job.container_id or ""
+    # The process dies right after its Spawner committed the clean exit and
+    # removed the container, before the Supervisor stored the outcome.
+    yard.stop()
+    yard.engine.exit_container(container_id, 0)
+    inbox: queue.Queue[Any] = queue.Queue()
+    manager = SnapshotManager.start(yard.engine, yard.settings, yard.clock)
+    spawner = Spawner.start(yard.engine, manager, yard.settings, yard.clock, "spawner-x")
+    collector = Collector.start(inbox)
+    spawner.tell(Finish(job.id, job.spec, container_id, 0, True, collector))
+    finished = inbox.get(timeout=10)
+    assert isinstance(finished, Finished)
+    assert finished.snapshot_image_id is not None
+    for ref in (spawner, manager, collector):
+        ref.stop()
+    assert not yard.exists(container_id)
+
+    yard2 = Yard(
+        tmp_path, yard.settings, clock=yard.clock, engine=yard.engine, store=yard.store
+    ).start()
+    done = yard2.wait_state(job.id, JobState.SUCCEEDED, JobState.FAILED)
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert done.snapshot_committed
+    assert done.exit_code == 0
+    assert yard2.created_for() == [job.id]  # recorded, not run again
 
 
 def test_restart_running_job_whose_container_vanished_fails_clearly(tmp_path: Path) -> None:
