@@ -57,6 +57,7 @@ from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotK
 from actors.reaper import MANAGED_LABEL, MANAGED_LABELS, Reaper
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
+from actors.snapshot_manager import LABEL_PROJECT, LABEL_WORK_ITEM
 from actors.spawner import LABEL_JOB_ID
 from actors.store import JobStore, new_job_id
 from actors.telemetry import METRICS, SECRETS, capture_error, job_log
@@ -182,6 +183,10 @@ class Supervisor(pykka.ThreadingActor):
         self._crashes: dict[str, int] = collections.Counter()
         # Why a job is being recovered mid-run (a Spawner crash), for its history.
         self._recover_notes: dict[str, str] = {}
+        # Running containers labelled ours that no job in flight owns, e.g. a
+        # cancel whose stop never reached a down engine, then a restart. Until
+        # they are gone they hold their key and a worker place.
+        self._leftovers: dict[str, SnapshotKey] = {}
         self._restarts = RestartIntensity(self._sup.restart_max, self._sup.restart_window_s)
         self._early_exits: dict[str, tuple[ContainerExited, float]] = {}
         self._list_seq = 0
@@ -209,6 +214,8 @@ class Supervisor(pykka.ThreadingActor):
             log.warning("engine unreachable at start-up (%s); recovery waits for it", exc)
             containers = None
         self._recover(self._store.unfinished(), containers)
+        if containers is not None:
+            self._note_leftovers(containers)
         self._publish_metrics()
         self._dispatch()
 
@@ -345,11 +352,12 @@ class Supervisor(pykka.ThreadingActor):
             return
         now = self._clock.now()
         busy_keys = {slot.spec.key for slot in self._slots.values()}
+        busy_keys.update(self._leftovers.values())
         projects = collections.Counter(slot.spec.project for slot in self._slots.values())
         agents = collections.Counter(slot.spec.agent_type for slot in self._slots.values())
         waiting_keys: set[SnapshotKey] = set()
         for job_id in list(self._queue):
-            if len(self._slots) >= self._sup.max_workers:
+            if len(self._slots) + len(self._leftovers) >= self._sup.max_workers:
                 break
             job = self._jobs[job_id]
             spec = job.spec
@@ -465,6 +473,9 @@ class Supervisor(pykka.ThreadingActor):
 
     def _on_exited(self, msg: ContainerExited) -> None:
         job_id = self._by_container.get(msg.container_id)
+        if job_id is None and self._leftovers.pop(msg.container_id, None) is not None:
+            self._dispatch()  # its key and its worker place are free again
+            return
         if job_id is None:
             # Maybe its Started is still on the way; else an orphan (the sweep's).
             if len(self._early_exits) < EARLY_EXIT_MAX:
@@ -626,6 +637,7 @@ class Supervisor(pykka.ThreadingActor):
                 self._on_exited(_exit_of(container))
         if msg.reason == "sweep":
             self._sweep_orphans(msg.containers)
+        self._note_leftovers(msg.containers)
         self._dispatch()
         self._publish_metrics()
 
@@ -636,6 +648,41 @@ class Supervisor(pykka.ThreadingActor):
             slot.kill_state, slot.kill_note = JobState.FAILED, note
         self._log(job).warning("job's container vanished")
         self._complete(slot, job, None, "", None, note)
+
+    def _note_leftovers(self, containers: Iterable[ContainerState]) -> None:
+        """Count running containers no job in flight owns; stop those of finished jobs.
+
+        Without this a restarted supervisor would start the next job of a key
+        beside a container still running for it. One whose job is already
+        terminal is stopped now; one of an unknown job is left to the orphan
+        sweep (after its grace) but still holds its key until then.
+        """
+        leftovers: dict[str, SnapshotKey] = {}
+        for container in containers:
+            if not container.running or container.id in self._by_container:
+                continue
+            if container.labels.get(MANAGED_LABEL) != "true":
+                continue
+            job_id = _job_label(container)
+            if job_id is not None and job_id in self._slots:
+                continue  # starting: its Started is on the way
+            project = container.labels.get(LABEL_PROJECT)
+            work_item = container.labels.get(LABEL_WORK_ITEM)
+            if project is None or work_item is None:
+                continue
+            leftovers[container.id] = SnapshotKey(project, work_item)
+            stored = self._store.get(job_id) if job_id is not None else None
+            if stored is not None and stored.state.terminal and self._reaper is not None:
+                log.warning(
+                    "container %s of %s job %s is still running; stopping it",
+                    container.id,
+                    stored.state.value,
+                    job_id,
+                )
+                self._reaper.tell(
+                    RemoveContainer(container.id, self._sup.stop_grace_s, "job already finished")
+                )
+        self._leftovers = leftovers
 
     def _sweep_orphans(self, containers: Iterable[ContainerState]) -> None:
         now = self._clock.now()

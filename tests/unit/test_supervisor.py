@@ -475,6 +475,44 @@ def test_restart_after_a_commit_whose_outcome_was_not_recorded_is_succeeded(
     assert yard2.created_for() == [job.id]  # recorded, not run again
 
 
+def test_cancel_while_the_engine_is_down_then_restart_never_runs_two_jobs_of_one_key(
+    tmp_path: Path,
+) -> None:
+    """Found by the property machine: the cancelled job's stop never reached the
+    engine, the restarted supervisor did not know its container still ran, and
+    started the next job of the same work item beside it."""
+    yard = Yard(tmp_path).start()
+    first = yard.running_job(yard.submit(work_item="w").id)
+    first_container = first.container_id or ""
+    yard.engine.set_unavailable(True)
+    cancelled: Job = yard.sup.ask(Cancel(first.id), timeout=10)
+    assert cancelled.state is JobState.CANCELLED
+    second = yard.submit(work_item="w")
+    yard2 = restart(yard, tmp_path)
+
+    first_running_at_create: list[bool] = []
+
+    def note_first() -> None:
+        try:
+            status = yard2.engine.container(first_container).status
+        except ContainerMissing:
+            status = "removed"
+        first_running_at_create.append(status == "running")
+
+    yard2.engine.before("create_container", note_first, once=False)
+    yard2.engine.set_unavailable(False)
+    yard2.engine_back.set()
+    yard2.reconcile_rounds()
+    for _ in range(20):
+        yard2.tick(30)
+        if yard2.job(second.id).state is JobState.RUNNING:
+            break
+    yard2.running_job(second.id)
+    assert first_running_at_create == [False]
+    assert not yard2.exists(first_container)
+    assert yard2.job(first.id).state is JobState.CANCELLED
+
+
 def test_restart_running_job_whose_container_vanished_fails_clearly(tmp_path: Path) -> None:
     yard = Yard(tmp_path)
     job = Job(
