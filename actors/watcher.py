@@ -144,7 +144,9 @@ class Watcher:
         else:
             log.exception("event stream failed; reconnecting")
             capture_error(exc, source="watcher")
-        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+        # The exponent is capped: an outage of hours means thousands of
+        # failures, and 2 ** 1024 would overflow a float and kill this thread.
+        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(failures - 1, 32))
         self._sleep(delay)
 
     def _on_event(self, event: EngineEvent) -> None:

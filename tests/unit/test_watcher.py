@@ -175,3 +175,16 @@ def test_supervisor_sees_an_exit_missed_during_a_break(tmp_path: Path) -> None:
     yard.engine_back.set()
     done = yard.wait_state(job.id, JobState.SUCCEEDED)
     assert done.snapshot_committed
+
+
+def test_an_outage_of_thousands_of_failures_does_not_kill_the_watcher(rig: Rig) -> None:
+    """Found by a warning in the suite: 2 ** (failures - 1) overflowed a float
+    after ~1,000 failed reconnects (hours of daemon outage) and the thread died."""
+    rig.engine.set_unavailable(True)
+    rig.watcher.start()
+    eventually(lambda: len(rig.sleeps), lambda n: n >= 1100, "1,100 failed reconnects")
+    assert rig.watcher.alive
+    assert max(rig.sleeps) == 30.0  # the cap, not an overflow
+    rig.engine.set_unavailable(False)
+    eventually(rig.watcher.connected.is_set, bool, "the watcher connected again")
+    assert rig.next_for_supervisor() == Reconcile()
