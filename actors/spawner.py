@@ -15,6 +15,7 @@ under the same retry budget, limits and labels, so the job simply runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -455,7 +456,11 @@ class Spawner(pykka.ThreadingActor):
         repository, tag = snapshot_image_name(
             self._settings.snapshots.repository, spec.project, spec.work_item
         )
-        image_id = self._engine.commit_container(msg.container_id, repository, tag, config)
+        try:
+            image_id = self._engine.commit_container(msg.container_id, repository, tag, config)
+        except EngineError:
+            self._discard_failed_commit(config.labels)
+            raise
         info = self._patiently(self._engine.inspect_image, image_id)
         self._tell(
             self._snapshots,
@@ -473,6 +478,29 @@ class Spawner(pykka.ThreadingActor):
             ),
         )
         return info.id
+
+    def _discard_failed_commit(self, labels: Mapping[str, str]) -> None:
+        """Delete the image a failed commit may have left behind.
+
+        Docker 20.10 creates the image before it links its parent; when the
+        parent was just deleted it answers 500 "unknown parent image ID" and
+        the new image stays, its ID unknown to us. Its labels (our repository
+        and this commit's own created-at) find it.
+        """
+        wanted = {k: labels[k] for k in (LABEL_ROLE, LABEL_REPOSITORY, LABEL_CREATED_AT)}
+        try:
+            leftovers = self._engine.list_images(wanted)
+        except EngineError as exc:
+            log.warning("could not look for a failed commit's image (the sweep will): %s", exc)
+            return
+        for info in leftovers:
+            if info.labels.get(LABEL_PROJECT) != labels[LABEL_PROJECT]:
+                continue
+            if info.labels.get(LABEL_WORK_ITEM) != labels[LABEL_WORK_ITEM]:
+                continue
+            log.info("deleting image %s left by a failed commit", info.id)
+            with contextlib.suppress(EngineError):
+                self._engine.remove_image(info.id, force=True)
 
     # --- Terminate ---------------------------------------------------------
 

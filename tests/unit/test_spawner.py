@@ -15,7 +15,7 @@ import pytest
 from spawn_kit import BASE_TAG, Rig, make_rig, test_settings
 
 from actors import spawner as spawner_module
-from actors.engine.base import ContainerSpec, EngineError, ImageMissing
+from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, ImageMissing
 from actors.messages import (
     ActorCrashed,
     Finished,
@@ -332,6 +332,27 @@ def test_failed_commit_is_reported_and_the_container_still_removed(rig: Rig) -> 
     assert finished.snapshot_image_id is None
     assert finished.error is not None
     assert "disk full" in finished.error
+    assert rig.engine.list_containers({}) == []
+
+
+def test_a_commit_that_fails_after_docker_created_the_image_leaves_no_image(rig: Rig) -> None:
+    """Found by the real-engine property test: Docker 20.10 creates the image,
+    then fails to link its just-deleted parent (500 "unknown parent image ID"),
+    and the labelled image stayed behind with its ID unknown."""
+    started = rig.spawn("job-1", SPEC)
+    assert isinstance(started, Started)
+    real_commit = rig.engine.commit_container
+
+    def commit_then_fail(*args: Any) -> str:
+        real_commit(*args)
+        raise EngineUnavailable("unknown parent image ID sha256:" + "a" * 64)
+
+    rig.engine.commit_container = commit_then_fail  # type: ignore[method-assign]
+    finished = rig.finish("job-1", SPEC, started.container_id, 0)
+    assert finished.snapshot_image_id is None
+    assert finished.error is not None
+    assert "unknown parent image ID" in finished.error
+    assert rig.engine.list_images({"snapyard.role": "snapshot"}) == []
     assert rig.engine.list_containers({}) == []
 
 
