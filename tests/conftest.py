@@ -98,3 +98,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_docker = callspec is not None and callspec.params.get("engine") == "docker"
         if on_docker or names & _DOCKER_FIXTURES:
             item.add_marker(pytest.mark.docker)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many tests ran against the real engine: a green run must show they did."""
+    counts = {
+        outcome: sum(1 for r in terminalreporter.stats.get(outcome, []) if "docker" in r.keywords)
+        for outcome in ("passed", "failed", "skipped", "error")
+    }
+    ran = counts["passed"] + counts["failed"] + counts["error"]
+    if ran or counts["skipped"]:
+        terminalreporter.write_line(
+            f"real Docker engine: {ran} tests ran ({counts['passed']} passed, "
+            f"{counts['failed'] + counts['error']} failed, {counts['skipped']} skipped)"
+        )
