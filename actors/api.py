@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # A job spec is a few kilobytes; env values are capped at 32 KiB each by the
 # model, but nobody needs a megabyte. Refusing early keeps a bad client cheap.
 MAX_BODY_BYTES = 1024 * 1024
+MAX_CONNECTIONS = 64
 MAX_LIST_LIMIT = 1000
 
 # The stable JSON shapes, in order. Env is deliberately absent: it is a secret.
@@ -213,6 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     protocol_version = "HTTP/1.1"
+    # A client that opens a connection and sends nothing must not hold a thread forever.
+    timeout = 30
     server_version = "snapyard"
     sys_version = ""
 
@@ -221,6 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # The default writes to stderr; route it to logging, never with bodies.
         log.debug("api: " + format, *args)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        # http.server logs a malformed request line verbatim; it may be a body
+        # (with a job's env) sent after an error. Say what, never the line.
+        log.debug("api: refused a malformed request from %s", self.client_address[0])
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -239,11 +247,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
-        # Split before decoding: a work item may contain an encoded "/".
-        parts = [unquote(p, errors="strict") for p in split.path.strip("/").split("/")]
         self._query = parse_qs(split.query, keep_blank_values=True)
+        self._body_read = False
         route_name = "?"
         try:
+            try:
+                # Split before decoding: a work item may contain an encoded "/".
+                parts = [unquote(p, errors="strict") for p in split.path.strip("/").split("/")]
+            except UnicodeDecodeError:
+                raise _HttpError(HTTPStatus.BAD_REQUEST, "the path is not valid UTF-8") from None
             route_name, routes = self._routes(parts)
             if parts != ["healthz"]:
                 self._authorize()
@@ -282,6 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
                 {"error": f"internal error ({type(exc).__name__}); see the supervisor's log"},
             )
         METRICS.inc("snapyard_api_requests_total", route=route_name, method=method)
+
+    def _declares_body(self) -> bool:
+        length = self.headers.get("Content-Length", "0").strip()
+        return length not in ("", "0") or "Transfer-Encoding" in self.headers
 
     def _routes(self, parts: list[str]) -> tuple[str, dict[str, _Route]]:
         match parts:
@@ -339,6 +355,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         ctype = self.headers.get("Content-Type", "")
         raw = self.rfile.read(length)
+        self._body_read = True
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise _HttpError(
                 HTTPStatus.BAD_REQUEST,
@@ -350,6 +367,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8") from None
         except json.JSONDecodeError as exc:
             raise _HttpError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError):
+            # Numbers past Python's digit limit, nesting past the recursion limit.
+            raise _HttpError(
+                HTTPStatus.BAD_REQUEST, "the body is not JSON this API accepts"
+            ) from None
 
     def _send_json(
         self, status: HTTPStatus, body: Any, headers: Mapping[str, str] | None = None
@@ -370,6 +392,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if not getattr(self, "_body_read", True) and self._declares_body():
+            # An unread body would be parsed as the next request on this
+            # connection (and logged as one): end the connection instead.
+            self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -511,6 +537,21 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self._app = app
         self.token = token
+        # One thread per connection: bounded, or idle sockets could exhaust the process.
+        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._connections.acquire(blocking=False):
+            log.warning("api: %d connections open; refusing one more", MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     @property
     def app(self) -> Facade:

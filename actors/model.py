@@ -6,6 +6,7 @@ can run, so nothing deeper has to re-check IDs, env names or timeouts.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -176,7 +177,7 @@ def validate_spec(
         if len(env) > MAX_ENV_VARS:
             raise InvalidJob("env", f"has {len(env)} variables; at most {MAX_ENV_VARS}")
         for name, value in env.items():
-            if not isinstance(name, str) or not _ENV_NAME.match(name):
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
                 raise InvalidJob(
                     "env", f"{name!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
                 )
@@ -198,11 +199,14 @@ def validate_spec(
     if timeout_s is not None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
             raise InvalidJob("timeout_s", "must be a number of seconds")
-        if not timeout_s > 0 or timeout_s == float("inf"):
+        try:
+            timeout = float(timeout_s)
+        except OverflowError:
+            raise InvalidJob("timeout_s", "is too large; give a number of seconds") from None
+        if not (timeout > 0 and math.isfinite(timeout)):
             raise InvalidJob(
                 "timeout_s", f"must be a positive, finite number of seconds, not {timeout_s}"
             )
-        timeout = float(timeout_s)
     return JobSpec(
         project=_check_id("project", project),
         work_item=_check_id("work_item", work_item),

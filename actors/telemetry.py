@@ -246,7 +246,9 @@ def install_thread_dump_signal() -> bool:
 
 # Keys whose value is an environment as a whole: dropped from events, not
 # scrubbed, since a short or unremembered value would still get through.
-_ENV_KEYS = frozenset({"env", "environ", "environment_variables", "environment variables"})
+# Dropped wherever they appear in an event: env mappings, and stack frames'
+# local variables ("vars"), which may hold a job's env before it is remembered.
+_ENV_KEYS = frozenset({"env", "environ", "environment_variables", "environment variables", "vars"})
 _DEFAULT_TAGS = {"service": "snapyard"}
 
 
@@ -308,6 +310,9 @@ def setup_sentry(settings: SentrySettings, transport: object | None = None) -> b
         "dsn": settings.dsn,
         "environment": settings.environment,
         "release": settings.release or f"snapyard@{__version__}",
+        # Frame locals may hold a job's env before it is remembered as secret
+        # (a request that failed validation): never send them.
+        "include_local_variables": False,
         "before_send": _before_send,
         "before_breadcrumb": _before_breadcrumb,
         # Log records become breadcrumbs only; errors reach Sentry through

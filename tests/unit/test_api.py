@@ -719,3 +719,35 @@ def test_sentry_gets_a_tagged_event_without_the_secret_when_the_base_image_is_go
     assert events[0]["extra"]["job_id"] == job["id"]
     assert transport.raw
     assert all(SECRET.encode() not in raw for raw in transport.raw)
+
+
+def test_bodies_that_break_the_json_parser_are_400_not_500(fake_server: ApiServer) -> None:
+    """Found in review: a 5,000-digit number, or nesting past the recursion
+    limit, raised outside JSONDecodeError: a 500, with the body in a frame local."""
+    for body in (
+        b'{"project": "p", "work_item": "w", "timeout_s": ' + b"1" * 5000 + b"}",
+        b"[" * 200_000,
+    ):
+        status, _, answer = raw(
+            fake_server, "POST", "/jobs", body, {"Content-Type": "application/json"}
+        )
+        assert status == 400, answer
+
+
+def test_a_path_that_is_not_utf8_is_400(fake_server: ApiServer) -> None:
+    status, _, answer = raw(fake_server, "GET", "/healthz/%ff")
+    assert status == 400
+    assert answer["error"] == "the path is not valid UTF-8"
+
+
+def test_a_refused_request_with_a_body_closes_the_connection(fake_server: ApiServer) -> None:
+    """Found in review: the unread body of a 401/404 was parsed as the next request."""
+    status, headers, _ = raw(
+        fake_server,
+        "POST",
+        "/nowhere",
+        b'{"env": {"API_KEY": "hunter2-secret"}}',
+        {"Content-Type": "application/json"},
+    )
+    assert status == 404
+    assert headers.get("connection") == "close"

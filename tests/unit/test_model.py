@@ -175,3 +175,15 @@ def test_validation_answers_every_text_with_a_spec_or_invalid_job(
         assert isinstance(spec, JobSpec)
         assert 0 < len(spec.project) <= MAX_ID_LENGTH
         assert all(unicodedata.category(c) not in _REFUSED_CATEGORIES for c in spec.work_item)
+
+
+def test_env_names_with_a_trailing_newline_are_refused() -> None:
+    with pytest.raises(InvalidJob) as caught:
+        validate_spec("p", "w", env={"FOO\n": "x"})
+    assert caught.value.field == "env"
+
+
+def test_a_timeout_too_large_for_a_float_is_refused_not_a_crash() -> None:
+    with pytest.raises(InvalidJob) as caught:
+        validate_spec("p", "w", timeout_s=10**400)
+    assert caught.value.field == "timeout_s"
