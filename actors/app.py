@@ -121,7 +121,11 @@ class Snapyard:
         settings = self.settings
         engine = self._engine
         if engine is None:
-            engine = DockerEngine(settings.engine.url, settings.engine.timeout_s)
+            engine = DockerEngine(
+                settings.engine.url,
+                settings.engine.timeout_s,
+                secrets_dir=str(settings.data_dir / "secrets"),
+            )
         self._engine = engine
         try:
             engine.ping()

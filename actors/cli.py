@@ -587,7 +587,11 @@ def make_engine(settings: Settings) -> Engine:
     """The engine the settings point at; the docker SDK is imported only when used."""
     from actors.engine.docker import DockerEngine  # noqa: PLC0415 - keeps --help fast
 
-    return DockerEngine(settings.engine.url, timeout_s=settings.engine.timeout_s)
+    return DockerEngine(
+        settings.engine.url,
+        timeout_s=settings.engine.timeout_s,
+        secrets_dir=str(settings.data_dir / "secrets"),
+    )
 
 
 def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:

@@ -352,7 +352,9 @@ class Spawner(pykka.ThreadingActor):
     def _container_spec(self, msg: Spawn, snapshot: Snapshot | None, base_id: str) -> ContainerSpec:
         worker = self._settings.worker
         spec = msg.spec
-        env = dict(spec.env)
+        # The job's env is secret: delivered by file, never in the container's
+        # config, which Docker copies into every snapshot committed from it.
+        env: dict[str, str] = {}
         env[ENV_JOB_ID] = msg.job_id
         env[ENV_SNAPSHOT_REUSE] = "1" if snapshot is not None else "0"
         env[ENV_SETUP_SECONDS] = f"{worker.setup_seconds:g}"
@@ -374,6 +376,7 @@ class Spawner(pykka.ThreadingActor):
             image=snapshot.image_id if snapshot is not None else worker.image,
             command=spec.command or worker.command,
             env=env,
+            secret_env=dict(spec.env),
             labels=labels,
             memory_bytes=worker.memory_mb * 1024 * 1024,
             pids_limit=worker.pids_limit,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "SECRET_ENV_PATH",
     "Conflict",
     "ContainerMissing",
     "ContainerSpec",
@@ -30,6 +31,9 @@ __all__ = [
     "ImageMissing",
     "Logs",
 ]
+
+# Where a worker finds its secret env: one NAME=<base64 of the UTF-8 value> a line.
+SECRET_ENV_PATH = "/run/snapyard/env"  # noqa: S105 - a path, not a password
 
 
 class EngineError(Exception):
@@ -89,6 +93,11 @@ class ContainerSpec:
     image: str
     command: Sequence[str] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # Env the worker sees but the container's config never holds: Docker writes
+    # a container's config, env included, into every image committed from it
+    # (ContainerConfig). Delivered as a read-only file at SECRET_ENV_PATH that
+    # the worker's entrypoint exports; see config/worker/entrypoint.sh.
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)
     memory_bytes: int | None = None
     pids_limit: int | None = None
@@ -144,6 +153,8 @@ class ImageInfo:
     env: tuple[str, ...] = ()
     cmd: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
+    # For a committed image: the env of the container it was committed from.
+    container_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

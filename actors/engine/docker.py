@@ -12,13 +12,18 @@ Nothing here pulls: containers are created with the low-level API (never
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import math
+import os
 import re
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import docker
@@ -26,6 +31,7 @@ import docker.errors
 import requests
 
 from actors.engine.base import (
+    SECRET_ENV_PATH,
     Conflict,
     ContainerMissing,
     ContainerSpec,
@@ -81,9 +87,11 @@ def _label_filter(labels: Mapping[str, str]) -> dict[str, list[str]]:
 class DockerEngine:
     """The real engine. Thread-safe: docker-py's client keeps a pool of connections."""
 
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 60.0, secrets_dir: str | None = None) -> None:
+        """``secrets_dir``: a host directory (the daemon's host) for secret env files."""
         self.url = url
         self.timeout_s = timeout_s
+        self.secrets_dir = Path(secrets_dir or Path(tempfile.gettempdir()) / "snapyard-secrets")
         self._client_lock = threading.Lock()
         self._client: Any = None
 
@@ -175,8 +183,38 @@ class DockerEngine:
     # Containers
 
     def create_container(self, spec: ContainerSpec) -> str:
+        secrets = self._write_secrets(spec.secret_env) if spec.secret_env else None
+        try:
+            return self._create(spec, secrets)
+        except BaseException:
+            if secrets is not None:
+                secrets.unlink(missing_ok=True)
+            raise
+
+    def _write_secrets(self, secret_env: Mapping[str, str]) -> Path:
+        """One private file per container, bind-mounted read-only: never in its config."""
+        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.secrets_dir / f"{uuid.uuid4().hex}.env"
+        lines = "".join(
+            f"{name}={base64.b64encode(value.encode()).decode()}\n"
+            for name, value in secret_env.items()
+        )
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(lines)
+        return path
+
+    def _forget_secrets(self, mounts: list[Mapping[str, Any]]) -> None:
+        for mount in mounts:
+            source = Path(str(mount.get("Source", "")))
+            if source.parent == self.secrets_dir and source.suffix == ".env":
+                source.unlink(missing_ok=True)
+
+    def _create(self, spec: ContainerSpec, secrets: Path | None) -> str:
+        binds = {str(secrets): {"bind": SECRET_ENV_PATH, "mode": "ro"}} if secrets else None
         with self._call(image=spec.image) as api:
             host_config = api.create_host_config(
+                binds=binds,
                 mem_limit=spec.memory_bytes,
                 memswap_limit=spec.memory_bytes,
                 pids_limit=spec.pids_limit,
@@ -238,7 +276,9 @@ class DockerEngine:
 
     def remove_container(self, container_id: str, force: bool = False) -> None:
         with self._call(container=container_id) as api:
+            mounts = api.inspect_container(container_id).get("Mounts") or []
             api.remove_container(container_id, force=force)
+        self._forget_secrets(mounts)
 
     def container_logs(self, container_id: str, tail: int = 200) -> Logs:
         # Docker tails the combined log before filtering by stream, so two
@@ -422,6 +462,7 @@ def _image_info(raw: Mapping[str, Any]) -> ImageInfo:
         layers=len((raw.get("RootFS") or {}).get("Layers") or ()),
         created_at=_parse_time(raw.get("Created")) or 0.0,
         env=tuple(config.get("Env") or ()),
+        container_env=tuple((raw.get("ContainerConfig") or {}).get("Env") or ()),
         cmd=None if cmd is None else tuple(cmd),
         entrypoint=None if entrypoint is None else tuple(entrypoint),
     )

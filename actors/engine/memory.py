@@ -117,6 +117,7 @@ class MemoryImage:
     working_dir: str = ""
     files: dict[str, str] = field(default_factory=dict)
     parent: str | None = None
+    container_env: tuple[str, ...] = ()
 
     def info(self) -> ImageInfo:
         return ImageInfo(
@@ -129,6 +130,7 @@ class MemoryImage:
             env=self.env,
             cmd=self.cmd,
             entrypoint=self.entrypoint,
+            container_env=self.container_env,
         )
 
 
@@ -140,6 +142,7 @@ class MemoryContainer:
     spec: ContainerSpec
     image_id: str
     labels: dict[str, str]
+    # The container's config env (what a commit records); secrets are apart.
     env: dict[str, str]
     cmd: tuple[str, ...] | None
     entrypoint: tuple[str, ...] | None
@@ -158,6 +161,7 @@ class MemoryContainer:
     ignores_sigterm: bool = False
     removed: bool = False
     log: list[tuple[str, str]] = field(default_factory=list)
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str | None:
@@ -165,6 +169,11 @@ class MemoryContainer:
 
     def env_list(self) -> list[str]:
         return [f"{key}={value}" for key, value in self.env.items()]
+
+    @property
+    def process_env(self) -> dict[str, str]:
+        """What the worker process sees: the config env plus the secret file's."""
+        return {**self.env, **self.secret_env}
 
     def state(self) -> ContainerState:
         return ContainerState(
@@ -452,6 +461,7 @@ class MemoryEngine:
                 base_layers=image.layers,
                 base_size=image.size_bytes,
                 base_files=dict(image.files),
+                secret_env=dict(spec.secret_env),
             )
             self._containers[record.id] = record
             return record.id
@@ -602,6 +612,8 @@ class MemoryEngine:
                 working_dir=config.working_dir or record.working_dir,
                 files=dict(record.files),
                 parent=record.image_id,
+                # Docker records the committed container's own config too.
+                container_env=tuple(record.env_list()),
             )
             self._images[image.id] = image
             self._set_tag(image, normalize_tag(f"{repository}:{tag}"))

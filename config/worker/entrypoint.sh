@@ -6,6 +6,17 @@
 set -eu
 
 marker=/workspace/.snapyard-setup-done
+
+# The job's env arrives as a read-only file, never in the container's config:
+# Docker copies that config into every image committed from the container.
+# One NAME=<base64 of the value> a line.
+secrets=/run/snapyard/env
+if [ -f "$secrets" ]; then
+    while IFS='=' read -r name value; do
+        [ -n "$name" ] || continue
+        export "$name=$(printf '%s' "$value" | base64 -d)"
+    done < "$secrets"
+fi
 on_term() {
     echo "worker: SIGTERM received, exiting" >&2
     [ -n "${child:-}" ] && kill "$child" 2>/dev/null

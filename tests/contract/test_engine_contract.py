@@ -29,6 +29,7 @@ from actors.engine.base import (
     ImageConfig,
     ImageMissing,
 )
+from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryContainer, MemoryEngine
 from actors.worker_image import ensure_base_image
 
@@ -43,6 +44,8 @@ SLEEP = ("sh", "-c", "sleep 30")
 STUBBORN = ("sh", "-c", "trap '' TERM; sleep 30")
 WRITE = ("sh", "-c", f"echo data > {JOB_FILE}")
 READ = ("sh", "-c", f"cat {JOB_FILE}")
+SHOW_TOKEN = ("sh", "-c", 'echo "token=[$API_TOKEN]"')
+TOKEN = "s3cret value with spaces=and équals"
 
 
 def play(container: MemoryContainer) -> int | None:
@@ -68,6 +71,10 @@ def play(container: MemoryContainer) -> int | None:
         return 0
     if command == READ:
         engine.append_logs(container.id, stdout=container.files.get(JOB_FILE, ""))
+        return 0
+    if command == SHOW_TOKEN:
+        token = container.process_env.get("API_TOKEN", "")
+        engine.append_logs(container.id, stdout=f"token=[{token}]\n")
         return 0
     if command == STUBBORN:
         engine.ignore_sigterm(container.id)
@@ -312,6 +319,37 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     assert info.tags == (f"{rig.repo}:merge",)
     assert info.layers == base.layers + 1
     assert info.size_bytes >= base.size_bytes
+
+
+def test_secret_env_reaches_the_worker_but_no_committed_config(rig: Rig) -> None:
+    """Docker records a container's config (env included) in every image committed
+    from it, as ContainerConfig: a job's secrets must travel outside that config."""
+    spec = ContainerSpec(
+        image=rig.base,
+        command=SHOW_TOKEN,
+        env={"SNAPYARD_SETUP_SECONDS": "0"},
+        secret_env={"API_TOKEN": TOKEN},
+        labels=rig.labels,
+    )
+    secret_files = _secret_files(rig.engine)
+    container_id = rig.engine.create_container(spec)
+    if isinstance(rig.engine, MemoryEngine):
+        PLAYING[container_id] = rig.engine
+    rig.engine.start_container(container_id)
+    assert rig.engine.wait_container(container_id, timeout_s=30) == 0
+    assert f"token=[{TOKEN}]" in rig.engine.container_logs(container_id).stdout
+    image_id = rig.engine.commit_container(container_id, rig.repo, "secret", ImageConfig())
+    info = rig.engine.inspect_image(image_id)
+    assert not [e for e in (*info.env, *info.container_env) if TOKEN in e]
+    assert "SNAPYARD_SETUP_SECONDS=0" in info.container_env  # the non-secret config is there
+    rig.engine.remove_container(container_id)
+    assert _secret_files(rig.engine) == secret_files  # the host file goes with the container
+
+
+def _secret_files(engine: Engine) -> set[str]:
+    if isinstance(engine, DockerEngine) and engine.secrets_dir.exists():
+        return {p.name for p in engine.secrets_dir.iterdir()}
+    return set()
 
 
 def test_commit_keeps_the_filesystem_for_the_next_container(rig: Rig) -> None:

@@ -140,6 +140,7 @@ def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
     assert len(registered) <= 1
     for image in listed:
         assert not any(SECRET in entry for entry in image.env), image.id
+        assert not any(SECRET in entry for entry in image.container_env), image.id
 
 
 @settings(

@@ -219,6 +219,9 @@ def test_committed_snapshot_config_holds_no_job_env_value(
     assert image_id is not None
     info = docker_engine.inspect_image(image_id)
     assert not [entry for entry in info.env if SECRET in entry]
+    # Docker 20.10 also records the committed container's config (ContainerConfig):
+    # the secret must not be there either, nor anywhere in `docker image inspect`.
+    assert not [entry for entry in info.container_env if SECRET in entry]
     assert "API_TOKEN=" in info.env
     assert SECRET not in repr(dict(info.labels))
     assert info.labels["snapyard.role"] == "snapshot"

@@ -343,7 +343,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         shown = CAPTURE.text()
         configs = json.dumps(
             [
-                {"env": i.env, "labels": i.labels, "cmd": i.cmd}
+                {"env": i.env, "container_env": i.container_env, "labels": i.labels, "cmd": i.cmd}
                 for i in self.rig.engine.all_images()
             ],
             ensure_ascii=False,

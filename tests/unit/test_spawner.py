@@ -95,7 +95,7 @@ def test_fallback_preserves_snapshot_enabled_so_a_clean_exit_commits(rig: Rig) -
     assert fallback.auto_remove is False
     assert fallback.env["SNAPYARD_SNAPSHOT_REUSE"] == "0"
     assert fallback.memory_bytes == specs(rig)[0].memory_bytes
-    assert fallback.env["API_TOKEN"] == SECRET
+    assert fallback.secret_env == {"API_TOKEN": SECRET}
     assert finished.snapshot_image_id is not None
     assert [s.image_id for s in rig.snapshots()] == [finished.snapshot_image_id]
     assert started.container_id not in {c.id for c in rig.engine.list_containers({})}
@@ -224,8 +224,10 @@ def test_base_start_carries_the_label_env_and_limits_contract(rig: Rig) -> None:
     worker = rig.settings.worker
     assert spec.image == BASE_TAG
     assert tuple(spec.command or ()) == worker.command
+    # The job's env travels apart from the container's config (which Docker
+    # copies into every commit): only Snapyard's own variables are in it.
+    assert spec.secret_env == {"API_TOKEN": SECRET}
     assert spec.env == {
-        "API_TOKEN": SECRET,
         "SNAPYARD_JOB_ID": "job-1",
         "SNAPYARD_SNAPSHOT_REUSE": "0",
         "SNAPYARD_SETUP_SECONDS": "1",
@@ -280,6 +282,7 @@ def test_env_values_are_not_in_the_committed_image_config(rig: Rig) -> None:
     snap = commit_snapshot(rig)
     info = rig.engine.inspect_image(snap)
     assert SECRET not in repr(info.env)
+    assert SECRET not in repr(info.container_env)  # Docker's ContainerConfig of the commit
     assert SECRET not in repr(dict(info.labels))
     assert "API_TOKEN=" in info.env
     assert "SNAPYARD_JOB_ID=" in info.env
