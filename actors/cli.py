@@ -50,6 +50,8 @@ EXIT_UNREACHABLE = 3
 
 _POLL_FIRST_S = 0.1
 _POLL_MAX_S = 1.0
+# While waiting, a supervisor that answers 503 (restarting) is polled this many times.
+_POLL_503_TRIES = 60
 
 
 class CliError(Exception):
@@ -170,6 +172,8 @@ def _client(args: argparse.Namespace) -> ApiClient:
 def _api_error(exc: ApiError) -> CliError:
     """422 and 400 are the caller's input (usage); the rest a refused request."""
     code = EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_JOB_FAILED
+    if exc.status == 503:
+        return CliError(f"the supervisor is not serving: {exc.message}", EXIT_UNREACHABLE)
     if exc.status == 401:
         return CliError(
             f"the supervisor refused the request: {exc.message} "
@@ -184,10 +188,11 @@ def _api_error(exc: ApiError) -> CliError:
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
     env: dict[str, str] = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise CliError(f"--env {pair!r}: expected NAME=VALUE", EXIT_USAGE)
+            # Never echo the argument: `--env "$TOKEN"` is the usual slip.
+            raise CliError(f"--env #{number}: expected NAME=VALUE", EXIT_USAGE)
         env[name] = value
     return env
 
@@ -242,7 +247,7 @@ def _wait(client: ApiClient, job: dict[str, Any], err: TextIO, progress: bool) -
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, _POLL_MAX_S)
-            job = client.job(job["id"])
+            job = _poll(client, job)
     except KeyboardInterrupt:
         if progress:
             print(file=err)
@@ -253,6 +258,20 @@ def _wait(client: ApiClient, job: dict[str, Any], err: TextIO, progress: bool) -
     if progress:
         print(f"\rjob {job['id']}: {job['state']:<9} {time.monotonic() - started:6.1f}s", file=err)
     return job
+
+
+def _poll(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
+    """The job again; a supervisor briefly not serving (503: restarting) is waited out."""
+    for _ in range(_POLL_503_TRIES):
+        try:
+            fresh: dict[str, Any] = client.job(job["id"])
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            time.sleep(_POLL_MAX_S)
+            continue
+        return fresh
+    return dict(client.job(job["id"]))
 
 
 def _cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -458,6 +477,11 @@ def main(
         cli = _api_error(exc)
         print(f"snapyard: {cli}", file=err)
         return cli.code
+    except (ValueError, UnicodeError) as exc:
+        # An API address or an ID that cannot go into a URL (http.client.InvalidURL
+        # is a ValueError): the caller's input. The message names no env value.
+        print(f"snapyard: cannot send that request: {type(exc).__name__}: {exc}", file=err)
+        return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 

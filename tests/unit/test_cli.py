@@ -145,7 +145,7 @@ def test_invalid_input_is_a_usage_error_naming_the_field(live: Served) -> None:
     assert run.err == "snapyard: project must not be empty\n"
     run = cli("submit", "--project", "p", "--work-item", "w", "--env", "NOEQUALS")
     assert run.code == 2
-    assert run.err == "snapyard: --env 'NOEQUALS': expected NAME=VALUE\n"
+    assert run.err == "snapyard: --env #1: expected NAME=VALUE\n"
     run = cli("submit", "--project", "p", "--work-item", "w", "--env", "SNAPYARD_X=1")
     assert run.code == 2
     assert "SNAPYARD_X is reserved" in run.err
@@ -353,3 +353,47 @@ def test_token_from_the_environment_is_sent(
     )
     assert allowed.code == 0
     assert allowed.json() == []
+
+
+def test_env_without_a_value_is_exit_2_and_never_echoes_the_argument() -> None:
+    """Found in review: `--env "$TOKEN"` printed the token in the error."""
+    run = cli("submit", "--project", "p", "--work-item", "w", "--env", "hunter2SECRETVALUE")
+    assert run.code == 2
+    assert "--env #1: expected NAME=VALUE" in run.err
+    assert "hunter2SECRETVALUE" not in run.err + run.out
+
+
+def test_an_id_that_cannot_go_into_a_url_is_exit_2_not_a_traceback(live: Served) -> None:
+    run = cli("job", "\udcff")
+    assert run.code == 2
+    assert "cannot send that request" in run.err
+
+
+def test_a_supervisor_that_answers_503_is_exit_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor that is starting or stopping is not serving: 'unreachable', not 'job failed'."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"error": "the supervisor is not running: stopping"}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("SNAPYARD_API", f"127.0.0.1:{server.server_address[1]}")
+        run = cli("jobs")
+    finally:
+        server.shutdown()
+        thread.join()
+    assert run.code == 3
+    assert "not serving" in run.err
