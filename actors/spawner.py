@@ -342,7 +342,7 @@ class Spawner(pykka.ThreadingActor):
     def _lookup(self, msg: Spawn) -> Snapshot | None:
         try:
             found = self._snapshots.ask(Lookup(msg.spec.key), timeout=LOOKUP_TIMEOUT_S)
-        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+        except Exception as exc:  # dead, wedged, or failing: a base start beats a crash
             job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item).warning(
                 "snapshot lookup failed (%s); starting from the base image", exc
             )

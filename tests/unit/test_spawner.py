@@ -12,13 +12,14 @@ from typing import Any
 
 import pykka
 import pytest
-from spawn_kit import BASE_TAG, Rig, make_rig, test_settings
+from spawn_kit import BASE_TAG, Collector, Rig, make_rig, test_settings
 
 from actors import spawner as spawner_module
 from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, ImageMissing
 from actors.messages import (
     ActorCrashed,
     Finished,
+    Lookup,
     Spawn,
     SpawnFailed,
     Started,
@@ -26,7 +27,7 @@ from actors.messages import (
     Terminated,
 )
 from actors.model import JobSpec, SnapshotKey
-from actors.spawner import start_pool
+from actors.spawner import Spawner, start_pool
 from actors.telemetry import METRICS
 
 SECRET = "s3cr3t-value-never-in-an-image"
@@ -535,3 +536,29 @@ def test_one_key_per_snapshot_even_with_many_keys(rig: Rig) -> None:
         spec = JobSpec(project="proj", work_item=f"item-{n}")
         rig.run(f"job-{n}", spec)
     assert {s.key for s in rig.snapshots()} == {SnapshotKey("proj", f"item-{n}") for n in range(5)}
+
+
+class _FailingManager(pykka.ThreadingActor):
+    """Answers every Lookup with an error (and ignores the rest)."""
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Lookup):
+            raise RuntimeError("snapshot manager bug")
+        return None
+
+
+def test_a_failing_lookup_is_a_miss_and_the_spawner_lives_on() -> None:
+    """Found in review: only a dead or silent manager was a miss; an error crashed the Spawner."""
+    rig = make_rig()
+    rig.manager = _FailingManager.start()
+    rig.collector = Collector.start(rig.inbox)
+    rig.spawner = Spawner.start(
+        rig.engine, rig.manager, rig.settings, rig.clock, "spawner-1", rig.collector
+    )
+    try:
+        started = rig.spawn("job-1", SPEC)
+        assert isinstance(started, Started)
+        assert not started.from_snapshot
+        assert rig.spawner.is_alive()
+    finally:
+        pykka.ActorRegistry.stop_all()
