@@ -552,8 +552,10 @@ class Spawner(pykka.ThreadingActor):
             log.warning("%s is dead; dropped %s", ref, type(message).__name__)
 
     def _discard(self, container_id: str, msg: Spawn) -> None:
+        # Retried through a blip: a start that timed out may still have run the
+        # container, and the next attempt must not start a second one beside it.
         try:
-            self._engine.remove_container(container_id, force=True)
+            self._patiently(self._engine.remove_container, container_id, True)
         except ContainerMissing:
             pass
         except EngineError as exc:

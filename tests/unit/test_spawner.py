@@ -562,3 +562,13 @@ def test_a_failing_lookup_is_a_miss_and_the_spawner_lives_on() -> None:
         assert rig.spawner.is_alive()
     finally:
         pykka.ActorRegistry.stop_all()
+
+
+def test_a_start_that_timed_out_is_discarded_through_a_blip_before_the_retry(rig: Rig) -> None:
+    """From review: the start may have run the container although it timed out;
+    a single failed removal left it running beside the retry's container."""
+    rig.engine.fail_next("start_container", error=EngineUnavailable("read timed out"))
+    rig.engine.fail_next("remove_container", error=EngineUnavailable("read timed out"))
+    started = rig.spawn("job-1", SPEC)
+    assert isinstance(started, Started)
+    assert [c.id for c in rig.engine.list_containers({})] == [started.container_id]
