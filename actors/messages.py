@@ -185,12 +185,17 @@ class Started:
 
 @dataclass(frozen=True)
 class SpawnFailed:
-    """``retryable``: the engine was unreachable; the job goes back to the queue."""
+    """``retryable``: an engine error worth waiting out; the job goes back to the queue.
+
+    ``answered``: the daemon itself answered (a 5xx), as opposed to not being
+    reached at all; a job the daemon keeps refusing is failed after a while.
+    """
 
     job_id: str
     error: str
     spawner: str
     retryable: bool = False
+    answered: bool = False
 
 
 @dataclass(frozen=True)

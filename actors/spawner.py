@@ -237,7 +237,13 @@ class Spawner(pykka.ThreadingActor):
             METRICS.inc("snapyard_spawn_failures_total")
             self._tell(
                 msg.reply_to,
-                SpawnFailed(job_id=msg.job_id, error=error, spawner=self.name, retryable=retryable),
+                SpawnFailed(
+                    job_id=msg.job_id,
+                    error=error,
+                    spawner=self.name,
+                    retryable=retryable,
+                    answered=retryable and exc.status_code is not None,
+                ),
             )
             return
         METRICS.observe("snapyard_spawn_seconds", self._clock.now() - began)

@@ -77,6 +77,8 @@ JOB_LABELS = (LABEL_JOB_ID,)
 # A job that crashed its Spawner this many times is failed, not retried: a
 # poison job must not burn the restart intensity of the whole supervisor.
 MAX_CRASHES_PER_JOB = 2
+# Re-queues of a job whose start the daemon answered with a 5xx each time.
+MAX_REFUSED_STARTS = 10
 # The registry is in memory: a slower answer means the SnapshotManager is wedged.
 SNAPSHOTS_ASK_S = 10.0
 # How long an exit of a not-yet-known container is kept: the Watcher can see
@@ -464,6 +466,14 @@ class Supervisor(pykka.ThreadingActor):
         del self._slots[msg.job_id]
         if slot.kill_state is JobState.CANCELLED:
             self._finish_job(job, JobState.CANCELLED, error=job.error)
+        elif msg.retryable and msg.answered and self._retries.get(job.id, 0) >= MAX_REFUSED_STARTS:
+            # Unreachable, a job waits for as long as it takes; a daemon that
+            # answers but keeps refusing this start would otherwise hold it forever.
+            self._finish_job(
+                job,
+                JobState.FAILED,
+                error=f"the engine refused to start it {MAX_REFUSED_STARTS + 1} times: {msg.error}",
+            )
         elif msg.retryable:
             self._requeue(job, f"will retry: {msg.error}", backoff=True)
         else:
@@ -890,7 +900,8 @@ class Supervisor(pykka.ThreadingActor):
             n = self._retries.get(job.id, 0)
             self._retries[job.id] = n + 1
             retry = self._settings.retry
-            delay = min(retry.backoff_max_s, retry.backoff_initial_s * (2**n))
+            # Capped exponent: days of outage must not overflow a float.
+            delay = min(retry.backoff_max_s, retry.backoff_initial_s * (2 ** min(n, 32)))
             self._retry_at[job.id] = self._clock.now() + delay
         self._save(dataclasses.replace(job, state=JobState.QUEUED, container_id=None), note=note)
         self._enqueue(job.id)

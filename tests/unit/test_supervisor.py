@@ -17,7 +17,7 @@ import pytest
 from spawn_kit import Collector
 from yard_kit import MANAGED, Yard, eventually, yard_settings
 
-from actors.engine.base import ContainerMissing
+from actors.engine.base import ContainerMissing, EngineUnavailable
 from actors.messages import (
     Cancel,
     ContainerExited,
@@ -547,6 +547,32 @@ def test_restart_brings_queued_jobs_back_in_fifo_order(tmp_path: Path) -> None:
 
 
 # --- engine outage --------------------------------------------------------------
+
+
+def test_a_start_the_daemon_keeps_refusing_fails_the_job_instead_of_holding_it(
+    tmp_path: Path,
+) -> None:
+    """From review: any 5xx counted as 'engine down', so a start the daemon
+    refuses every time (an OCI error) re-queued the job forever."""
+    yard = Yard(tmp_path).start()
+    refusal = EngineUnavailable("OCI runtime start failed: init was OOM-killed", status_code=500)
+    yard.engine.fail_next("start_container", times=10_000, error=refusal)
+    job = yard.submit()
+    for _ in range(200):
+        state = eventually(
+            lambda: yard.job(job.id).state,
+            lambda s: s is not JobState.STARTING,
+            "the spawn attempt to end",
+        )
+        if state is JobState.FAILED:
+            break
+        yard.tick(60)
+    failed = yard.job(job.id)
+    assert failed.state is JobState.FAILED
+    assert failed.error is not None
+    assert "refused to start it 11 times" in failed.error
+    assert "OOM-killed" in failed.error
+    assert yard.running() == []
 
 
 def test_engine_outage_jobs_wait_then_run(tmp_path: Path) -> None:
