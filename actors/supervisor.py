@@ -183,6 +183,8 @@ class Supervisor(pykka.ThreadingActor):
         self._retry_at: dict[str, float] = {}
         self._retries: dict[str, int] = {}
         self._crashes: dict[str, int] = collections.Counter()
+        # Starts the daemon answered with a 5xx, in a row, per job.
+        self._refusals: dict[str, int] = collections.Counter()
         # Why a job is being recovered mid-run (a Spawner crash), for its history.
         self._recover_notes: dict[str, str] = {}
         # Running containers labelled ours that no job in flight owns, e.g. a
@@ -466,7 +468,7 @@ class Supervisor(pykka.ThreadingActor):
         del self._slots[msg.job_id]
         if slot.kill_state is JobState.CANCELLED:
             self._finish_job(job, JobState.CANCELLED, error=job.error)
-        elif msg.retryable and msg.answered and self._retries.get(job.id, 0) >= MAX_REFUSED_STARTS:
+        elif msg.retryable and msg.answered and self._refusals[job.id] >= MAX_REFUSED_STARTS:
             # Unreachable, a job waits for as long as it takes; a daemon that
             # answers but keeps refusing this start would otherwise hold it forever.
             self._finish_job(
@@ -475,6 +477,8 @@ class Supervisor(pykka.ThreadingActor):
                 error=f"the engine refused to start it {MAX_REFUSED_STARTS + 1} times: {msg.error}",
             )
         elif msg.retryable:
+            # Only refusals in a row count: an unreachable daemon resets them.
+            self._refusals[job.id] = self._refusals[job.id] + 1 if msg.answered else 0
             self._requeue(job, f"will retry: {msg.error}", backoff=True)
         else:
             self._finish_job(job, JobState.FAILED, error=msg.error)
@@ -920,6 +924,7 @@ class Supervisor(pykka.ThreadingActor):
         self._retry_at.pop(job.id, None)
         self._retries.pop(job.id, None)
         self._crashes.pop(job.id, None)
+        self._refusals.pop(job.id, None)
         self._recover_notes.pop(job.id, None)
         SECRETS.forget(job.id)
         self._log(job).info("job %s", state.value)

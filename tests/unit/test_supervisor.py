@@ -575,6 +575,28 @@ def test_a_start_the_daemon_keeps_refusing_fails_the_job_instead_of_holding_it(
     assert yard.running() == []
 
 
+def test_an_outage_longer_than_the_refusal_budget_never_fails_a_job(tmp_path: Path) -> None:
+    """From review: the refusal budget counted every retry, so a long outage
+    followed by one refused spawn while the daemon came back failed the job."""
+    yard = Yard(tmp_path).start()  # 3 attempts a spawn: 60 failures are 20 re-queues
+    unreachable = EngineUnavailable("connection refused")  # no status: not answered
+    refusal = EngineUnavailable("daemon starting up", status_code=503)
+    yard.engine.fail_next("create_container", times=60, error=unreachable)
+    yard.engine.fail_next("start_container", times=3, error=refusal)  # one refused spawn
+    job = yard.submit()
+    for _ in range(200):
+        state = eventually(
+            lambda: yard.job(job.id).state,
+            lambda s: s is not JobState.STARTING,
+            "the spawn attempt to end",
+        )
+        if state is not JobState.QUEUED:
+            break
+        yard.tick(60)
+    assert yard.job(job.id).state is JobState.RUNNING
+    assert len(yard.engine.calls_of("create_container")) > 60
+
+
 def test_engine_outage_jobs_wait_then_run(tmp_path: Path) -> None:
     yard = Yard(tmp_path).start()
     assert yard.watcher is not None
