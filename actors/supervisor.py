@@ -812,7 +812,9 @@ class Supervisor(pykka.ThreadingActor):
         )
         self._log(job).info("re-adopted container")
         if _has_exited(container):
-            if slot.deadline <= now:
+            # Judged by when it exited, not when we came back to look.
+            exited_at = container.finished_at if container.finished_at is not None else now
+            if slot.deadline <= exited_at:
                 slot.kill_state = JobState.TIMED_OUT
                 slot.kill_note = (
                     f"timed out after {job_timeout(self._settings, job.spec):g}s "

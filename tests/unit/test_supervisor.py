@@ -422,6 +422,24 @@ def test_restart_exited_past_deadline_is_timed_out_not_committed(tmp_path: Path)
     assert yard2.engine.calls_of("commit_container") == []
 
 
+def test_restart_after_the_deadline_of_a_job_that_exited_in_time_is_succeeded(
+    tmp_path: Path,
+) -> None:
+    """From review: the deadline was compared with the restart time, not the exit time."""
+    yard = Yard(tmp_path).start()
+    job = yard.running_job(yard.submit(timeout_s=10).id)
+    yard.stop()
+    yard.clock.advance(5)
+    yard.engine.exit_container(job.container_id or "", 0)  # in time
+    yard.clock.advance(20)  # Snapyard comes back past the deadline
+    yard2 = Yard(
+        tmp_path, yard.settings, clock=yard.clock, engine=yard.engine, store=yard.store
+    ).start()
+    done = yard2.wait_state(job.id, JobState.SUCCEEDED, JobState.TIMED_OUT)
+    assert done.state is JobState.SUCCEEDED
+    assert done.snapshot_committed
+
+
 def test_restart_starting_without_container_goes_back_to_queued(tmp_path: Path) -> None:
     yard = Yard(tmp_path)
     job = Job(new_job_id(), validate_spec("p", "w"), JobState.STARTING, yard.clock.now())
