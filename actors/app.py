@@ -11,6 +11,7 @@ worker: its container keeps running and the next start re-adopts it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -205,13 +206,16 @@ class Snapyard:
         """Stop intake, then the timers, the Watcher and the actors, in reverse order.
 
         Running containers are left running (the next start re-adopts them);
-        with ``drain`` the call first waits (up to ``timeout_s``) for the jobs
-        in flight to end. Queued jobs stay queued in the store either way.
+        with ``drain`` the call first waits for the jobs in flight to end (for
+        ``timeout_s``, or as long as they take when it is None). Queued jobs
+        stay queued in the store either way. Stopping the actors then takes at
+        most ``shutdown_timeout_s``.
         """
         if not self._started:
             return
-        timeout = self.settings.supervisor.shutdown_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
+        limit = self.settings.supervisor.shutdown_timeout_s
+        wait_s = timeout_s if timeout_s is not None else (math.inf if drain else limit)
+        deadline = time.monotonic() + wait_s
         self._accepting = False
         supervisor = self.supervisor_ref
         if supervisor is not None and supervisor.is_alive():
@@ -220,8 +224,10 @@ class Snapyard:
                 # Let Spawners finish what they hold (a start, a commit) while the
                 # Supervisor can still record it; with drain, wait for every job.
                 self._wait_settled(drain, deadline)
-            except pykka.ActorDeadError:
-                pass
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass  # dead or wedged: stop what can be stopped, within the limit
+        if math.isinf(wait_s):
+            deadline = time.monotonic() + limit
         self._stop_actors(timeout_s=max(1.0, deadline - time.monotonic()))
         if self._owns_store and self._store is not None:
             self._store.close()
@@ -418,7 +424,8 @@ def run_forever(
         while not stop_requested.wait(0.5):
             if app.failed.is_set():
                 break
-        app.stop(drain=drain, timeout_s=settings.supervisor.shutdown_timeout_s)
+        # --drain waits as long as the running jobs take (a second signal cuts it short).
+        app.stop(drain=drain, timeout_s=None if drain else settings.supervisor.shutdown_timeout_s)
         return 1 if app.failed.is_set() else 0
     finally:
         for sig, handler in previous.items():

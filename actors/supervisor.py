@@ -731,6 +731,15 @@ class Supervisor(pykka.ThreadingActor):
             ):
                 by_job[job_id] = c
         for job in jobs:
+            if job.state.terminal:
+                # Ended (cancelled, say) while its Spawner was being recovered:
+                # its state stands; a container it left is stopped, not adopted.
+                self._slots.pop(job.id, None)
+                leftover = by_job.get(job.id)
+                if leftover is not None and self._reaper is not None:
+                    self._reaper.tell(RemoveContainer(leftover.id, self._sup.stop_grace_s, "ended"))
+                self._finish_job(job, job.state, error=job.error)
+                continue
             self._jobs[job.id] = job
             if job.spec.env:
                 SECRETS.remember(job.id, job.spec.env.values())
@@ -869,7 +878,10 @@ class Supervisor(pykka.ThreadingActor):
         if guilty and self._crashes[job_id] >= MAX_CRASHES_PER_JOB:
             if kind == "spawn":
                 del self._slots[job_id]
-                self._finish_job(job, JobState.FAILED, error=reason)
+                # A cancel (or timeout) decided before the crash still stands.
+                self._finish_job(
+                    job, slot.kill_state or JobState.FAILED, error=slot.kill_note or reason
+                )
             else:
                 self._complete(slot, job, slot.exit_code, "", None, reason)
             return

@@ -139,3 +139,30 @@ def _running_container(app: Snapyard, job_id: str) -> str:
             return job.container_id
         time.sleep(0.005)
     raise AssertionError(f"job {job_id} never ran: {app.get(job_id)!r}")
+
+
+def test_drain_waits_for_running_jobs_past_the_shutdown_timeout(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    """From review: --drain gave up after shutdown_timeout_s like a plain stop."""
+    import threading
+
+    app = Snapyard(
+        app_settings(tmp_path, shutdown_timeout_s=1.0), engine=engine, clock=clock
+    ).start()
+    job = app.submit(validate_spec("p", "w"))
+    deadline = time.monotonic() + WAIT_S
+    while app.get(job.id).state is not JobState.RUNNING:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.01)
+    stopper = threading.Thread(target=app.stop, kwargs={"drain": True, "timeout_s": None})
+    stopper.start()
+    # Real time on purpose: this pins a timeout. Well past shutdown_timeout_s...
+    assert not app.stopped.wait(2.5), "drain stopped before the running job ended"
+    container = app.get(job.id).container_id  # type: ignore[union-attr]
+    engine.exit_container(container or "", 0)
+    stopper.join(WAIT_S)
+    assert app.stopped.is_set()
+    finished = JobStore(tmp_path / "data" / "snapyard.db").get(job.id)
+    assert finished is not None
+    assert finished.state is JobState.SUCCEEDED

@@ -712,6 +712,35 @@ def test_spawner_crash_after_start_adopts_the_container_instead_of_running_the_j
     assert yard.wait_state(job.id, JobState.SUCCEEDED).snapshot_committed
 
 
+def test_a_job_cancelled_while_starting_stays_cancelled_when_its_spawner_crashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: recovery after the crash rewrote CANCELLED as FAILED/SUCCEEDED."""
+    original = Spawner._tell
+
+    def tell(self: Spawner, ref: pykka.ActorRef[Any], message: object) -> None:
+        if isinstance(message, Started):
+            raise RuntimeError("injected crash after start")
+        original(self, ref, message)
+
+    monkeypatch.setattr(Spawner, "_tell", tell)
+    yard = Yard(tmp_path, yard_settings(spawners=1))
+    cancelled: list[Job] = []
+    yard.engine.before(
+        "start_container", lambda: cancelled.append(yard.sup.ask(Cancel(job_id), timeout=10))
+    )
+    yard.start()
+    job_id = yard.submit().id
+    final = eventually(
+        lambda: yard.job(job_id), lambda j: j.finished_at is not None, "the job to be settled"
+    )
+    yard.reconcile_rounds()
+    eventually(yard.running, lambda running: running == [], "its container to go")
+    assert cancelled[0].state is JobState.CANCELLED
+    assert final.state is JobState.CANCELLED
+    assert yard.job(job_id).state is JobState.CANCELLED
+
+
 def test_a_job_that_keeps_crashing_its_spawner_fails_with_the_reason(tmp_path: Path) -> None:
     yard = Yard(tmp_path).start()
 
