@@ -242,6 +242,8 @@ class ActorCrashed:
     name: str
     error: str
     job_id: str | None = None
+    # Which incarnation died: a report about one already replaced is stale.
+    urn: str | None = None
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class Spawner(pykka.ThreadingActor):
                     name=self.name,
                     error=f"{exception_type}: {exception_value}",
                     job_id=self._job_id,
+                    urn=self.actor_urn,
                 )
             )
 

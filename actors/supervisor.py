@@ -134,6 +134,9 @@ class _Slot:
     # The listing sequence number when it started running: only listings asked
     # for after that may call its container missing.
     running_seq: int = 0
+    # Likewise for a slot being recovered: a listing asked for before it
+    # (before its Spawner crashed, say) may not show its container yet.
+    recover_seq: int = 0
 
 
 @dataclass
@@ -404,11 +407,15 @@ class Supervisor(pykka.ThreadingActor):
     def _send(self, name: str, job_id: str, kind: OpKind, message: Any) -> None:
         """Tell a Spawner, remembering that it owes us a reply for this job."""
         self._pool.pending.setdefault(name, {})[(job_id, kind)] = message
+        ref = self._pool.refs[name]
         try:
-            self._pool.refs[name].tell(message)
+            ref.tell(message)
         except pykka.ActorDeadError:
             # Handled like a crash report, but from our own inbox: never recurse.
-            self.actor_ref.tell(ActorCrashed(name, "the spawner is not running", None))
+            # Its own report may be on the way too: the urn lets one of them count.
+            self.actor_ref.tell(
+                ActorCrashed(name, "the spawner is not running", None, urn=ref.actor_urn)
+            )
 
     def _done(self, name: str, job_id: str, kind: OpKind) -> None:
         self._pool.pending.get(name, {}).pop((job_id, kind), None)
@@ -634,8 +641,13 @@ class Supervisor(pykka.ThreadingActor):
             ):
                 self._reconcile_requested = True
             return
-        if any(slot.phase == "recovering" for slot in self._slots.values()):
-            recovering = [self._jobs[j] for j, s in self._slots.items() if s.phase == "recovering"]
+        settled = [
+            job_id
+            for job_id, slot in self._slots.items()
+            if slot.phase == "recovering" and slot.recover_seq < msg.seq
+        ]
+        if settled:
+            recovering = [self._jobs[j] for j in settled]
             for job in recovering:
                 self._slots.pop(job.id)
             self._recover(recovering, list(msg.containers))
@@ -747,7 +759,9 @@ class Supervisor(pykka.ThreadingActor):
                 self._enqueue(job.id)
                 continue
             if containers is None:
-                self._slots[job.id] = _Slot(job.id, job.spec, "recovering")
+                self._slots[job.id] = _Slot(
+                    job.id, job.spec, "recovering", recover_seq=self._list_seq
+                )
                 self._reconcile_requested = True
                 continue
             if job.state is JobState.STARTING:
@@ -837,6 +851,9 @@ class Supervisor(pykka.ThreadingActor):
         if msg.name not in self._pool.refs:
             log.warning("crash report from unknown child %s: %s", msg.name, msg.error)
             return
+        if msg.urn is not None and msg.urn != self._pool.refs[msg.name].actor_urn:
+            log.info("%s: a second report of a crash already handled", msg.name)
+            return
         error = RuntimeError(f"{msg.name} crashed: {msg.error}")
         capture_error(
             error, source="supervisor", extras={"spawner": msg.name, "job_id": msg.job_id}
@@ -890,7 +907,7 @@ class Supervisor(pykka.ThreadingActor):
             # the job as after a restart (adopt a container labelled with it,
             # else re-queue), so the work never runs twice.
             log.warning("job %s: %s; looking for its container", job_id, reason)
-            self._slots[job_id] = _Slot(job_id, job.spec, "recovering")
+            self._slots[job_id] = _Slot(job_id, job.spec, "recovering", recover_seq=self._list_seq)
             self._recover_notes[job_id] = f"retrying: {reason}"
             self._request_listing("recover")
         else:

@@ -741,6 +741,43 @@ def test_a_job_cancelled_while_starting_stays_cancelled_when_its_spawner_crashes
     assert yard.job(job_id).state is JobState.CANCELLED
 
 
+def test_one_spawner_crash_is_handled_once_when_a_dispatch_also_finds_it_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: pykka marks an actor dead before on_failure runs; a Spawn sent
+    in that window reported the crash a second time, restarting twice (and
+    stopping the healthy replacement) and charging an innocent job."""
+    captured: list[str] = []
+    monkeypatch.setattr(
+        "actors.supervisor.capture_error", lambda exc, **_kw: captured.append(str(exc))
+    )
+    gate = threading.Event()
+    original = Spawner.on_failure
+
+    def late_failure(self: Spawner, *args: Any) -> None:
+        gate.wait(10)  # hold open the window between "dead" and the crash report
+        original(self, *args)
+
+    monkeypatch.setattr(Spawner, "on_failure", late_failure)
+
+    def boom() -> None:
+        raise RuntimeError("injected spawner bug")
+
+    yard = Yard(tmp_path, yard_settings(spawners=1))
+    yard.engine.before("create_container", boom, once=True)
+    yard.start()
+    (spawner,) = pykka.ActorRegistry.get_by_class(Spawner)
+    first = yard.submit(work_item="a")
+    eventually(spawner.is_alive, lambda alive: not alive, "the spawner to die")
+    second = yard.submit(work_item="b")  # dispatched to the dead spawner
+    gate.set()
+    yard.running_job(first.id)
+    yard.running_job(second.id)
+    assert len([c for c in captured if "spawner-1 crashed" in c]) == 1
+    status: SupervisorStatus = yard.sup.ask(GetStatus(), timeout=10)
+    assert status.spawners == 1
+
+
 def test_a_job_that_keeps_crashing_its_spawner_fails_with_the_reason(tmp_path: Path) -> None:
     yard = Yard(tmp_path).start()
 
