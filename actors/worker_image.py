@@ -9,6 +9,7 @@ Dockerfile, the entrypoint or busybox itself triggers a rebuild.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
@@ -16,7 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.engine.base import Engine, ImageMissing
+from actors.engine.base import Engine, EngineError, ImageMissing
 
 __all__ = [
     "BUSYBOX",
@@ -112,13 +113,20 @@ def ensure_base_image(
 ) -> tuple[str, bool]:
     """Return ``(image ID, built)``; build only if ``tag`` lacks this context's digest."""
     context = build_context(worker_dir, busybox)
-    if not force:
-        try:
-            current = engine.inspect_image(tag)
-        except ImageMissing:
-            pass
-        else:
-            if current.labels.get(DIGEST_LABEL) == context.digest:
-                return current.id, False
+    previous: str | None = None
+    try:
+        current = engine.inspect_image(tag)
+    except ImageMissing:
+        pass
+    else:
+        if not force and current.labels.get(DIGEST_LABEL) == context.digest:
+            return current.id, False
+        previous = current.id
     labels = {ROLE_LABEL: "base", DIGEST_LABEL: context.digest}
-    return engine.build_image(context.tar, tag, labels), True
+    built = engine.build_image(context.tar, tag, labels)
+    if previous is not None and previous != built:
+        # The old base lost its tag; delete it unless snapshots or containers
+        # still stand on it (then Docker refuses, and a later prune takes it).
+        with contextlib.suppress(EngineError):
+            engine.remove_image(previous)
+    return built, True
