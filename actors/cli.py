@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -654,7 +653,7 @@ def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
 
 def _cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check what ``snapyard run`` needs; each failed check says what to do."""
-    source = config_path_from_env(getattr(args, "config", None), os.environ)
+    source = config_path_from_env(getattr(args, "config", None))
     try:
         settings = load_settings(getattr(args, "config", None))
     except SettingsError as exc:

@@ -345,11 +345,12 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def config_path_from_env(
-    explicit: str | os.PathLike[str] | None, env: Mapping[str, str]
+    explicit: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> Path | None:
     """--config, else SNAPYARD_CONFIG, else config/snapyard.toml when it exists."""
     if explicit:
         return Path(explicit)
+    env = os.environ if env is None else env
     if env.get("SNAPYARD_CONFIG"):
         return Path(env["SNAPYARD_CONFIG"])
     return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
