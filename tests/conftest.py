@@ -8,6 +8,7 @@ containers or images into the next run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -32,6 +33,19 @@ def _stop_actors() -> Iterator[None]:
     """A test that fails mid-way must not leave actor threads to haunt the next one."""
     yield
     pykka.ActorRegistry.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Code under test may configure logging for its process (the CLI, the demo,
+    setup_logging); every later test gets the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture

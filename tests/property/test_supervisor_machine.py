@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -356,19 +355,13 @@ class SupervisorMachine(RuleBasedStateMachine):
 @pytest.fixture
 def capture() -> Iterator[Capture]:
     global CAPTURE
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     CAPTURE = Capture()
     setup_logging(LogSettings(level="DEBUG", format="json"), stream=CAPTURE.stream)
     setup_sentry(SentrySettings(dsn="https://public@127.0.0.1/1"), transport=CAPTURE.transport)
     try:
         yield CAPTURE
     finally:
-        close_sentry()
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
+        close_sentry()  # the root logger is restored by tests/conftest.py
         SECRETS.clear()
         CAPTURE = None
 

@@ -726,11 +726,19 @@ def test_a_job_cancelled_while_starting_stays_cancelled_when_its_spawner_crashes
     monkeypatch.setattr(Spawner, "_tell", tell)
     yard = Yard(tmp_path, yard_settings(spawners=1))
     cancelled: list[Job] = []
-    yard.engine.before(
-        "start_container", lambda: cancelled.append(yard.sup.ask(Cancel(job_id), timeout=10))
-    )
+    submitted: list[str] = []
+    known = threading.Event()
+
+    def cancel_it() -> None:
+        # Runs in the Spawner: the submit may not have returned to the test yet.
+        known.wait(10)
+        cancelled.append(yard.sup.ask(Cancel(submitted[0]), timeout=10))
+
+    yard.engine.before("start_container", cancel_it)
     yard.start()
     job_id = yard.submit().id
+    submitted.append(job_id)
+    known.set()
     final = eventually(
         lambda: yard.job(job_id), lambda j: j.finished_at is not None, "the job to be settled"
     )

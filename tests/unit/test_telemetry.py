@@ -38,13 +38,8 @@ DSN = "https://public@127.0.0.1/1"  # never contacted: every test passes a trans
 
 @pytest.fixture(autouse=True)
 def _restore_global_state() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    # The root logger is restored by tests/conftest.py; the rest is telemetry's.
     yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
     SECRETS.clear()
     METRICS.reset()
     close_sentry()
