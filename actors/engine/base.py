@@ -9,6 +9,8 @@ with a message a person can act on.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -30,10 +32,43 @@ __all__ = [
     "ImageInfo",
     "ImageMissing",
     "Logs",
+    "decode_secret_env",
+    "encode_secret_env",
 ]
 
 # Where a worker finds its secret env: one NAME=<base64 of the UTF-8 value> a line.
 SECRET_ENV_PATH = "/run/snapyard/env"  # noqa: S105 - a path, not a password
+
+
+def encode_secret_env(env: Mapping[str, str]) -> bytes:
+    """The secret env file: one ``NAME=<base64 of the UTF-8 value>`` a line.
+
+    Base64 keeps newlines, quotes and ``=`` in a value from ever being read as
+    syntax. Its padding ends in ``=`` too, so a reader must split each line at
+    the FIRST ``=`` only (``IFS='=' read`` drops the padding and truncates).
+    """
+    return b"".join(
+        name.encode("ascii") + b"=" + base64.b64encode(value.encode("utf-8")) + b"\n"
+        for name, value in env.items()
+    )
+
+
+def decode_secret_env(data: bytes) -> dict[str, str]:
+    """What a worker's entrypoint makes of the file: the reference reader.
+
+    ``config/worker/entrypoint.sh`` must agree with this byte for byte; the
+    engine contract suite checks both against any value hypothesis can draw.
+    """
+    env: dict[str, str] = {}
+    for line in data.split(b"\n"):
+        name, sep, encoded = line.partition(b"=")
+        if not name or not sep:
+            continue
+        try:
+            env[name.decode("ascii")] = base64.b64decode(encoded, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ValueError(f"the secret env line of {name!r} is not valid base64") from exc
+    return env
 
 
 class EngineError(Exception):

@@ -12,7 +12,6 @@ Nothing here pulls: containers are created with the low-level API (never
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import math
@@ -44,6 +43,7 @@ from actors.engine.base import (
     ImageInfo,
     ImageMissing,
     Logs,
+    encode_secret_env,
 )
 
 __all__ = ["DockerEngine"]
@@ -195,13 +195,9 @@ class DockerEngine:
         """One private file per container, bind-mounted read-only: never in its config."""
         self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.secrets_dir / f"{uuid.uuid4().hex}.env"
-        lines = "".join(
-            f"{name}={base64.b64encode(value.encode()).decode()}\n"
-            for name, value in secret_env.items()
-        )
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-            handle.write(lines)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(encode_secret_env(secret_env))
         return path
 
     def _forget_secrets(self, mounts: list[Mapping[str, Any]]) -> None:

@@ -59,6 +59,8 @@ from actors.engine.base import (
     ImageInfo,
     ImageMissing,
     Logs,
+    decode_secret_env,
+    encode_secret_env,
 )
 
 __all__ = ["MemoryContainer", "MemoryEngine", "MemoryImage", "normalize_tag"]
@@ -161,7 +163,9 @@ class MemoryContainer:
     ignores_sigterm: bool = False
     removed: bool = False
     log: list[tuple[str, str]] = field(default_factory=list)
-    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The secret env file as the worker's bind mount holds it (never in ``files``,
+    # so a commit cannot capture it), read back as the entrypoint reads it.
+    secret_env_file: bytes = field(default=b"", repr=False)
 
     @property
     def name(self) -> str | None:
@@ -173,7 +177,7 @@ class MemoryContainer:
     @property
     def process_env(self) -> dict[str, str]:
         """What the worker process sees: the config env plus the secret file's."""
-        return {**self.env, **self.secret_env}
+        return {**self.env, **decode_secret_env(self.secret_env_file)}
 
     def state(self) -> ContainerState:
         return ContainerState(
@@ -461,7 +465,7 @@ class MemoryEngine:
                 base_layers=image.layers,
                 base_size=image.size_bytes,
                 base_files=dict(image.files),
-                secret_env=dict(spec.secret_env),
+                secret_env_file=encode_secret_env(spec.secret_env),
             )
             self._containers[record.id] = record
             return record.id

@@ -9,12 +9,16 @@ marker=/workspace/.snapyard-setup-done
 
 # The job's env arrives as a read-only file, never in the container's config:
 # Docker copies that config into every image committed from the container.
-# One NAME=<base64 of the value> a line.
+# One NAME=<base64 of the value> a line (actors/engine/base.py, encode_secret_env).
+# Split at the first '=' only: base64 padding is '=' too. The trailing 'x'
+# keeps $(...) from eating newlines that end a value.
 secrets=/run/snapyard/env
 if [ -f "$secrets" ]; then
-    while IFS='=' read -r name value; do
-        [ -n "$name" ] || continue
-        export "$name=$(printf '%s' "$value" | base64 -d)"
+    while IFS= read -r line; do
+        name=${line%%=*}
+        [ -n "$name" ] && [ "$name" != "$line" ] || continue
+        value=$(printf '%s' "${line#*=}" | base64 -d; printf x)
+        export "$name=${value%x}"
     done < "$secrets"
 fi
 on_term() {

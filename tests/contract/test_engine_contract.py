@@ -9,13 +9,17 @@ us, the test here pins the surprise and the fake copies it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import queue
+import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from actors.engine.base import (
     Conflict,
@@ -31,6 +35,7 @@ from actors.engine.base import (
 )
 from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.model import MAX_ENV_VALUE_BYTES
 from actors.worker_image import ensure_base_image
 
 TAG = "snapyard-worker:latest"
@@ -46,6 +51,12 @@ WRITE = ("sh", "-c", f"echo data > {JOB_FILE}")
 READ = ("sh", "-c", f"cat {JOB_FILE}")
 SHOW_TOKEN = ("sh", "-c", 'echo "token=[$API_TOKEN]"')
 TOKEN = "s3cret value with spaces=and équals"
+DIGEST_LINE = re.compile(r'printf %s "\$(\w+)" \| sha256sum')
+
+
+def digest_script(names: Sequence[str]) -> tuple[str, ...]:
+    """A job that prints the SHA-256 of each named variable's bytes, one a line."""
+    return ("sh", "-c", "; ".join(f'printf %s "${name}" | sha256sum' for name in names))
 
 
 def play(container: MemoryContainer) -> int | None:
@@ -78,6 +89,12 @@ def play(container: MemoryContainer) -> int | None:
         return 0
     if command == STUBBORN:
         engine.ignore_sigterm(container.id)
+    if command[:2] == ("sh", "-c") and DIGEST_LINE.match(command[2]):
+        env = container.process_env
+        for name in DIGEST_LINE.findall(command[2]):
+            digest = hashlib.sha256(env.get(name, "").encode()).hexdigest()
+            engine.append_logs(container.id, stdout=f"{digest}  -\n")
+        return 0
     return None
 
 
@@ -344,6 +361,54 @@ def test_secret_env_reaches_the_worker_but_no_committed_config(rig: Rig) -> None
     assert "SNAPYARD_SETUP_SECONDS=0" in info.container_env  # the non-secret config is there
     rig.engine.remove_container(container_id)
     assert _secret_files(rig.engine) == secret_files  # the host file goes with the container
+
+
+# Values users pass as secrets: any Unicode but NUL (the model refuses it), and
+# the characters that broke delivery or could (padding '=', quotes, newlines,
+# a leading '-', backslashes, '$'), at any length up to the model's limit.
+ANY_VALUE = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)
+TRICKY_VALUE = st.text(st.sampled_from(list("=\"' \n\r\t\\-$`;|éß€😀x")), max_size=16)
+LONG_VALUE = st.integers(1, MAX_ENV_VALUE_BYTES).map(lambda n: "ab=\n"[n % 4] * n)
+ENV_VALUES = st.lists(st.one_of(ANY_VALUE, TRICKY_VALUE, LONG_VALUE), min_size=1, max_size=6)
+
+
+def test_any_env_value_reaches_the_job_byte_for_byte(rig: Rig) -> None:
+    """Regression: values whose length was not a multiple of 3 lost their tail
+    (``hello`` arrived as ``hel``): the entrypoint split each line at every '=',
+    dropping the base64 padding. The job prints each value's SHA-256."""
+    on_docker = isinstance(rig.engine, DockerEngine)
+
+    @settings(
+        max_examples=25 if on_docker else 300,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @example(values=["hello", "hello world", "s3cr3t-0123456789", "x=y=z", "abc", "abcdef"])
+    @example(values=["a" * MAX_ENV_VALUE_BYTES, "😀" * (MAX_ENV_VALUE_BYTES // 4), ""])
+    @example(values=["\n", "ends with newlines\n\n", "-n", "-e \\n", "a\\", " lead", "trail "])
+    @given(values=ENV_VALUES)
+    def delivered_exactly(values: list[str]) -> None:
+        env = {f"SY_V{index}": value for index, value in enumerate(values)}
+        spec = ContainerSpec(
+            image=rig.base,
+            command=digest_script(list(env)),
+            env={"SNAPYARD_SETUP_SECONDS": "0"},
+            secret_env=env,
+            labels=rig.labels,
+        )
+        container_id = rig.engine.create_container(spec)
+        if isinstance(rig.engine, MemoryEngine):
+            PLAYING[container_id] = rig.engine
+        try:
+            rig.engine.start_container(container_id)
+            assert rig.engine.wait_container(container_id, timeout_s=60) == 0
+            lines = rig.engine.container_logs(container_id).stdout.splitlines()
+        finally:
+            rig.engine.remove_container(container_id, force=True)
+        got = [line.split()[0] for line in lines if line.endswith("  -")]
+        assert got == [hashlib.sha256(v.encode()).hexdigest() for v in env.values()]
+
+    delivered_exactly()
 
 
 def _secret_files(engine: Engine) -> set[str]:
