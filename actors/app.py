@@ -54,7 +54,7 @@ from actors.telemetry import (
 )
 from actors.timers import Scheduler
 from actors.watcher import Watcher
-from actors.worker_image import ensure_base_image
+from actors.worker_image import WorkerImageError, ensure_base_image
 
 __all__ = ["Snapyard", "SnapyardError", "run_forever"]
 
@@ -135,15 +135,17 @@ class Snapyard:
                 f"cannot reach the container engine at {engine.describe()}: {exc}. "
                 "Start it (make engine, or config/engine.sh) or set engine.url / DOCKER_HOST."
             ) from exc
+        image = settings.worker.image
         try:
-            self.base_image_id, built = ensure_base_image(engine, settings.worker.image)
-        except Exception as exc:
-            raise SnapyardError(
-                f"the worker image {settings.worker.image} is missing and could not be "
-                f"built: {exc}. Run `snapyard image build`."
-            ) from exc
+            self.base_image_id, built = ensure_base_image(engine, image)
+        except WorkerImageError as exc:
+            raise SnapyardError(str(exc)) from exc
+        except EngineError as exc:
+            raise SnapyardError(f"cannot prepare the worker image {image}: {exc}") from exc
         if built:
-            log.info("built the worker image %s (%s)", settings.worker.image, self.base_image_id)
+            log.info("built the worker image %s (%s)", image, self.base_image_id)
+        else:
+            log.info("worker image %s (%s)", image, self.base_image_id[:19])
         if self._store is None:
             self._store = JobStore(settings.data_dir / "snapyard.db", self.clock)
         try:

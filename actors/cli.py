@@ -32,7 +32,14 @@ from actors.settings import (
 )
 from actors.store import JobStore
 from actors.telemetry import setup_logging
-from actors.worker_image import DIGEST_LABEL, WorkerImageError, build_context, ensure_base_image
+from actors.worker_image import (
+    DIGEST_LABEL,
+    WorkerImageError,
+    build_context,
+    ensure_base_image,
+    is_demo_image,
+    missing_image_hint,
+)
 
 __all__ = [
     "EXIT_JOB_FAILED",
@@ -637,13 +644,13 @@ def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
     try:
         image = engine.inspect_image(tag)
     except ImageMissing:
-        checks.append(("base image", False, f"{tag}: missing", _IMAGE_HINT))
+        checks.append(("base image", False, f"{tag}: missing", missing_image_hint(tag)))
     except EngineError as exc:
-        checks.append(("base image", False, f"{tag}: {exc}", _IMAGE_HINT))
+        checks.append(("base image", False, f"{tag}: {exc}", missing_image_hint(tag)))
     else:
-        note = ""
+        note = "" if is_demo_image(tag) else " (your image, used as it is)"
         try:
-            if image.labels.get(DIGEST_LABEL) != build_context().digest:
+            if is_demo_image(tag) and image.labels.get(DIGEST_LABEL) != build_context().digest:
                 note = f" (older than config/worker; {_IMAGE_HINT} to refresh)"
         except WorkerImageError as exc:
             note = f" (cannot rebuild it here: {exc})"

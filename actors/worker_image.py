@@ -5,6 +5,11 @@ busybox. The image carries a digest of everything that went into it: when the
 tag already points at an image with that digest the build is skipped, which
 keeps ``make image`` instant when nothing changed, and any edit to the
 Dockerfile, the entrypoint or busybox itself triggers a rebuild.
+
+A configured image is the user's, not ours, unless we built it: Snapyard
+builds only in its own demo repository (``snapyard-worker``), and rebuilds or
+deletes only an image carrying its role label. Anything else is used exactly
+as it is, and a missing one is an error that says how to build or load it.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ import hashlib
 import io
 import struct
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.engine.base import Engine, EngineError, ImageMissing
+from actors.engine.base import Engine, EngineError, ImageInfo, ImageMissing
 
 __all__ = [
     "BUSYBOX",
+    "DEMO_REPOSITORY",
     "DIGEST_LABEL",
     "ROLE_LABEL",
     "WORKER_DIR",
@@ -28,18 +35,48 @@ __all__ = [
     "WorkerImageError",
     "build_context",
     "ensure_base_image",
+    "is_demo_image",
+    "missing_image_hint",
 ]
 
 WORKER_DIR = Path(__file__).resolve().parents[1] / "config" / "worker"
 BUSYBOX = Path("/bin/busybox")
 ROLE_LABEL = "snapyard.role"
 DIGEST_LABEL = "snapyard.worker.digest"
+# The only repository Snapyard builds into: `snapyard-worker:<any tag>`.
+DEMO_REPOSITORY = "snapyard-worker"
 _INSTALL_HINT = "install Debian's static busybox: `apt-get install busybox-static`"
 _PT_INTERP = 3
 
 
 class WorkerImageError(Exception):
-    """The inputs of the worker image are missing or unusable; the message says the fix."""
+    """The worker image cannot be had as configured; the message says the fix."""
+
+
+def is_demo_image(ref: str) -> bool:
+    """Whether ``ref`` names Snapyard's own demo repository, which it may build into.
+
+    ``snapyard-worker``, ``snapyard-worker:x`` and ``docker.io/library/snapyard-worker:x``
+    do; ``me/snapyard-worker`` or ``127.0.0.1:5000/snapyard-worker`` do not.
+    """
+    name = ref.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    repository = name[: len(name) - len(last)] + last.split(":", 1)[0]
+    return repository in (DEMO_REPOSITORY, f"docker.io/library/{DEMO_REPOSITORY}")
+
+
+def missing_image_hint(ref: str) -> str:
+    """How a person gets the worker image ``ref`` onto the engine."""
+    if is_demo_image(ref):
+        return "build it with `snapyard image build` (or `make image`)"
+    return (
+        f"build it (`docker build -t {ref} DIR`) or load it (`docker load -i FILE`) on this "
+        f"engine, or set worker.image to {DEMO_REPOSITORY}:latest for Snapyard's demo worker"
+    )
+
+
+def _built_by_snapyard(labels: Mapping[str, str]) -> bool:
+    return labels.get(ROLE_LABEL) == "base" and DIGEST_LABEL in labels
 
 
 @dataclass(frozen=True)
@@ -111,22 +148,37 @@ def ensure_base_image(
     worker_dir: Path = WORKER_DIR,
     busybox: Path = BUSYBOX,
 ) -> tuple[str, bool]:
-    """Return ``(image ID, built)``; build only if ``tag`` lacks this context's digest."""
-    context = build_context(worker_dir, busybox)
-    previous: str | None = None
+    """Return ``(image ID, built)`` for the configured worker image.
+
+    A user's image (outside ``snapyard-worker``, or without our role label)
+    is used as it is and never built over; ``force`` on it is refused. Our
+    own is built when missing and rebuilt when its inputs changed.
+    """
+    current: ImageInfo | None
     try:
         current = engine.inspect_image(tag)
     except ImageMissing:
-        pass
-    else:
-        if not force and current.labels.get(DIGEST_LABEL) == context.digest:
-            return current.id, False
-        previous = current.id
+        current = None
+    if current is None and not is_demo_image(tag):
+        raise WorkerImageError(
+            f"the worker image {tag} does not exist on {engine.describe()}; "
+            f"{missing_image_hint(tag)}"
+        )
+    if current is not None and not (is_demo_image(tag) and _built_by_snapyard(current.labels)):
+        if force:
+            raise WorkerImageError(
+                f"{tag} ({current.id[7:19]}) is not an image Snapyard built, so it is never "
+                f"rebuilt or replaced; Snapyard builds only {DEMO_REPOSITORY}:<tag>"
+            )
+        return current.id, False
+    context = build_context(worker_dir, busybox)
+    if current is not None and not force and current.labels.get(DIGEST_LABEL) == context.digest:
+        return current.id, False
     labels = {ROLE_LABEL: "base", DIGEST_LABEL: context.digest}
     built = engine.build_image(context.tar, tag, labels)
-    if previous is not None and previous != built:
+    if current is not None and current.id != built:
         # The old base lost its tag; delete it unless snapshots or containers
         # still stand on it (then Docker refuses, and a later prune takes it).
         with contextlib.suppress(EngineError):
-            engine.remove_image(previous)
+            engine.remove_image(current.id)
     return built, True

@@ -9,98 +9,37 @@ afterwards, and the snapshot repository is the tests' own.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from process_kit import Supervisor, cli, running_supervisor
 
 from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
-from actors.cli import main
-from actors.client import ApiClient, ApiUnreachable
 from actors.engine.base import Engine, EngineError, ImageMissing
 
 pytestmark = pytest.mark.docker
 
 TEST_REPOSITORY = "snapyard-test-snapshot"
 SECRET = "docker-cli-secret-" + uuid.uuid4().hex
-START_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Supervisor:
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-    project: str
-    url: str
-    log: Path
-
-
-def cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        code = main(list(argv), out=out, err=err)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
 def supervisor(docker_engine: Engine, base_image: str, tmp_path: Path) -> Iterator[Supervisor]:
-    port = free_port()
     project = f"it-cli-{uuid.uuid4().hex[:8]}"
     env = {
-        "SNAPYARD_API": f"127.0.0.1:{port}",
-        "SNAPYARD_DATA_DIR": str(tmp_path / "data"),
         "SNAPYARD_SNAPSHOTS__REPOSITORY": TEST_REPOSITORY,
         "SNAPYARD_WORKER__SETUP_SECONDS": "1",
-        "SNAPYARD_LOG__FORMAT": "json",
         "SNAPYARD_SUPERVISOR__SHUTDOWN_TIMEOUT_S": "20",
     }
-    log = tmp_path / "supervisor.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "run"],
-            env={**os.environ, **env},
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    client = ApiClient(url, timeout_s=5)
-    deadline = time.monotonic() + START_S
-    while True:
-        try:
-            if client.health()[0]:
-                break
-        except ApiUnreachable:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"snapyard run did not come up:\n{log.read_text()}")
-        time.sleep(0.1)
-    yield Supervisor(process, env, project, url, log)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with running_supervisor(tmp_path, project, env) as sup:
+        yield sup
     for container in docker_engine.list_containers({"snapyard.project": project}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_container(container.id, force=True)
