@@ -83,7 +83,7 @@ class Snapyard:
     ) -> None:
         """``engine``/``clock``/``store`` default to Docker, real time and the
         store under ``settings.data_dir``; ``container_labels`` are stamped on
-        every worker container (tests mark theirs ``snapyard.test=1``)."""
+        every worker container (tests mark theirs with their session ID)."""
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self._engine = engine

@@ -1,8 +1,9 @@
 """Fixtures shared by every test: actor clean-up, the real engine, the base image.
 
-Everything a test creates on Docker carries ``TEST_LABELS``; a sweep at the end
-of the session removes what a test left behind, so a failing test never leaks
-containers or images into the next run.
+Everything a test creates on Docker carries ``TEST_LABELS`` (with this
+session's ID); a sweep at the end of the session removes what a test of this
+session left behind, so a failing test never leaks containers or images into
+the next run, and a concurrent session's objects are never touched.
 """
 
 from __future__ import annotations
@@ -15,17 +16,30 @@ from collections.abc import Iterator
 
 import pykka
 import pytest
+from session_labels import TEST_LABELS
 
 from actors.clock import FakeClock
 from actors.engine.base import Engine, EngineError, EngineUnavailable
 from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryEngine
 from actors.settings import load_settings
-from actors.worker_image import ensure_base_image
+from actors.worker_image import DEMO_REPOSITORY, build_context, ensure_base_image
 
-TEST_LABELS = {"snapyard.test": "1"}
 _DOCKER_FIXTURES = {"docker_engine", "base_image"}
 _SWEEP_PASSES = 5
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Real-engine tests run on a base image tagged by the digest of its inputs.
+
+    The engine is shared: a checkout with another entrypoint (another branch,
+    an older clone) would rebuild a shared ``snapyard-worker:latest`` under a
+    running session, which would then test the wrong image by chance. One tag
+    per content lets every session keep its own; the ``snapyard run``
+    processes the tests start inherit it through the environment.
+    """
+    tag = f"{DEMO_REPOSITORY}:test-{build_context().digest[:12]}"
+    os.environ.setdefault("SNAPYARD_WORKER__IMAGE", tag)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from session_labels import TEST_LABELS
 
 from actors.engine.base import (
     Conflict,
@@ -152,7 +153,7 @@ def rig(engine: Engine, request: pytest.FixtureRequest) -> Iterator[Rig]:
     else:
         base = request.getfixturevalue("base_image")
     run = uuid.uuid4().hex[:12]
-    labels = {"snapyard.test": "1", "snapyard.contract": run}
+    labels = {**TEST_LABELS, "snapyard.contract": run}
     yield Rig(engine, base, engine.inspect_image(base).id, labels, f"snapyard-test/c{run}")
     # Clean-up tolerates what vanished already (auto-remove, pruned parents).
     for container in engine.list_containers(labels):

@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 from process_kit import Supervisor, cli, running_supervisor
+from session_labels import SNAPSHOT_REPOSITORY
 
 from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
 from actors.engine.base import Engine, EngineError, ImageMissing
 
 pytestmark = pytest.mark.docker
 
-TEST_REPOSITORY = "snapyard-test-snapshot"
+TEST_REPOSITORY = SNAPSHOT_REPOSITORY
 SECRET = "docker-cli-secret-" + uuid.uuid4().hex
 
 

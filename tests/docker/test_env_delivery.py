@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from session_labels import TEST_LABELS
 
 from actors.app import Snapyard
 from actors.engine.base import EngineError
@@ -28,7 +29,6 @@ from actors.settings import load_settings
 
 pytestmark = pytest.mark.docker
 
-TEST_LABELS = {"snapyard.test": "1"}
 JOB_S = 60.0
 
 ANY_VALUE = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)

@@ -6,7 +6,7 @@ snapshot image after a delay hypothesis draws from zero to the length of a
 whole spawn sequence (measured once first), while two jobs for that work item
 run back to back. Every job must succeed, a sweep must leave no registry entry
 pointing at a missing image, and no container or unowned snapshot image may be
-left. Everything is labelled ``snapyard.test=1`` and lives in a test snapshot
+left. Everything carries the test session's label and lives in a test snapshot
 repository that is removed at the end.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from session_labels import TEST_LABELS
 
 from actors.app import Snapyard
 from actors.engine.base import Conflict, EngineError, ImageMissing
@@ -34,7 +35,6 @@ from actors.spawner import LABEL_MANAGED
 
 pytestmark = pytest.mark.docker
 
-TEST_LABELS = {"snapyard.test": "1"}
 REPOSITORY = f"snapyard-test-prop-{uuid.uuid4().hex[:8]}"
 KEY = SnapshotKey("prop", "item-1")
 SECRET = "s3cret-prop-" + uuid.uuid4().hex

@@ -6,7 +6,7 @@ behind the supervisor's back (``docker rmi -f``); job 2 hits the 404,
 invalidates it, runs on the base image and commits afresh; job 3 starts from
 job 2's snapshot and skips the setup. No Supervisor: a small driver sends
 Spawn, waits on the container, then sends Finish. Everything created here is
-labelled ``snapyard.test=1`` and removed afterwards.
+labelled with the test session's ID and removed afterwards.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import pykka
 import pytest
+from session_labels import SNAPSHOT_REPOSITORY, TEST_LABELS
 
 from actors.clock import SystemClock
 from actors.engine.base import Engine, EngineError
@@ -33,8 +34,7 @@ from actors.spawner import start_pool
 
 pytestmark = pytest.mark.docker
 
-TEST_LABELS = {"snapyard.test": "1"}
-TEST_REPOSITORY = "snapyard-test-snapshot"
+TEST_REPOSITORY = SNAPSHOT_REPOSITORY
 SECRET = "it-secret-" + uuid.uuid4().hex
 WAIT_S = 120.0
 
@@ -227,7 +227,7 @@ def test_committed_snapshot_config_holds_no_job_env_value(
     assert info.labels["snapyard.role"] == "snapshot"
     assert info.labels["snapyard.project"] == project
     assert info.labels.get("snapyard.job.id", "") == ""
-    assert info.labels["snapyard.test"] == "1"
+    assert info.labels["snapyard.test.session"] == TEST_LABELS["snapyard.test.session"]
 
 
 class CountingEngine:

@@ -4,8 +4,8 @@ Each test runs ``run_forever`` in a subprocess (settings from SNAPYARD_* env, a
 temporary data dir) and talks to it only through the durable job store, the
 way a restart would: jobs are written to the store as ``queued`` before the
 process starts, and the test polls the store (bounded, failing loudly) for
-their state. Every container and image is labelled ``snapyard.test=1`` and
-removed afterwards.
+their state. Every container and image is labelled with the test session's
+ID and removed afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from session_labels import SNAPSHOT_REPOSITORY, TEST_LABELS
 
 from actors.engine.base import ContainerMissing, Engine, EngineError
 from actors.model import Job, JobState, validate_spec
@@ -34,7 +35,7 @@ SCRIPT = (
     "import sys\n"
     "from actors.app import run_forever\n"
     "from actors.settings import load_settings\n"
-    "sys.exit(run_forever(load_settings(), container_labels={'snapyard.test': '1'}))\n"
+    f"sys.exit(run_forever(load_settings(), container_labels={TEST_LABELS!r}))\n"
 )
 
 
@@ -99,7 +100,7 @@ def yard_env(tmp_path: Path, base_image: str) -> dict[str, str]:
             "SNAPYARD_DATA_DIR": str(tmp_path / "data"),
             "SNAPYARD_WORKER__IMAGE": base_image,
             "SNAPYARD_WORKER__SETUP_SECONDS": "0.2",
-            "SNAPYARD_SNAPSHOTS__REPOSITORY": "snapyard-test-snapshot",
+            "SNAPYARD_SNAPSHOTS__REPOSITORY": SNAPSHOT_REPOSITORY,
             "SNAPYARD_SUPERVISOR__TICK_INTERVAL_S": "0.1",
             "SNAPYARD_SUPERVISOR__STOP_GRACE_S": "1",
             "SNAPYARD_SUPERVISOR__SHUTDOWN_TIMEOUT_S": "20",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from process_kit import cli, running_supervisor, start_run
+from session_labels import TEST_LABELS
 
 from actors.engine.base import EngineError, ImageMissing
 from actors.engine.docker import DockerEngine
@@ -25,7 +26,6 @@ from actors.worker_image import BUSYBOX
 
 pytestmark = pytest.mark.docker
 
-TEST_LABELS = {"snapyard.test": "1"}
 MARKER = "acme-agent " + uuid.uuid4().hex
 DOCKERFILE = f"""FROM scratch
 COPY busybox /bin/busybox
