@@ -134,6 +134,11 @@ def _check_id(name: str, value: object) -> str:
         raise InvalidJob(name, "must be a string")
     if not value or not value.strip():
         raise InvalidJob(name, "must not be empty")
+    if all(char.isspace() or unicodedata.category(char) == "Cf" for char in value):
+        # U+200B and friends print as nothing: an ID nobody can read or type.
+        raise InvalidJob(
+            name, "has no visible character (only spaces and invisible ones such as U+200B)"
+        )
     if len(value) > MAX_ID_LENGTH:
         raise InvalidJob(
             name, f"is {len(value)} characters long; at most {MAX_ID_LENGTH} are allowed"

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -60,6 +61,28 @@ def _choice(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
+# Docker's repository grammar (distribution/reference): lowercase path
+# components, an optional registry host[:port] first. "Snap" passed before and
+# then failed every commit ("repository name must be lowercase").
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_REPOSITORY = rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+# Room for the "/<slug>" a snapshot name adds within Docker's 255 characters.
+_MAX_REPOSITORY = 128
+
+
+def _docker_repository() -> dict[str, Any]:
+    return {
+        "pattern": _REPOSITORY,
+        "max_length": _MAX_REPOSITORY,
+        "allowed": (
+            "must be a Docker repository name: lowercase letters, digits and "
+            "'.', '_', '-' between them, '/' between parts (e.g. snapyard-snapshot), "
+            f"at most {_MAX_REPOSITORY} characters"
+        ),
+    }
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     # Empty means DOCKER_HOST, else the local socket; load_settings resolves it.
@@ -82,7 +105,7 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class SnapshotSettings:
     enabled: bool = True
-    repository: str = "snapyard-snapshot"
+    repository: str = field(default="snapyard-snapshot", metadata=_docker_repository())
     ttl_s: float = field(default=7 * 86400.0, metadata=_min(1))
     max_count: int = field(default=100, metadata=_min(1))
     max_total_bytes: int = field(default=20 * 1024**3, metadata=_min(1))
@@ -264,6 +287,12 @@ def _coerce(key: str, raw: object, hint: Any, meta: Mapping[str, Any]) -> object
             raise SettingsError(key, raw, f"must be >= {meta['min']}")
         if "max" in meta and value > meta["max"]:
             raise SettingsError(key, raw, f"must be <= {meta['max']}")
+    if "pattern" in meta and not (
+        isinstance(value, str)
+        and len(value) <= meta["max_length"]
+        and re.fullmatch(meta["pattern"], value)
+    ):
+        raise SettingsError(key, raw, meta["allowed"])
     if "choices" in meta and value not in meta["choices"]:
         raise SettingsError(key, raw, f"must be one of {', '.join(meta['choices'])}")
     return value

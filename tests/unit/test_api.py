@@ -512,6 +512,11 @@ def test_a_stale_snapshot_is_recovered_on_the_base_image(live: Served) -> None:
             "timeout_s must be a positive, finite number of seconds, not -1",
         ),
         (
+            {"project": "p", "work_item": "\u200b\u200b"},
+            "work_item",
+            "work_item has no visible character (only spaces and invisible ones such as U+200B)",
+        ),
+        (
             {"project": "p", "work_item": "w", "workitem": "typo"},
             "workitem",
             "unknown field 'workitem'; known fields: agent_type, command, env, project, timeout_s, work_item",

@@ -17,7 +17,7 @@ printable_ids = st.text(
     alphabet=st.characters(exclude_categories=_REFUSED_CATEGORIES),  # type: ignore[arg-type]
     min_size=1,
     max_size=MAX_ID_LENGTH,
-).filter(lambda s: s.strip() != "")
+).filter(lambda s: any(not c.isspace() and unicodedata.category(c) != "Cf" for c in s))
 
 
 def _refused(field: str, **kwargs: Any) -> InvalidJob:
@@ -175,6 +175,18 @@ def test_validation_answers_every_text_with_a_spec_or_invalid_job(
         assert isinstance(spec, JobSpec)
         assert 0 < len(spec.project) <= MAX_ID_LENGTH
         assert all(unicodedata.category(c) not in _REFUSED_CATEGORIES for c in spec.work_item)
+
+
+@given(
+    invisible=st.text(
+        st.one_of(st.characters(categories=["Cf"]), st.sampled_from(" \t\u3000")), min_size=1
+    )
+)
+def test_an_id_of_only_invisible_characters_is_refused(invisible: str) -> None:
+    """Regression: a work item of only U+200B (category Cf) was accepted."""
+    with pytest.raises(InvalidJob) as info:
+        validate_spec("p", invisible)
+    assert info.value.field == "work_item"
 
 
 def test_env_names_with_a_trailing_newline_are_refused() -> None:

@@ -168,6 +168,12 @@ def _error(tmp_path: Path, text: str = "", env: dict[str, str] | None = None) ->
         ("projects = 3\n", {}, "projects", 3, "table"),
         ("[snapshots]\nttl_s = 1" + "0" * 400 + "\n", {}, "snapshots.ttl_s", None, "finite"),
         ("", {"SNAPYARD_A__B__C__D": "1"}, "SNAPYARD_A__B__C__D", "1", "SNAPYARD_<SECTION>__<KEY>"),
+        # Regression: accepted, then every commit failed "repository name must be lowercase".
+        ('[snapshots]\nrepository = "Snap"\n', {}, "snapshots.repository", "Snap", "lowercase"),
+        ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "a//b"}, "snapshots.repository", "a//b", "Docker"),
+        ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "-a"}, "snapshots.repository", "-a", "Docker"),
+        ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "a:1"}, "snapshots.repository", "a:1", "Docker"),
+        ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "a" * 129}, "snapshots.repository", None, "128"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(
@@ -211,3 +217,12 @@ def test_env_value_colliding_with_a_file_value(tmp_path: Path) -> None:
     error = _error(tmp_path, "snapshots = 1\n", {"SNAPYARD_SNAPSHOTS__MAX_COUNT": "2"})
     assert error.key == "snapshots.max_count"
     assert "collides" in error.allowed
+
+
+@pytest.mark.parametrize(
+    "repository",
+    ["snapyard-snapshot", "team/snaps", "a.b_c__d-e", "127.0.0.1:5000/team/snaps", "reg.io/x"],
+)
+def test_docker_repository_names_are_accepted(repository: str) -> None:
+    settings = load_settings(env={"SNAPYARD_SNAPSHOTS__REPOSITORY": repository})
+    assert settings.snapshots.repository == repository
