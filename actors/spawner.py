@@ -41,6 +41,7 @@ from actors.engine.base import (
     ImageConfig,
     ImageMissing,
 )
+from actors.masking import mask_secrets
 from actors.messages import (
     ActorCrashed,
     Finish,
@@ -403,7 +404,7 @@ class Spawner(pykka.ThreadingActor):
         logs_tail = ""
         try:
             logs = self._patiently(self._engine.container_logs, msg.container_id, LOGS_TAIL_LINES)
-            logs_tail = logs.stdout + logs.stderr
+            logs_tail = mask_secrets(logs.text, spec.env.values())
         except EngineError as exc:
             errors.append(f"could not read logs: {exc}")
             self._capture(exc, spec, msg.job_id, msg.container_id)

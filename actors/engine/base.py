@@ -194,8 +194,13 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class Logs:
-    stdout: str
-    stderr: str
+    """The last lines of a container's output, stdout and stderr interleaved in
+    the order the daemon logged them: a job's error reads next to its cause."""
+
+    text: str
+
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
 
 
 EventKind = Literal["container_exited", "container_oom", "image_deleted", "image_untagged"]

@@ -277,15 +277,12 @@ class DockerEngine:
         self._forget_secrets(mounts)
 
     def container_logs(self, container_id: str, tail: int = 200) -> Logs:
-        # Docker tails the combined log before filtering by stream, so two
-        # calls split one tail rather than taking ``tail`` lines of each.
+        # One call for both streams: the daemon tails its combined log in the
+        # order it was written. Two calls (one per stream) lost that order, and
+        # a stream whose lines all fell before the combined tail came back empty.
         with self._call(container=container_id) as api:
-            out = api.logs(container_id, stdout=True, stderr=False, tail=max(0, tail))
-            err = api.logs(container_id, stdout=False, stderr=True, tail=max(0, tail))
-        return Logs(
-            stdout=out.decode("utf-8", "replace"),
-            stderr=err.decode("utf-8", "replace"),
-        )
+            both = api.logs(container_id, stdout=True, stderr=True, tail=max(0, tail))
+        return Logs(text=both.decode("utf-8", "replace"))
 
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         with self._call() as api:

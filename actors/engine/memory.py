@@ -405,9 +405,13 @@ class MemoryEngine:
 
     def append_logs(self, container_id: str, stdout: str = "", stderr: str = "") -> None:
         """Add output as the container would print it: stdout first, then stderr."""
+        self.print_output(container_id, ("stdout", stdout), ("stderr", stderr))
+
+    def print_output(self, container_id: str, *chunks: tuple[str, str]) -> None:
+        """Add ``(stream, text)`` chunks in the order given, as a worker interleaves them."""
         with self._lock:
             record = self._find_container(container_id)
-            for stream, text in (("stdout", stdout), ("stderr", stderr)):
+            for stream, text in chunks:
                 record.log.extend((stream, line) for line in text.splitlines(keepends=True))
 
     def ignore_sigterm(self, container_id: str) -> None:
@@ -552,12 +556,9 @@ class MemoryEngine:
         self._enter("container_logs", container_id, tail)
         with self._lock:
             record = self._find_container(container_id)
-            # Docker tails the combined log, then splits it by stream.
+            # Docker tails the combined log, in the order it was written.
             lines = record.log[-tail:] if tail > 0 else []
-            return Logs(
-                stdout="".join(line for stream, line in lines if stream == "stdout"),
-                stderr="".join(line for stream, line in lines if stream == "stderr"),
-            )
+            return Logs(text="".join(line for _stream, line in lines))
 
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         self._enter("list_containers", dict(labels))

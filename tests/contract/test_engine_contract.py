@@ -51,6 +51,9 @@ STUBBORN = ("sh", "-c", "trap '' TERM; sleep 30")
 WRITE = ("sh", "-c", f"echo data > {JOB_FILE}")
 READ = ("sh", "-c", f"cat {JOB_FILE}")
 SHOW_TOKEN = ("sh", "-c", 'echo "token=[$API_TOKEN]"')
+# The pauses are the worker's, not the test's: lines written to two pipes in
+# the same instant may be logged in either order by the daemon.
+INTERLEAVED = ("sh", "-c", "echo out1; sleep 0.5; echo err1 >&2; sleep 0.5; echo out2")
 TOKEN = "s3cret value with spaces=and équals"
 DIGEST_LINE = re.compile(r'printf %s "\$(\w+)" \| sha256sum')
 
@@ -83,6 +86,10 @@ def play(container: MemoryContainer) -> int | None:
         return 0
     if command == READ:
         engine.append_logs(container.id, stdout=container.files.get(JOB_FILE, ""))
+        return 0
+    if command == INTERLEAVED:
+        engine.print_output(container.id, ("stdout", "out1\n"), ("stderr", "err1\n"))
+        engine.print_output(container.id, ("stdout", "out2\n"))
         return 0
     if command == SHOW_TOKEN:
         token = container.process_env.get("API_TOKEN", "")
@@ -244,15 +251,19 @@ def test_start_wait_gives_the_exit_code_and_logs_are_demultiplexed(rig: Rig) -> 
     assert state.exit_code == 3
     assert state.started_at is not None
     assert state.finished_at is not None
-    logs = rig.engine.container_logs(container_id)
-    assert "out" in logs.stdout.splitlines()
-    assert "err" not in logs.stdout.splitlines()
-    assert logs.stderr.splitlines() == ["err"]
-    assert "worker: setup done" in logs.stdout.splitlines()
-    # Docker tails the combined log, then splits it: one line in all, not one per stream.
-    # (Which stream it comes from is up to the daemon's copy order.)
-    last = rig.engine.container_logs(container_id, tail=1)
-    assert len(last.stdout.splitlines()) + len(last.stderr.splitlines()) == 1
+    lines = rig.engine.container_logs(container_id).lines()
+    assert "worker: setup done" in lines
+    assert {"out", "err"} <= set(lines)
+    # Docker tails the combined log: one line in all, not one per stream.
+    assert len(rig.engine.container_logs(container_id, tail=1).lines()) == 1
+
+
+def test_logs_keep_stdout_and_stderr_in_the_order_they_were_written(rig: Rig) -> None:
+    """Regression: the streams were read apart and joined (out1 out2 err1)."""
+    container_id, code = rig.run(INTERLEAVED)
+    assert code == 0
+    assert rig.engine.container_logs(container_id).lines()[-3:] == ["out1", "err1", "out2"]
+    assert rig.engine.container_logs(container_id, tail=2).lines() == ["err1", "out2"]
 
 
 def test_wait_times_out_as_engine_unavailable(rig: Rig) -> None:
@@ -355,7 +366,7 @@ def test_secret_env_reaches_the_worker_but_no_committed_config(rig: Rig) -> None
         PLAYING[container_id] = rig.engine
     rig.engine.start_container(container_id)
     assert rig.engine.wait_container(container_id, timeout_s=30) == 0
-    assert f"token=[{TOKEN}]" in rig.engine.container_logs(container_id).stdout
+    assert f"token=[{TOKEN}]" in rig.engine.container_logs(container_id).text
     image_id = rig.engine.commit_container(container_id, rig.repo, "secret", ImageConfig())
     info = rig.engine.inspect_image(image_id)
     assert not [e for e in (*info.env, *info.container_env) if TOKEN in e]
@@ -403,7 +414,7 @@ def test_any_env_value_reaches_the_job_byte_for_byte(rig: Rig) -> None:
         try:
             rig.engine.start_container(container_id)
             assert rig.engine.wait_container(container_id, timeout_s=60) == 0
-            lines = rig.engine.container_logs(container_id).stdout.splitlines()
+            lines = rig.engine.container_logs(container_id).lines()
         finally:
             rig.engine.remove_container(container_id, force=True)
         got = [line.split()[0] for line in lines if line.endswith("  -")]
@@ -422,7 +433,7 @@ def test_commit_keeps_the_filesystem_for_the_next_container(rig: Rig) -> None:
     snapshot = rig.snapshot()
     container_id, code = rig.run(READ, image=snapshot)
     assert code == 0
-    logs = rig.engine.container_logs(container_id).stdout.splitlines()
+    logs = rig.engine.container_logs(container_id).lines()
     assert "data" in logs
     assert any("setup skipped" in line for line in logs)
 

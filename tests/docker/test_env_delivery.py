@@ -110,3 +110,21 @@ def test_any_env_reaches_the_job_byte_for_byte(app: Snapyard) -> None:
     delivered()
     # Later jobs of the key start from a snapshot, whose entrypoint reads the file too.
     assert any(seen_snapshot)
+
+
+def test_a_job_that_prints_its_secret_shows_it_masked(app: Snapyard) -> None:
+    """What `snapyard job ID --logs` serves comes from the store: masked there."""
+    token = "tok-" + uuid.uuid4().hex
+    spec = validate_spec(
+        "env-prop",
+        "mask",
+        command=["sh", "-c", 'echo "token=$TOKEN"; echo "again $TOKEN" >&2'],
+        env={"TOKEN": token},
+    )
+    job = app.wait(app.submit(spec).id, JOB_S)
+    assert job.state is JobState.SUCCEEDED, job
+    # Two pipes written in the same instant: the daemon logs them in either order.
+    assert {"token=***", "again ***"} <= set(job.logs_tail.splitlines())
+    stored = app.get(job.id)
+    assert stored is not None
+    assert token not in stored.logs_tail

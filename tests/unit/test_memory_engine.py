@@ -247,8 +247,9 @@ def test_files_and_logs_helpers(mem: MemoryEngine) -> None:
     image_id = mem.commit_container(container_id, "snap", "x", ImageConfig())
     assert mem.image_files(image_id) == {"/workspace/.marker": "yes"}
     assert mem.image_parent(image_id) == mem.inspect_image(BASE).id
-    logs = mem.container_logs(container_id, tail=2)
-    assert (logs.stdout, logs.stderr) == ("b\n", "c\n")
+    assert mem.container_logs(container_id, tail=2).text == "b\nc\n"
+    mem.print_output(container_id, ("stderr", "d\n"), ("stdout", "e\n"))
+    assert mem.container_logs(container_id, tail=3).lines() == ["c", "d", "e"]
 
 
 def test_events_since_replays_and_close_from_another_thread_ends_iteration(

@@ -374,6 +374,27 @@ def test_logs_tail_is_returned_with_stdout_and_stderr() -> None:
         pykka.ActorRegistry.stop_all()
 
 
+def test_a_job_that_prints_its_secret_has_it_masked_in_its_logs() -> None:
+    """Regression: a job echoing its token had it stored and served by /jobs/ID/logs."""
+    rig = make_rig(exit_code=None).start()
+    try:
+        started = rig.spawn("job-1", SPEC)
+        assert isinstance(started, Started)
+        rig.engine.print_output(
+            started.container_id,
+            ("stdout", f"calling api with {SECRET}\n"),
+            ("stderr", f"401 for token {SECRET[:-1]}?\n"),  # a prefix is not the secret
+        )
+        rig.engine.exit_container(started.container_id, 0)
+        finished = rig.finish("job-1", SPEC, started.container_id, 0)
+        assert finished.logs_tail.splitlines() == [
+            "calling api with ***",
+            f"401 for token {SECRET[:-1]}?",
+        ]
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
 # --- failures, retries and cleanup ----------------------------------------
 
 
