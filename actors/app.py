@@ -145,7 +145,7 @@ class Snapyard:
         if built:
             log.info("built the worker image %s (%s)", settings.worker.image, self.base_image_id)
         if self._store is None:
-            self._store = JobStore(settings.data_dir / "snapyard.db", self.clock)
+            self._store = JobStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)
         except BaseException:

@@ -22,6 +22,7 @@ from actors.app import run_forever
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.demo import run_demo
 from actors.engine.base import Engine, EngineError, ImageMissing
+from actors.labels import LABEL_WORKER_DIGEST
 from actors.model import JobState
 from actors.settings import (
     LogSettings,
@@ -32,7 +33,7 @@ from actors.settings import (
 )
 from actors.store import JobStore
 from actors.telemetry import setup_logging
-from actors.worker_image import DIGEST_LABEL, WorkerImageError, build_context, ensure_base_image
+from actors.worker_image import WorkerImageError, build_context, ensure_base_image
 
 __all__ = [
     "EXIT_JOB_FAILED",
@@ -515,7 +516,7 @@ _Check = tuple[str, bool, str, str]  # name, ok, what was found, what to do when
 
 
 def _check_store(settings: Settings) -> _Check:
-    path = settings.data_dir / "snapyard.db"
+    path = settings.store_path
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         with JobStore(path) as store:
@@ -643,7 +644,7 @@ def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
     else:
         note = ""
         try:
-            if image.labels.get(DIGEST_LABEL) != build_context().digest:
+            if image.labels.get(LABEL_WORKER_DIGEST) != build_context().digest:
                 note = f" (older than config/worker; {_IMAGE_HINT} to refresh)"
         except WorkerImageError as exc:
             note = f" (cannot rebuild it here: {exc})"

@@ -183,6 +183,11 @@ class Settings:
     def data_dir(self) -> Path:
         return Path(self.supervisor.data_dir).expanduser()
 
+    @property
+    def store_path(self) -> Path:
+        """The job store's file: named once, because the CLI's doctor opens it too."""
+        return self.data_dir / "snapyard.db"
+
     def replace(self, **sections: Any) -> Settings:
         """A copy with some sections' keys changed: ``replace(worker={"network": "none"})``."""
         changes: dict[str, Any] = {}

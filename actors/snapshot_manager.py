@@ -25,6 +25,15 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
+from actors.labels import (
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_PROJECT,
+    LABEL_REPOSITORY,
+    LABEL_ROLE,
+    LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
+)
 from actors.messages import (
     ActorCrashed,
     ImageDeleted,
@@ -42,29 +51,11 @@ from actors.settings import Settings
 from actors.telemetry import METRICS, capture_error
 
 __all__ = [
-    "LABEL_BASE_IMAGE_ID",
-    "LABEL_CREATED_AT",
-    "LABEL_PROJECT",
-    "LABEL_REPOSITORY",
-    "LABEL_ROLE",
-    "LABEL_WORK_ITEM",
-    "ROLE_SNAPSHOT",
     "SnapshotManager",
     "same_image",
 ]
 
 log = logging.getLogger(__name__)
-
-# The labels a committed snapshot carries: the registry is rebuilt from them.
-LABEL_ROLE = "snapyard.role"
-ROLE_SNAPSHOT = "snapshot"
-LABEL_PROJECT = "snapyard.project"
-LABEL_WORK_ITEM = "snapyard.work_item"
-LABEL_BASE_IMAGE_ID = "snapyard.base_image_id"
-LABEL_CREATED_AT = "snapyard.created_at"
-# Which snapshot repository (one Snapyard instance) owns the image: two
-# instances on one engine must never adopt, or delete, each other's snapshots.
-LABEL_REPOSITORY = "snapyard.repository"
 
 # Image IDs reported gone; bounded, because a long-lived supervisor sees many.
 _MAX_TOMBSTONES = 4096

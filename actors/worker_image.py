@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.engine.base import Engine, EngineError, ImageMissing
+from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST, ROLE_BASE
 
 __all__ = [
     "BUSYBOX",
-    "DIGEST_LABEL",
-    "ROLE_LABEL",
     "WORKER_DIR",
     "WorkerContext",
     "WorkerImageError",
@@ -32,8 +31,6 @@ __all__ = [
 
 WORKER_DIR = Path(__file__).resolve().parents[1] / "config" / "worker"
 BUSYBOX = Path("/bin/busybox")
-ROLE_LABEL = "snapyard.role"
-DIGEST_LABEL = "snapyard.worker.digest"
 _INSTALL_HINT = "install Debian's static busybox: `apt-get install busybox-static`"
 _PT_INTERP = 3
 
@@ -119,10 +116,10 @@ def ensure_base_image(
     except ImageMissing:
         pass
     else:
-        if not force and current.labels.get(DIGEST_LABEL) == context.digest:
+        if not force and current.labels.get(LABEL_WORKER_DIGEST) == context.digest:
             return current.id, False
         previous = current.id
-    labels = {ROLE_LABEL: "base", DIGEST_LABEL: context.digest}
+    labels = {LABEL_ROLE: ROLE_BASE, LABEL_WORKER_DIGEST: context.digest}
     built = engine.build_image(context.tar, tag, labels)
     if previous is not None and previous != built:
         # The old base lost its tag; delete it unless snapshots or containers

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
-    "SECRET_ENV_PATH",
     "Conflict",
     "ContainerMissing",
     "ContainerSpec",
@@ -31,9 +30,6 @@ __all__ = [
     "ImageMissing",
     "Logs",
 ]
-
-# Where a worker finds its secret env: one NAME=<base64 of the UTF-8 value> a line.
-SECRET_ENV_PATH = "/run/snapyard/env"  # noqa: S105 - a path, not a password
 
 
 class EngineError(Exception):
@@ -95,7 +91,7 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     # Env the worker sees but the container's config never holds: Docker writes
     # a container's config, env included, into every image committed from it
-    # (ContainerConfig). Delivered as a read-only file at SECRET_ENV_PATH that
+    # (ContainerConfig). Delivered as a read-only file at labels.SECRET_ENV_PATH that
     # the worker's entrypoint exports; see config/worker/entrypoint.sh.
     secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)

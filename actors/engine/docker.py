@@ -31,7 +31,6 @@ import docker.errors
 import requests
 
 from actors.engine.base import (
-    SECRET_ENV_PATH,
     Conflict,
     ContainerMissing,
     ContainerSpec,
@@ -45,6 +44,7 @@ from actors.engine.base import (
     ImageMissing,
     Logs,
 )
+from actors.labels import SECRET_ENV_PATH
 
 __all__ = ["DockerEngine"]
 

@@ -60,6 +60,7 @@ from actors.engine.base import (
     ImageMissing,
     Logs,
 )
+from actors.labels import LABEL_ROLE, ROLE_BASE
 
 __all__ = ["MemoryContainer", "MemoryEngine", "MemoryImage", "normalize_tag"]
 
@@ -344,7 +345,7 @@ class MemoryEngine:
         """
         return self.add_image(
             tag,
-            labels=dict(labels or {"snapyard.role": "base"}),
+            labels=dict(labels or {LABEL_ROLE: ROLE_BASE}),
             env=("PATH=/usr/local/bin:/bin",),
             cmd=("sh", "-c", "echo job done"),
             entrypoint=("/usr/local/bin/snapyard-worker",),

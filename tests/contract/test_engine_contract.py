@@ -31,6 +31,7 @@ from actors.engine.base import (
 )
 from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST
 from actors.worker_image import ensure_base_image
 
 TAG = "snapyard-worker:latest"
@@ -120,7 +121,7 @@ class Rig:
         container_id, code = self.run(WRITE, image)
         assert code == 0
         image_id = self.engine.commit_container(
-            container_id, self.repo, tag, ImageConfig(labels={"snapyard.role": "snapshot"})
+            container_id, self.repo, tag, ImageConfig(labels={LABEL_ROLE: "snapshot"})
         )
         self.engine.remove_container(container_id)
         return image_id
@@ -215,7 +216,7 @@ def test_create_from_tag_from_id_and_from_short_id(rig: Rig) -> None:
         assert state.exit_code is None
         assert state.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
         # Image labels show through, under the container's own.
-        assert state.labels["snapyard.role"] == "base"
+        assert state.labels[LABEL_ROLE] == "base"
 
 
 def test_start_wait_gives_the_exit_code_and_logs_are_demultiplexed(rig: Rig) -> None:
@@ -302,7 +303,7 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     base = rig.engine.inspect_image(rig.base_id)
     override = ImageConfig(
         env=["SNAPYARD_JOB_ID=", "SNAPYARD_SETUP_SECONDS=", "SNAPYARD_SNAPSHOT_REUSE=true"],
-        labels={"snapyard.role": "snapshot", "snapyard.key": "k1"},
+        labels={LABEL_ROLE: "snapshot", "snapyard.key": "k1"},
     )
     image_id = rig.engine.commit_container(container_id, rig.repo, "merge", override)
     info = rig.engine.inspect_image(image_id)
@@ -310,10 +311,10 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     assert info.env[:3] == tuple(override.env)
     assert not any("job-secret-4711" in entry for entry in info.env)
     assert set(base.env) <= set(info.env)
-    assert info.labels["snapyard.role"] == "snapshot"
+    assert info.labels[LABEL_ROLE] == "snapshot"
     assert info.labels["snapyard.key"] == "k1"
     assert info.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
-    assert info.labels["snapyard.worker.digest"] == base.labels["snapyard.worker.digest"]
+    assert info.labels[LABEL_WORKER_DIGEST] == base.labels[LABEL_WORKER_DIGEST]
     assert info.entrypoint == base.entrypoint
     assert info.cmd == DONE
     assert info.tags == (f"{rig.repo}:merge",)

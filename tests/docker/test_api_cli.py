@@ -29,6 +29,7 @@ from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
 from actors.cli import main
 from actors.client import ApiClient, ApiUnreachable
 from actors.engine.base import Engine, EngineError, ImageMissing
+from actors.labels import LABEL_PROJECT
 
 pytestmark = pytest.mark.docker
 
@@ -101,10 +102,10 @@ def supervisor(docker_engine: Engine, base_image: str, tmp_path: Path) -> Iterat
     if process.poll() is None:
         process.kill()
         process.wait()
-    for container in docker_engine.list_containers({"snapyard.project": project}):
+    for container in docker_engine.list_containers({LABEL_PROJECT: project}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_container(container.id, force=True)
-    images = docker_engine.list_images({"snapyard.project": project})
+    images = docker_engine.list_images({LABEL_PROJECT: project})
     for image in sorted(images, key=lambda i: i.created_at, reverse=True):
         with contextlib.suppress(EngineError):
             docker_engine.remove_image(image.id, force=True)

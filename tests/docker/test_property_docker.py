@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from actors.app import Snapyard
 from actors.engine.base import Conflict, EngineError, ImageMissing
 from actors.engine.docker import DockerEngine
+from actors.labels import LABEL_MANAGED, LABEL_REPOSITORY
 from actors.model import JobState, SnapshotKey, validate_spec
 from actors.naming import snapshot_image_name
 from actors.settings import load_settings
-from actors.spawner import LABEL_MANAGED
 
 pytestmark = pytest.mark.docker
 
@@ -80,7 +80,7 @@ class Rig:
 
 def _remove_repository_images(engine: DockerEngine) -> None:
     for _ in range(5):  # children before parents: one generation per pass
-        images = engine.list_images({"snapyard.repository": REPOSITORY})
+        images = engine.list_images({LABEL_REPOSITORY: REPOSITORY})
         if not images:
             return
         for image in images:
@@ -133,7 +133,7 @@ def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
     assert rig.managed_containers() == []
     rig.app.prune_snapshots()
     registered = {s.image_id for s in rig.app.snapshots()}
-    listed = rig.engine.list_images({"snapyard.repository": REPOSITORY})
+    listed = rig.engine.list_images({LABEL_REPOSITORY: REPOSITORY})
     extra = [(i.id, dict(i.labels), i.created_at) for i in listed if i.id not in registered]
     if extra:  # pytest.fail keeps the whole list: an assert's repr would cut it
         pytest.fail(f"snapshot images outside the registry: {extra!r}; registered: {registered}")

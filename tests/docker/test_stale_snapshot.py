@@ -25,6 +25,7 @@ import pytest
 
 from actors.clock import SystemClock
 from actors.engine.base import Engine, EngineError
+from actors.labels import LABEL_JOB_ID, LABEL_PROJECT, LABEL_ROLE
 from actors.messages import Finish, Finished, ListSnapshots, Spawn, SpawnFailed, Started
 from actors.model import JobSpec, Snapshot
 from actors.settings import Settings
@@ -109,11 +110,11 @@ def project(docker_engine: Engine) -> Iterator[str]:
     name = f"it-{uuid.uuid4().hex[:10]}"
     yield name
     pykka.ActorRegistry.stop_all()
-    for container in docker_engine.list_containers({"snapyard.project": name}):
+    for container in docker_engine.list_containers({LABEL_PROJECT: name}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_container(container.id, force=True)
     # Newest first: a child goes before its parent.
-    images = docker_engine.list_images({"snapyard.project": name})
+    images = docker_engine.list_images({LABEL_PROJECT: name})
     for image in sorted(images, key=lambda i: i.created_at, reverse=True):
         with contextlib.suppress(EngineError):
             docker_engine.remove_image(image.id, force=True)
@@ -165,7 +166,7 @@ def test_deleted_snapshot_recovers_on_the_base_image_and_the_next_job_reuses_a_f
     assert third.finished.error is None
 
     # Every container was removed after its run.
-    assert docker_engine.list_containers({"snapyard.project": project}) == []
+    assert docker_engine.list_containers({LABEL_PROJECT: project}) == []
 
     # The cost of one recovery, warm: a stale start against a plain base start.
     base_starts, stale_starts = [], []
@@ -206,7 +207,7 @@ def test_missing_base_image_fails_clearly_without_a_retry(
         assert "make image" in failed.error
         assert counting.calls.count("create_container") == 0
         assert counting.calls.count("inspect_image") == 1
-    assert docker_engine.list_containers({"snapyard.project": project}) == []
+    assert docker_engine.list_containers({LABEL_PROJECT: project}) == []
 
 
 def test_committed_snapshot_config_holds_no_job_env_value(
@@ -224,9 +225,9 @@ def test_committed_snapshot_config_holds_no_job_env_value(
     assert not [entry for entry in info.container_env if SECRET in entry]
     assert "API_TOKEN=" in info.env
     assert SECRET not in repr(dict(info.labels))
-    assert info.labels["snapyard.role"] == "snapshot"
-    assert info.labels["snapyard.project"] == project
-    assert info.labels.get("snapyard.job.id", "") == ""
+    assert info.labels[LABEL_ROLE] == "snapshot"
+    assert info.labels[LABEL_PROJECT] == project
+    assert info.labels.get(LABEL_JOB_ID, "") == ""
     assert info.labels["snapyard.test"] == "1"
 
 

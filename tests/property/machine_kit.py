@@ -33,6 +33,16 @@ from actors.engine.base import (
     ImageMissing,
 )
 from actors.engine.memory import MemoryContainer, MemoryEngine, MemoryImage, normalize_tag
+from actors.labels import (
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_ROLE,
+    LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
+)
 from actors.messages import (
     GetStatus,
     ListSnapshots,
@@ -46,16 +56,8 @@ from actors.model import Snapshot
 from actors.naming import snapshot_image_name
 from actors.reaper import Reaper
 from actors.settings import Settings
-from actors.snapshot_manager import (
-    LABEL_BASE_IMAGE_ID,
-    LABEL_CREATED_AT,
-    LABEL_PROJECT,
-    LABEL_ROLE,
-    LABEL_WORK_ITEM,
-    ROLE_SNAPSHOT,
-    SnapshotManager,
-)
-from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
+from actors.snapshot_manager import SnapshotManager
+from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.timers import Scheduler

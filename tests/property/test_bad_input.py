@@ -26,6 +26,7 @@ from machine_kit import eventually
 from actors.api import ApiServer
 from actors.app import Snapyard
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.labels import LABEL_ROLE
 from actors.model import MAX_ID_LENGTH, InvalidJob, JobSpec, validate_spec
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
@@ -88,7 +89,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer
         api={"host": "127.0.0.1", "port": 0, "token": ""},
     )
     engine = MemoryEngine(exit_policy=_policy)
-    engine.add_image(BASE_TAG, labels={"snapyard.role": "base"}, cmd=("sh", "-c", "true"))
+    engine.add_image(BASE_TAG, labels={LABEL_ROLE: "base"}, cmd=("sh", "-c", "true"))
     app = Snapyard(settings, engine=engine).start()
     try:
         with ApiServer(app, settings.api) as server:

@@ -16,6 +16,14 @@ import pykka
 
 from actors.clock import FakeClock
 from actors.engine.memory import MemoryEngine
+from actors.labels import (
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_PROJECT,
+    LABEL_REPOSITORY,
+    LABEL_ROLE,
+    LABEL_WORK_ITEM,
+)
 from actors.messages import (
     Finish,
     Finished,
@@ -63,12 +71,12 @@ def snapshot_labels(
     key: SnapshotKey, base_id: str, created_at: float, repository: str = "snapyard-snapshot"
 ) -> dict[str, str]:
     return {
-        "snapyard.role": "snapshot",
-        "snapyard.project": key.project,
-        "snapyard.work_item": key.work_item,
-        "snapyard.base_image_id": base_id,
-        "snapyard.created_at": repr(created_at),
-        "snapyard.repository": repository,
+        LABEL_ROLE: "snapshot",
+        LABEL_PROJECT: key.project,
+        LABEL_WORK_ITEM: key.work_item,
+        LABEL_BASE_IMAGE_ID: base_id,
+        LABEL_CREATED_AT: repr(created_at),
+        LABEL_REPOSITORY: repository,
     }
 
 

@@ -23,6 +23,7 @@ from actors.engine.base import (
     ImageMissing,
 )
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.labels import LABEL_ROLE
 
 BASE = "base:latest"
 
@@ -39,7 +40,7 @@ def clock() -> FakeClock:
 @pytest.fixture
 def mem(clock: FakeClock) -> MemoryEngine:
     engine = MemoryEngine(clock=clock, exit_policy=lambda _: 0)
-    engine.add_image(BASE, labels={"snapyard.role": "base"}, env=["PATH=/bin"])
+    engine.add_image(BASE, labels={LABEL_ROLE: "base"}, env=["PATH=/bin"])
     return engine
 
 

@@ -11,6 +11,7 @@ import pytest
 from spawn_kit import Rig, make_rig, test_settings
 
 from actors.engine.base import EngineUnavailable
+from actors.labels import LABEL_ROLE
 from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseImage, SweepSnapshots
 from actors.model import SnapshotKey
 from actors.settings import ProjectSettings
@@ -255,7 +256,7 @@ def test_restart_leaves_another_repositorys_snapshots_alone(rig: Rig) -> None:
 def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: Rig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
-    new_base = rig.engine.add_image("snapyard-worker:test", labels={"snapyard.role": "base"})
+    new_base = rig.engine.add_image("snapyard-worker:test", labels={LABEL_ROLE: "base"})
     rig.ask(SetBaseImage(new_base))
     assert rig.snapshots() == []
     assert snap.image_id not in rig.image_ids()

@@ -16,6 +16,18 @@ from spawn_kit import BASE_TAG, Collector, Rig, make_rig, test_settings
 
 from actors import spawner as spawner_module
 from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, ImageMissing
+from actors.labels import (
+    LABEL_AGENT_TYPE,
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_IMAGE_SOURCE,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_ROLE,
+    LABEL_SNAPSHOT_ENABLED,
+    LABEL_WORK_ITEM,
+)
 from actors.messages import (
     ActorCrashed,
     Finished,
@@ -91,8 +103,8 @@ def test_fallback_preserves_snapshot_enabled_so_a_clean_exit_commits(rig: Rig) -
     rig.engine.calls.clear()
     started, finished = rig.run("job-1", SPEC)
     fallback = specs(rig)[1]
-    assert fallback.labels["snapyard.snapshot.enabled"] == "true"
-    assert fallback.labels["snapyard.image.source"] == "base"
+    assert fallback.labels[LABEL_SNAPSHOT_ENABLED] == "true"
+    assert fallback.labels[LABEL_IMAGE_SOURCE] == "base"
     assert fallback.auto_remove is False
     assert fallback.env["SNAPYARD_SNAPSHOT_REUSE"] == "0"
     assert fallback.memory_bytes == specs(rig)[0].memory_bytes
@@ -183,9 +195,7 @@ def test_image_deleted_between_commit_and_register_never_leaves_a_dangling_entry
     def delete_new_snapshot() -> None:
         # Armed at commit: fires on the next inspect_image, the new image's.
         repo_tag = next(
-            tag
-            for info in rig.engine.list_images({"snapyard.role": "snapshot"})
-            for tag in info.tags
+            tag for info in rig.engine.list_images({LABEL_ROLE: "snapshot"}) for tag in info.tags
         )
         rig.engine.delete_image_behind_back(repo_tag)
 
@@ -234,14 +244,14 @@ def test_base_start_carries_the_label_env_and_limits_contract(rig: Rig) -> None:
         "SNAPYARD_SETUP_SECONDS": "1",
     }
     assert spec.labels == {
-        "snapyard.managed": "true",
-        "snapyard.job.id": "job-1",
-        "snapyard.project": "proj",
-        "snapyard.work_item": "item-1",
-        "snapyard.agent_type": "coder",
-        "snapyard.snapshot.enabled": "true",
-        "snapyard.image.source": "base",
-        "snapyard.base_image_id": rig.base_id,
+        LABEL_MANAGED: "true",
+        LABEL_JOB_ID: "job-1",
+        LABEL_PROJECT: "proj",
+        LABEL_WORK_ITEM: "item-1",
+        LABEL_AGENT_TYPE: "coder",
+        LABEL_SNAPSHOT_ENABLED: "true",
+        LABEL_IMAGE_SOURCE: "base",
+        LABEL_BASE_IMAGE_ID: rig.base_id,
     }
     assert spec.memory_bytes == worker.memory_mb * 1024 * 1024
     assert spec.pids_limit == worker.pids_limit
@@ -263,7 +273,7 @@ def test_snapshot_start_uses_the_image_id_never_a_tag(rig: Rig) -> None:
     assert spec.image == snap
     assert started.image_id == snap
     assert started.from_snapshot is True
-    assert spec.labels["snapyard.image.source"] == "snapshot"
+    assert spec.labels[LABEL_IMAGE_SOURCE] == "snapshot"
     assert spec.env["SNAPYARD_SNAPSHOT_REUSE"] == "1"
     assert tuple(spec.command or ()) == ("true",)
 
@@ -273,7 +283,7 @@ def test_snapshots_off_starts_from_base_even_with_a_snapshot(rig: Rig) -> None:
     rig.engine.calls.clear()
     started, _finished = rig.run("job-1", SPEC, snapshots=False)
     assert started.from_snapshot is False
-    assert specs(rig)[0].labels["snapyard.snapshot.enabled"] == "false"
+    assert specs(rig)[0].labels[LABEL_SNAPSHOT_ENABLED] == "false"
 
 
 # --- commits --------------------------------------------------------------
@@ -296,18 +306,18 @@ def test_job_labels_are_dropped_from_the_snapshot(rig: Rig) -> None:
     snap = commit_snapshot(rig)
     labels = rig.engine.inspect_image(snap).labels
     for name in (
-        "snapyard.managed",
-        "snapyard.job.id",
-        "snapyard.agent_type",
-        "snapyard.snapshot.enabled",
-        "snapyard.image.source",
+        LABEL_MANAGED,
+        LABEL_JOB_ID,
+        LABEL_AGENT_TYPE,
+        LABEL_SNAPSHOT_ENABLED,
+        LABEL_IMAGE_SOURCE,
     ):
         assert labels.get(name, "") == ""
-    assert labels["snapyard.role"] == "snapshot"
-    assert labels["snapyard.project"] == "proj"
-    assert labels["snapyard.work_item"] == "item-1"
-    assert labels["snapyard.base_image_id"] == rig.base_id
-    assert float(labels["snapyard.created_at"]) == rig.clock.now()
+    assert labels[LABEL_ROLE] == "snapshot"
+    assert labels[LABEL_PROJECT] == "proj"
+    assert labels[LABEL_WORK_ITEM] == "item-1"
+    assert labels[LABEL_BASE_IMAGE_ID] == rig.base_id
+    assert float(labels[LABEL_CREATED_AT]) == rig.clock.now()
 
 
 def test_snapshot_is_named_from_the_key(rig: Rig) -> None:
@@ -356,7 +366,7 @@ def test_a_commit_that_fails_after_docker_created_the_image_leaves_no_image(rig:
     assert finished.snapshot_image_id is None
     assert finished.error is not None
     assert "unknown parent image ID" in finished.error
-    assert rig.engine.list_images({"snapyard.role": "snapshot"}) == []
+    assert rig.engine.list_images({LABEL_ROLE: "snapshot"}) == []
     assert rig.engine.list_containers({}) == []
 
 
@@ -428,12 +438,12 @@ def test_stale_snapshot_falls_back_even_with_a_single_attempt() -> None:
 
 def test_base_image_rebuilt_invalidates_older_snapshots(rig: Rig) -> None:
     old = commit_snapshot(rig)
-    new_base = rig.engine.add_image(BASE_TAG, labels={"snapyard.role": "base"})
+    new_base = rig.engine.add_image(BASE_TAG, labels={LABEL_ROLE: "base"})
     rig.engine.calls.clear()
     started, _finished = rig.run("job-1", SPEC)
     assert started.from_snapshot is False
     assert started.image_id == new_base
-    assert specs(rig)[0].labels["snapyard.base_image_id"] == new_base
+    assert specs(rig)[0].labels[LABEL_BASE_IMAGE_ID] == new_base
     assert old not in rig.image_ids()
     assert [s.base_image_id for s in rig.snapshots()] == [new_base]
 
@@ -465,9 +475,7 @@ def test_300_runs_of_one_work_item_in_a_row_keep_working() -> None:
         assert snap.layers <= rig.settings.snapshots.max_layers
         # Replaced chains are pruned, not leaked: at most one chain of layers is left.
         snapshot_images = [
-            i
-            for i in rig.engine.list_images({"snapyard.role": "snapshot"})
-            if i.id != snap.image_id
+            i for i in rig.engine.list_images({LABEL_ROLE: "snapshot"}) if i.id != snap.image_id
         ]
         assert snapshot_images == []
         assert rig.engine.list_containers({}) == []

@@ -18,6 +18,7 @@ from spawn_kit import Collector
 from yard_kit import MANAGED, Yard, eventually, yard_settings
 
 from actors.engine.base import ContainerMissing, EngineUnavailable
+from actors.labels import LABEL_JOB_ID, LABEL_MANAGED
 from actors.messages import (
     Cancel,
     ContainerExited,
@@ -34,7 +35,7 @@ from actors.messages import (
 from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
 from actors.settings import AgentTypeSettings, ProjectSettings
 from actors.snapshot_manager import SnapshotManager
-from actors.spawner import LABEL_JOB_ID, Spawner
+from actors.spawner import Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
 from actors.telemetry import METRICS
@@ -332,7 +333,7 @@ def test_orphan_sweep_removes_only_ours_and_only_after_grace(tmp_path: Path) -> 
     ours_exited = yard.foreign_container(dict(MANAGED))
     yard.engine.exit_container(ours_exited, 0)
     not_ours = yard.foreign_container({"com.example": "x"})
-    not_ours_exited = yard.foreign_container({"snapyard.managed": "false"})
+    not_ours_exited = yard.foreign_container({LABEL_MANAGED: "false"})
     yard.engine.exit_container(not_ours_exited, 1)
 
     yard.clock.advance(299)

@@ -17,11 +17,12 @@ from waiting import EVENTUALLY_S, eventually
 from actors.clock import FakeClock
 from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
 from actors.engine.memory import MemoryEngine
+from actors.labels import LABEL_JOB_ID, LABEL_MANAGED
 from actors.messages import GetJob, Reconcile, Submit, Tick
 from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
-from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
+from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.watcher import Watcher
