@@ -20,7 +20,6 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -28,23 +27,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pykka
 
-from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
+from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import ApiSettings, SettingsError
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import METRICS, capture_error
+from actors.wire import WireError, client_host, job_json, snapshot_json, spec_from_json
 
 __all__ = [
-    "JOB_FIELDS",
     "MAX_BODY_BYTES",
-    "SNAPSHOT_FIELDS",
     "ApiServer",
     "Facade",
     "check_bind_allowed",
-    "client_host",
     "is_loopback",
-    "iso_time",
-    "job_json",
-    "snapshot_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,35 +48,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 64
 MAX_LIST_LIMIT = 1000
-
-# The stable JSON shapes, in order. Env is deliberately absent: it is a secret.
-JOB_FIELDS = (
-    "id",
-    "state",
-    "project",
-    "work_item",
-    "agent_type",
-    "image_id",
-    "from_snapshot",
-    "snapshot_committed",
-    "exit_code",
-    "error",
-    "created_at",
-    "started_at",
-    "finished_at",
-)
-SNAPSHOT_FIELDS = (
-    "project",
-    "work_item",
-    "image_id",
-    "tag",
-    "base_image_id",
-    "size_bytes",
-    "layers",
-    "created_at",
-    "last_used_at",
-)
-_SUBMIT_KEYS = frozenset({"project", "work_item", "agent_type", "command", "env", "timeout_s"})
 
 
 class Facade(Protocol):
@@ -107,48 +72,6 @@ class Facade(Protocol):
     def health(self) -> tuple[bool, str]: ...
 
 
-def iso_time(ts: float | None) -> str | None:
-    """Epoch seconds as ISO-8601 UTC (``...Z``): what every client can parse."""
-    if ts is None:
-        return None
-    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    """The stable JSON shape of a job (API and ``--json``). Never includes env."""
-    return {
-        "id": job.id,
-        "state": str(job.state),
-        "project": job.spec.project,
-        "work_item": job.spec.work_item,
-        "agent_type": job.spec.agent_type,
-        "image_id": job.image_id,
-        "from_snapshot": job.from_snapshot,
-        "snapshot_committed": job.snapshot_committed,
-        "exit_code": job.exit_code,
-        "error": job.error,
-        "created_at": iso_time(job.created_at),
-        "started_at": iso_time(job.started_at),
-        "finished_at": iso_time(job.finished_at),
-    }
-
-
-def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
-    """The stable JSON shape of a snapshot registry entry."""
-    return {
-        "project": snapshot.key.project,
-        "work_item": snapshot.key.work_item,
-        "image_id": snapshot.image_id,
-        "tag": snapshot.tag,
-        "base_image_id": snapshot.base_image_id,
-        "size_bytes": snapshot.size_bytes,
-        "layers": snapshot.layers,
-        "created_at": iso_time(snapshot.created_at),
-        "last_used_at": iso_time(snapshot.last_used_at),
-    }
-
-
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and ``localhost``; names are not resolved on purpose."""
     if host.lower() == "localhost":
@@ -168,15 +91,6 @@ def check_bind_allowed(api: ApiSettings) -> None:
             "a non-loopback address needs a bearer token: set api.token or "
             "SNAPYARD_API_TOKEN, or listen on 127.0.0.1",
         )
-
-
-def client_host(host: str) -> str:
-    """Where a client on this machine reaches a server bound to ``host``."""
-    if host in ("", "0.0.0.0"):  # noqa: S104 - a wildcard bind is reached on loopback
-        return "127.0.0.1"
-    if host.strip("[]") == "::":
-        return "::1"
-    return host
 
 
 class _HttpError(Exception):
@@ -411,30 +325,10 @@ class _Handler(BaseHTTPRequestHandler):
     # --- routes ------------------------------------------------------------
 
     def _submit(self, parts: list[str]) -> _Body:
-        body = self._read_json()
-        if not isinstance(body, dict):
-            raise _HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, "the body must be a JSON object")
-        unknown = sorted(set(body) - _SUBMIT_KEYS)
-        if unknown:
-            raise _HttpError(
-                HTTPStatus.UNPROCESSABLE_ENTITY,
-                f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(_SUBMIT_KEYS))}",
-                unknown[0],
-            )
-        for required in ("project", "work_item"):
-            if required not in body:
-                raise _HttpError(
-                    HTTPStatus.UNPROCESSABLE_ENTITY, f"{required} is required", required
-                )
         try:
-            spec = validate_spec(
-                project=body["project"],
-                work_item=body["work_item"],
-                agent_type=body.get("agent_type", "default"),
-                command=body.get("command"),
-                env=body.get("env"),
-                timeout_s=body.get("timeout_s"),
-            )
+            spec = spec_from_json(self._read_json())
+        except WireError as exc:
+            raise _HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message, exc.field) from None
         except InvalidJob as exc:
             raise _HttpError(
                 HTTPStatus.UNPROCESSABLE_ENTITY, f"{exc.field} {exc.problem}", exc.field

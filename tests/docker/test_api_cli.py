@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
 from actors.cli import main
 from actors.client import ApiClient, ApiUnreachable
 from actors.engine.base import Engine, EngineError, ImageMissing
 from actors.labels import LABEL_PROJECT
+from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
 pytestmark = pytest.mark.docker
 
