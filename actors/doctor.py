@@ -125,7 +125,7 @@ def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
         note = ""
         try:
             if image.labels.get(LABEL_WORKER_DIGEST) != build_context().digest:
-                note = f" (older than config/worker; {_IMAGE_HINT} to refresh)"
+                note = f" (older than actors/worker; {_IMAGE_HINT} to refresh)"
         except WorkerImageError as exc:
             note = f" (cannot rebuild it here: {exc})"
         checks.append(("base image", True, f"{tag}: {short_id(image.id)}{note}", ""))

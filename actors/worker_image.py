@@ -15,6 +15,8 @@ import io
 import struct
 import tarfile
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from actors.engine.base import Engine, EngineError, ImageMissing
@@ -29,7 +31,8 @@ __all__ = [
     "ensure_base_image",
 ]
 
-WORKER_DIR = Path(__file__).resolve().parents[1] / "config" / "worker"
+# Shipped inside the package (package data), so an installed wheel builds it too.
+WORKER_DIR: Traversable = files("actors") / "worker"
 BUSYBOX = Path("/bin/busybox")
 _INSTALL_HINT = "install Debian's static busybox: `apt-get install busybox-static`"
 _PT_INTERP = 3
@@ -68,7 +71,7 @@ def _require_static_elf(path: Path, blob: bytes) -> None:
             )
 
 
-def build_context(worker_dir: Path = WORKER_DIR, busybox: Path = BUSYBOX) -> WorkerContext:
+def build_context(worker_dir: Traversable = WORKER_DIR, busybox: Path = BUSYBOX) -> WorkerContext:
     """The build context as a tar, and a digest of its inputs."""
     try:
         busybox_blob = busybox.read_bytes()
@@ -105,7 +108,7 @@ def ensure_base_image(
     engine: Engine,
     tag: str,
     force: bool = False,
-    worker_dir: Path = WORKER_DIR,
+    worker_dir: Traversable = WORKER_DIR,
     busybox: Path = BUSYBOX,
 ) -> tuple[str, bool]:
     """Return ``(image ID, built)``; build only if ``tag`` lacks this context's digest."""

@@ -89,7 +89,7 @@ def docker_engine() -> Iterator[DockerEngine]:
 
 @pytest.fixture(scope="session")
 def base_image(docker_engine: DockerEngine) -> str:
-    """The base worker image's tag, built if config/worker changed."""
+    """The base worker image's tag, built if actors/worker changed."""
     tag = load_settings(env=os.environ).worker.image
     ensure_base_image(docker_engine, tag)
     return tag

@@ -92,7 +92,7 @@ class ContainerSpec:
     # Env the worker sees but the container's config never holds: Docker writes
     # a container's config, env included, into every image committed from it
     # (ContainerConfig). Delivered as a read-only file at labels.SECRET_ENV_PATH that
-    # the worker's entrypoint exports; see config/worker/entrypoint.sh.
+    # the worker's entrypoint exports; see actors/worker/entrypoint.sh.
     secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)
     memory_bytes: int | None = None

@@ -338,7 +338,7 @@ class MemoryEngine:
     def add_worker_image(
         self, tag: str = "snapyard-worker:latest", labels: Mapping[str, str] | None = None
     ) -> str:
-        """Seed an image shaped like config/worker's: its entrypoint, cmd, env and workdir.
+        """Seed an image shaped like actors/worker's: its entrypoint, cmd, env and workdir.
 
         Tests, benchmarks and users of this engine then create containers
         whose committed snapshots carry the same config as on Docker.

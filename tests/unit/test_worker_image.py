@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
+import actors
 from actors.engine.base import ImageMissing
 from actors.engine.memory import MemoryEngine
 from actors.worker_image import WORKER_DIR, ensure_base_image
@@ -16,8 +16,16 @@ TAG = "snapyard-worker:test"
 
 def _worker_copy(tmp_path: Path) -> Path:
     folder = tmp_path / "worker"
-    shutil.copytree(WORKER_DIR, folder)
+    folder.mkdir()
+    for item in WORKER_DIR.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
     return folder
+
+
+def test_the_worker_context_ships_inside_the_package() -> None:
+    """An installed wheel has no repository around it: the context is package data."""
+    assert {item.name for item in WORKER_DIR.iterdir()} >= {"Dockerfile", "entrypoint.sh"}
+    assert Path(str(WORKER_DIR)).resolve().parent == Path(actors.__file__).resolve().parent
 
 
 def test_an_unchanged_context_is_not_rebuilt(tmp_path: Path) -> None:
