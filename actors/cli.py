@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help="config file (default: $SNAPYARD_CONFIG, else config/snapyard.toml)",
+        help="config file (default: $SNAPYARD_CONFIG, else the built-in defaults)",
     )
     parser = _Parser(
         prog="snapyard",
