@@ -42,7 +42,7 @@ JOB_S = 60.0
 EXAMPLES = 24
 
 
-class Rig:
+class AppRig:
     def __init__(self, app: Snapyard, engine: DockerEngine) -> None:
         self.app = app
         self.engine = engine
@@ -91,7 +91,7 @@ def _remove_repository_images(engine: DockerEngine) -> None:
 @pytest.fixture
 def rig(
     docker_engine: DockerEngine, base_image: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Rig]:
+) -> Iterator[AppRig]:
     data_dir: Path = tmp_path_factory.mktemp("property-docker")
     configured = load_settings(env=os.environ)
     app_settings = configured.replace(
@@ -108,7 +108,7 @@ def rig(
         sentry={"dsn": ""},
     )
     app = Snapyard(app_settings, engine=docker_engine, container_labels=TEST_LABELS).start()
-    rig = Rig(app, docker_engine)
+    rig = AppRig(app, docker_engine)
     try:
         # The length of one whole spawn sequence (lookup, create, start, run,
         # commit, register, remove) from a snapshot: the window the deletion is drawn in.
@@ -125,7 +125,7 @@ def rig(
         _remove_repository_images(docker_engine)
 
 
-def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
+def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: AppRig) -> None:
     # The property runs inside one test: the shared actor clean-up stops
     # every actor after each test, and the app must outlive all examples.
     deleted_at_any_moment(rig)
@@ -150,7 +150,7 @@ def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
     database=None,  # a drawn delay does not replay the same race on a real engine
 )
 @given(fraction=st.floats(min_value=0.0, max_value=1.0))
-def deleted_at_any_moment(rig: Rig, fraction: float) -> None:
+def deleted_at_any_moment(rig: AppRig, fraction: float) -> None:
     image_id = rig.current_snapshot()
     delay = fraction * rig.spawn_sequence_s
     errors: list[BaseException] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+from actor_kit import kit_settings
 from pykka.messages import ProxyGetAttr
 from waiting import eventually
 
@@ -79,8 +80,8 @@ def outcome_command(outcome: int | str) -> tuple[str, str]:
 
 
 def machine_settings(**overrides: Any) -> Settings:
-    settings = Settings().replace(
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+    settings = kit_settings(
+        BASE_TAG,
         retry={"attempts": 2, "backoff_initial_s": 1.0, "backoff_max_s": 8.0},
         snapshots={
             "repository": REPOSITORY,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pykka
 import pytest
-from yard_kit import BASE_TAG, new_engine
+from actor_kit import kit_settings
+from yard_kit import new_engine
 
 from actors.app import Snapyard, SnapyardError
 from actors.clock import FakeClock
@@ -28,8 +29,7 @@ def _stop_actors() -> Iterator[None]:
 
 
 def app_settings(tmp_path: Path, **supervisor: object) -> Settings:
-    return Settings().replace(
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+    return kit_settings(
         retry={"attempts": 2, "backoff_initial_s": 0.1, "backoff_max_s": 0.5},
         supervisor={"data_dir": str(tmp_path / "data"), "tick_interval_s": 0.05, **supervisor},
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pykka
 import pytest
-from spawn_kit import Collector
+from actor_kit import Collector
 from yard_kit import MANAGED, Yard, eventually, yard_settings
 
 from actors.engine.base import ContainerMissing, EngineUnavailable

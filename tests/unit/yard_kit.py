@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+from actor_kit import BASE_TAG, kit_settings
 from waiting import EVENTUALLY_S, eventually
 
 from actors.clock import FakeClock
@@ -27,14 +28,12 @@ from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.watcher import Watcher
 
-BASE_TAG = "snapyard-worker:test"
 MANAGED = {LABEL_MANAGED: "true"}
 ASK_S = 10.0
 
 
 def yard_settings(**supervisor: Any) -> Settings:
-    return Settings().replace(
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+    return kit_settings(
         retry={"attempts": 3, "backoff_initial_s": 0.5, "backoff_max_s": 4.0},
         supervisor={
             "max_workers": 4,
