@@ -22,7 +22,8 @@ import pykka
 import pytest
 from api_kit import BASE_TAG, WAIT_S, Served, served
 
-from actors.api import MAX_BODY_BYTES, ApiServer, check_bind_allowed, is_loopback
+from actors.api import ApiServer, check_bind_allowed, is_loopback
+from actors.api_routes import MAX_BODY_BYTES
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import ApiSettings, SentrySettings, SettingsError
