@@ -75,9 +75,8 @@ from actors.messages import (
     Terminated,
 )
 from actors.model import JobSpec, Snapshot
-from actors.naming import snapshot_image_name
+from actors.naming import same_image, snapshot_image_name
 from actors.settings import Settings
-from actors.snapshot_manager import same_image
 from actors.telemetry import METRICS, capture_error, job_log
 
 __all__ = [
