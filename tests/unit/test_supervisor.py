@@ -15,10 +15,10 @@ from typing import Any
 import pykka
 import pytest
 from actor_kit import Collector
-from yard_kit import MANAGED, Yard, eventually, yard_settings
+from yard_kit import Yard, eventually, yard_settings
 
 from actors.engine.base import ContainerMissing, EngineUnavailable
-from actors.labels import LABEL_JOB_ID, LABEL_MANAGED
+from actors.labels import LABEL_JOB_ID, LABEL_MANAGED, MANAGED_FILTER
 from actors.messages import (
     Cancel,
     ContainerExited,
@@ -329,8 +329,8 @@ def test_cancel_running_terminates_without_commit(tmp_path: Path) -> None:
 def test_orphan_sweep_removes_only_ours_and_only_after_grace(tmp_path: Path) -> None:
     yard = Yard(tmp_path, yard_settings(orphan_grace_s=300.0)).start()
     job = yard.running_job(yard.submit().id)
-    ours_running = yard.foreign_container({**MANAGED, LABEL_JOB_ID: "j-gone"})
-    ours_exited = yard.foreign_container(dict(MANAGED))
+    ours_running = yard.foreign_container({**MANAGED_FILTER, LABEL_JOB_ID: "j-gone"})
+    ours_exited = yard.foreign_container(dict(MANAGED_FILTER))
     yard.engine.exit_container(ours_exited, 0)
     not_ours = yard.foreign_container({"com.example": "x"})
     not_ours_exited = yard.foreign_container({LABEL_MANAGED: "false"})
@@ -456,7 +456,7 @@ def test_restart_starting_with_a_running_container_adopts_it(tmp_path: Path) -> 
     yard = Yard(tmp_path)
     job = Job(new_job_id(), validate_spec("p", "w"), JobState.STARTING, yard.clock.now())
     yard.store.add(job)
-    cid = yard.foreign_container({**MANAGED, LABEL_JOB_ID: job.id})
+    cid = yard.foreign_container({**MANAGED_FILTER, LABEL_JOB_ID: job.id})
     yard.start()
     assert yard.running_job(job.id).container_id == cid
     assert yard.created_for() == [job.id]  # only the one made above: not started twice

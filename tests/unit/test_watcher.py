@@ -11,11 +11,12 @@ from typing import Any
 import pykka
 import pytest
 from actor_kit import SYNC, Collector, drain
-from yard_kit import BASE_TAG, MANAGED, Yard, eventually, new_engine
+from yard_kit import BASE_TAG, Yard, eventually, new_engine
 
 from actors.clock import FakeClock
 from actors.engine.base import ContainerSpec, EngineError
 from actors.engine.memory import MemoryEngine
+from actors.labels import MANAGED_FILTER
 from actors.messages import ContainerExited, ImageDeleted, Reconcile
 from actors.model import JobState
 from actors.watcher import Watcher
@@ -71,16 +72,16 @@ def rig() -> Iterator[WatcherRig]:
 
 
 def test_exits_of_managed_containers_and_oom_marks(rig: WatcherRig) -> None:
-    ours = rig.container(dict(MANAGED))
+    ours = rig.container(dict(MANAGED_FILTER))
     theirs = rig.container({"com.example": "x"})
-    oom = rig.container(dict(MANAGED))
+    oom = rig.container(dict(MANAGED_FILTER))
     rig.engine.exit_container(theirs, 0)
     rig.engine.exit_container(ours, 3)
     rig.engine.exit_container(oom, 137, oom=True)
     rig.watcher.start()
     assert rig.next_for_supervisor() == ContainerExited(ours, 3, False)
     assert rig.next_for_supervisor() == ContainerExited(oom, 137, True)
-    later = rig.container(dict(MANAGED))
+    later = rig.container(dict(MANAGED_FILTER))
     rig.engine.exit_container(later, 0)
     # The OOM mark was consumed by its exit: the next exit is a plain one.
     assert rig.next_for_supervisor() == ContainerExited(later, 0, False)
@@ -92,7 +93,7 @@ def test_image_deleted_is_forwarded_but_untagged_is_not(rig: WatcherRig) -> None
     rig.engine.remove_image("snapyard-snapshot/p.w:k2")  # only an untag
     moved = rig.engine.add_image("other:1")
     rig.engine.remove_image("other:1")  # untag + delete
-    marker = rig.container(dict(MANAGED))
+    marker = rig.container(dict(MANAGED_FILTER))
     rig.engine.exit_container(marker, 0)
     rig.watcher.start()
     assert rig.next_for_supervisor() == ContainerExited(marker, 0, False)
@@ -103,7 +104,7 @@ def test_image_deleted_is_forwarded_but_untagged_is_not(rig: WatcherRig) -> None
 def test_reconnect_after_a_break_tells_reconcile_and_replays_the_missed_exit(
     rig: WatcherRig,
 ) -> None:
-    cid = rig.container(dict(MANAGED))
+    cid = rig.container(dict(MANAGED_FILTER))
     rig.watcher.start()
     eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
     rig.gate.clear()

@@ -18,7 +18,7 @@ from waiting import EVENTUALLY_S, eventually
 from actors.clock import FakeClock
 from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
 from actors.engine.memory import MemoryEngine
-from actors.labels import LABEL_JOB_ID, LABEL_MANAGED
+from actors.labels import LABEL_JOB_ID, MANAGED_FILTER
 from actors.messages import GetJob, Reconcile, Submit, Tick
 from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
@@ -28,7 +28,6 @@ from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.watcher import Watcher
 
-MANAGED = {LABEL_MANAGED: "true"}
 ASK_S = 10.0
 
 
@@ -147,7 +146,7 @@ class Yard:
     # --- the engine's view -------------------------------------------------
 
     def running(self) -> list[ContainerState]:
-        return [c for c in self.engine.list_containers(MANAGED) if c.running]
+        return [c for c in self.engine.list_containers(MANAGED_FILTER) if c.running]
 
     def exists(self, container_id: str) -> bool:
         try:
