@@ -147,7 +147,7 @@ class Snapyard:
         else:
             log.info("worker image %s (%s)", image, self.base_image_id[:19])
         if self._store is None:
-            self._store = JobStore(settings.data_dir / "snapyard.db", self.clock)
+            self._store = JobStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)
         except BaseException:
@@ -417,8 +417,6 @@ def run_forever(
         except SnapyardError as exc:
             log.error("%s", exc)
             return 2
-        if on_started is not None:
-            on_started(app)
         if on_started is not None:
             on_started(app)  # e.g. the CLI hands the running facade to its API server
         # A bounded wait keeps the main thread returning to Python, where

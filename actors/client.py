@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from actors.api import client_host
 from actors.settings import ApiSettings
+from actors.wire import client_host
 
 __all__ = ["ApiClient", "ApiError", "ApiUnreachable"]
 

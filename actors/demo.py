@@ -20,6 +20,7 @@ from typing import TextIO
 
 from actors.app import Snapyard
 from actors.engine.base import Engine, EngineError
+from actors.labels import LABEL_DEMO
 from actors.model import Job, JobSpec, JobState, SnapshotKey
 from actors.settings import Settings
 from actors.telemetry import METRICS
@@ -31,7 +32,7 @@ DEMO_PROJECT = "snapyard-demo"
 # Test-like: never the operator's repository, so cleanup cannot touch real snapshots.
 DEMO_REPOSITORY = "snapyard-demo-snapshot"
 # On every worker container, and so on every image committed from one.
-DEMO_LABELS = {"snapyard.demo": "1"}
+DEMO_LABELS = {LABEL_DEMO: "1"}
 SETUP_SECONDS = 2.0
 JOB_TIMEOUT_S = 120.0
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from actors.labels import RESERVED_ENV_PREFIX
+
 __all__ = [
     "MAX_ID_LENGTH",
     "InvalidJob",
@@ -29,8 +31,6 @@ MAX_COMMAND_ARGS = 256
 MAX_ENV_VARS = 256
 MAX_ENV_VALUE_BYTES = 32 * 1024
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Env names the supervisor sets itself; a job may not override them.
-RESERVED_ENV_PREFIX = "SNAPYARD_"
 
 
 class InvalidJob(ValueError):

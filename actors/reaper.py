@@ -14,16 +14,13 @@ from typing import Any
 import pykka
 
 from actors.engine.base import ContainerMissing, Engine, EngineError
+from actors.labels import LABEL_MANAGED, MANAGED_FILTER
 from actors.messages import ContainersListed, ListContainers, RemoveContainer
-from actors.spawner import LABEL_MANAGED
 from actors.telemetry import capture_error
 
-__all__ = ["MANAGED_LABEL", "MANAGED_LABELS", "Reaper"]
+__all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
-
-MANAGED_LABEL = LABEL_MANAGED
-MANAGED_LABELS = {MANAGED_LABEL: "true"}
 
 
 class Reaper(pykka.ThreadingActor):
@@ -51,7 +48,7 @@ class Reaper(pykka.ThreadingActor):
 
     def _list(self, message: ListContainers) -> None:
         try:
-            containers = tuple(self._engine.list_containers(MANAGED_LABELS))
+            containers = tuple(self._engine.list_containers(MANAGED_FILTER))
         except EngineError as exc:
             reply = ContainersListed(message.reason, message.seq, (), error=str(exc))
         else:
@@ -67,7 +64,7 @@ class Reaper(pykka.ThreadingActor):
             state = self._engine.inspect_container(cid)
             # Belt and braces: never touch a container without our label, even
             # if a caller got an ID wrong.
-            if state.labels.get(MANAGED_LABEL) != "true":
+            if state.labels.get(LABEL_MANAGED) != "true":
                 log.error("reaper: refusing to remove unmanaged container %s", cid)
                 return
             if state.running:

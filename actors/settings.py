@@ -18,6 +18,8 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Union
 
@@ -39,7 +41,10 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SNAPYARD_"
-DEFAULT_CONFIG = Path("config/snapyard.toml")
+# The shipped default configuration, every key with its default: package data,
+# found the same way from a checkout or an installed wheel, whatever the cwd.
+# config/snapyard.toml in the repository is a symlink to it.
+DEFAULT_CONFIG: Traversable = files("actors") / "defaults" / "snapyard.toml"
 DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
 
 
@@ -205,6 +210,11 @@ class Settings:
     @property
     def data_dir(self) -> Path:
         return Path(self.supervisor.data_dir).expanduser()
+
+    @property
+    def store_path(self) -> Path:
+        """The job store's file: named once, because the CLI's doctor opens it too."""
+        return self.data_dir / "snapyard.db"
 
     def replace(self, **sections: Any) -> Settings:
         """A copy with some sections' keys changed: ``replace(worker={"network": "none"})``."""
@@ -376,13 +386,13 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
 def config_path_from_env(
     explicit: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> Path | None:
-    """--config, else SNAPYARD_CONFIG, else config/snapyard.toml when it exists."""
+    """--config, else SNAPYARD_CONFIG; None means the packaged defaults."""
     if explicit:
         return Path(explicit)
     env = os.environ if env is None else env
     if env.get("SNAPYARD_CONFIG"):
         return Path(env["SNAPYARD_CONFIG"])
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    return None
 
 
 def load_settings(
@@ -392,8 +402,10 @@ def load_settings(
     """Load settings from ``path`` (or the usual places) with env overrides applied."""
     env = os.environ if env is None else env
     config = config_path_from_env(path, env)
-    data: dict[str, Any] = {}
-    if config is not None:
+    data: dict[str, Any]
+    if config is None:
+        data = tomllib.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    else:
         try:
             data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -25,6 +25,15 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
+from actors.labels import (
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_PROJECT,
+    LABEL_REPOSITORY,
+    LABEL_ROLE,
+    LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
+)
 from actors.messages import (
     ActorCrashed,
     ImageDeleted,
@@ -37,46 +46,19 @@ from actors.messages import (
     SweepSnapshots,
 )
 from actors.model import Snapshot, SnapshotKey
+from actors.naming import bare_image_id, same_image
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.telemetry import METRICS, capture_error
 
 __all__ = [
-    "LABEL_BASE_IMAGE_ID",
-    "LABEL_CREATED_AT",
-    "LABEL_PROJECT",
-    "LABEL_REPOSITORY",
-    "LABEL_ROLE",
-    "LABEL_WORK_ITEM",
-    "ROLE_SNAPSHOT",
     "SnapshotManager",
-    "same_image",
 ]
 
 log = logging.getLogger(__name__)
 
-# The labels a committed snapshot carries: the registry is rebuilt from them.
-LABEL_ROLE = "snapyard.role"
-ROLE_SNAPSHOT = "snapshot"
-LABEL_PROJECT = "snapyard.project"
-LABEL_WORK_ITEM = "snapyard.work_item"
-LABEL_BASE_IMAGE_ID = "snapyard.base_image_id"
-LABEL_CREATED_AT = "snapyard.created_at"
-# Which snapshot repository (one Snapyard instance) owns the image: two
-# instances on one engine must never adopt, or delete, each other's snapshots.
-LABEL_REPOSITORY = "snapyard.repository"
-
 # Image IDs reported gone; bounded, because a long-lived supervisor sees many.
 _MAX_TOMBSTONES = 4096
-
-
-def same_image(a: str, b: str) -> bool:
-    """Docker spells an ID with or without ``sha256:``; both name one image."""
-    return _norm(a) == _norm(b)
-
-
-def _norm(image_id: str) -> str:
-    return image_id.removeprefix("sha256:")
 
 
 @dataclass(frozen=True)
@@ -239,7 +221,7 @@ class SnapshotManager(pykka.ThreadingActor):
         return entry
 
     def _register(self, snapshot: Snapshot) -> None:
-        if _norm(snapshot.image_id) in self._tombstones:
+        if bare_image_id(snapshot.image_id) in self._tombstones:
             log.info(
                 "ignoring Register of %s: image %s was deleted", snapshot.key, snapshot.image_id
             )
@@ -262,7 +244,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 self._queue_delete(snapshot.image_id, "older than the registered snapshot")
                 return
             self._queue_delete(current.image_id, "replaced by a newer snapshot")
-        self._pending.pop(_norm(snapshot.image_id), None)
+        self._pending.pop(bare_image_id(snapshot.image_id), None)
         self._registry[snapshot.key] = snapshot
 
     def _invalidate(self, key: SnapshotKey, image_id: str, reason: str) -> None:
@@ -277,7 +259,7 @@ class SnapshotManager(pykka.ThreadingActor):
 
     def _image_deleted(self, image_id: str) -> None:
         self._tombstone(image_id)
-        self._pending.pop(_norm(image_id), None)
+        self._pending.pop(bare_image_id(image_id), None)
         for key, entry in list(self._registry.items()):
             if same_image(entry.image_id, image_id):
                 del self._registry[key]
@@ -337,20 +319,20 @@ class SnapshotManager(pykka.ThreadingActor):
         listed = self._list_snapshot_images()
         if listed is None:
             return
-        present = {_norm(info.id) for info in listed}
+        present = {bare_image_id(info.id) for info in listed}
         for key, entry in list(self._registry.items()):
-            if _norm(entry.image_id) in present or self._exists(entry.image_id):
+            if bare_image_id(entry.image_id) in present or self._exists(entry.image_id):
                 continue
             del self._registry[key]
             self._tombstone(entry.image_id)
             log.warning("snapshot %s dropped: image %s is gone", key, entry.image_id)
         # A commit whose Register never arrived (a Spawner died in between)
         # leaves an image nobody owns. A grace period protects in-flight ones.
-        owned = {_norm(s.image_id) for s in self._registry.values()}
+        owned = {bare_image_id(s.image_id) for s in self._registry.values()}
         grace = self._settings.supervisor.orphan_grace_s
         now = self._clock.now()
         for info in listed:
-            if _norm(info.id) in owned or _norm(info.id) in self._pending:
+            if bare_image_id(info.id) in owned or bare_image_id(info.id) in self._pending:
                 continue
             if now - _created_at(info) > grace:
                 self._queue_delete(info.id, "orphaned snapshot image")
@@ -384,8 +366,8 @@ class SnapshotManager(pykka.ThreadingActor):
         self._queue_delete(entry.image_id, reason)
 
     def _queue_delete(self, image_id: str, reason: str) -> None:
-        if _norm(image_id) not in self._tombstones:
-            self._pending[_norm(image_id)] = reason
+        if bare_image_id(image_id) not in self._tombstones:
+            self._pending[bare_image_id(image_id)] = reason
 
     def _delete_pending(self, skip: set[str] | None = None) -> None:
         """Try every queued deletion; what the engine refuses stays for the next sweep."""
@@ -429,7 +411,9 @@ class SnapshotManager(pykka.ThreadingActor):
             if snapshot is None:
                 log.warning("image %s is labelled a snapshot but lacks its key labels", info.id)
                 continue
-            if _norm(info.id) in {_norm(s.image_id) for s in self._registry.values()}:
+            if bare_image_id(info.id) in {
+                bare_image_id(s.image_id) for s in self._registry.values()
+            }:
                 continue
             self._register(snapshot)
             adopted += 1
@@ -449,8 +433,8 @@ class SnapshotManager(pykka.ThreadingActor):
         return [i for i in images if i.labels.get(LABEL_REPOSITORY, repository) == repository]
 
     def _tombstone(self, image_id: str) -> None:
-        self._tombstones[_norm(image_id)] = None
-        self._tombstones.move_to_end(_norm(image_id))
+        self._tombstones[bare_image_id(image_id)] = None
+        self._tombstones.move_to_end(bare_image_id(image_id))
         while len(self._tombstones) > _MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
 

@@ -41,6 +41,25 @@ from actors.engine.base import (
     ImageConfig,
     ImageMissing,
 )
+from actors.labels import (
+    CONTAINER_ENV,
+    ENV_JOB_ID,
+    ENV_SETUP_SECONDS,
+    ENV_SNAPSHOT_REUSE,
+    JOB_LABELS,
+    LABEL_AGENT_TYPE,
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_IMAGE_SOURCE,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_REPOSITORY,
+    LABEL_ROLE,
+    LABEL_SNAPSHOT_ENABLED,
+    LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
+)
 from actors.masking import mask_secrets
 from actors.messages import (
     ActorCrashed,
@@ -57,27 +76,11 @@ from actors.messages import (
     Terminated,
 )
 from actors.model import JobSpec, Snapshot
-from actors.naming import snapshot_image_name
+from actors.naming import same_image, snapshot_image_name
 from actors.settings import Settings
-from actors.snapshot_manager import (
-    LABEL_BASE_IMAGE_ID,
-    LABEL_CREATED_AT,
-    LABEL_PROJECT,
-    LABEL_REPOSITORY,
-    LABEL_ROLE,
-    LABEL_WORK_ITEM,
-    ROLE_SNAPSHOT,
-    same_image,
-)
 from actors.telemetry import METRICS, capture_error, job_log
 
 __all__ = [
-    "JOB_LABELS",
-    "LABEL_AGENT_TYPE",
-    "LABEL_IMAGE_SOURCE",
-    "LABEL_JOB_ID",
-    "LABEL_MANAGED",
-    "LABEL_SNAPSHOT_ENABLED",
     "BaseImageMissing",
     "Spawner",
     "StaleSnapshot",
@@ -85,29 +88,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# The container label contract (the Supervisor re-adopts containers by it):
-#   snapyard.managed=true, snapyard.job.id, snapyard.project, snapyard.work_item,
-#   snapyard.agent_type, snapyard.snapshot.enabled=true|false,
-#   snapyard.image.source=base|snapshot, snapyard.base_image_id=<lineage base ID>
-LABEL_MANAGED = "snapyard.managed"
-LABEL_JOB_ID = "snapyard.job.id"
-LABEL_AGENT_TYPE = "snapyard.agent_type"
-LABEL_SNAPSHOT_ENABLED = "snapyard.snapshot.enabled"
-LABEL_IMAGE_SOURCE = "snapyard.image.source"
-# Docker merges a container's labels into its commit: these describe one job
-# and are blanked in every snapshot so no image claims to be a running job.
-JOB_LABELS = (
-    LABEL_MANAGED,
-    LABEL_JOB_ID,
-    LABEL_AGENT_TYPE,
-    LABEL_SNAPSHOT_ENABLED,
-    LABEL_IMAGE_SOURCE,
-)
-ENV_JOB_ID = "SNAPYARD_JOB_ID"
-ENV_SNAPSHOT_REUSE = "SNAPYARD_SNAPSHOT_REUSE"
-ENV_SETUP_SECONDS = "SNAPYARD_SETUP_SECONDS"
-_SNAPYARD_ENV = (ENV_JOB_ID, ENV_SNAPSHOT_REUSE, ENV_SETUP_SECONDS)
 
 LOGS_TAIL_LINES = 200
 # A Lookup is an in-memory read; if the manager does not answer in this
@@ -594,7 +574,7 @@ def _scrubbed_env(base_env: tuple[str, ...], spec: JobSpec) -> list[str]:
     """
     env = list(base_env)
     defined = {entry.split("=", 1)[0] for entry in base_env}
-    for key in (*spec.env, *_SNAPYARD_ENV):
+    for key in (*spec.env, *CONTAINER_ENV):
         if key not in defined:
             env.append(f"{key}=")
             defined.add(key)

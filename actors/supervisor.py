@@ -28,6 +28,13 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import ContainerState, Engine, EngineError
+from actors.labels import (
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_WORK_ITEM,
+    MANAGED_FILTER,
+)
 from actors.messages import (
     ActorCrashed,
     Cancel,
@@ -54,25 +61,19 @@ from actors.messages import (
     Tick,
 )
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
-from actors.reaper import MANAGED_LABEL, MANAGED_LABELS, Reaper
+from actors.reaper import Reaper
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
-from actors.snapshot_manager import LABEL_PROJECT, LABEL_WORK_ITEM
-from actors.spawner import LABEL_JOB_ID
 from actors.store import JobStore, new_job_id
 from actors.telemetry import METRICS, SECRETS, capture_error, job_log
 
-__all__ = ["JOB_LABELS", "SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
+__all__ = ["SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
 
 log = logging.getLogger(__name__)
 
 # Builds (or rebuilds, after a crash) the Spawner called ``name``, whose crash
 # reports go to the given supervisor ref.
 SpawnerFactory = Callable[[str, pykka.ActorRef[Any]], pykka.ActorRef[Any]]
-
-# The Spawner's job-ID label finds the container of a job that was
-# "starting" when the process died.
-JOB_LABELS = (LABEL_JOB_ID,)
 
 # A job that crashed its Spawner this many times is failed, not retried: a
 # poison job must not burn the restart intensity of the whole supervisor.
@@ -216,7 +217,7 @@ class Supervisor(pykka.ThreadingActor):
         # the engine's truth before it dispatches anything.
         containers: list[ContainerState] | None
         try:
-            containers = self._engine.list_containers(MANAGED_LABELS)
+            containers = self._engine.list_containers(MANAGED_FILTER)
         except EngineError as exc:
             log.warning("engine unreachable at start-up (%s); recovery waits for it", exc)
             containers = None
@@ -687,7 +688,7 @@ class Supervisor(pykka.ThreadingActor):
         for container in containers:
             if not container.running or container.id in self._by_container:
                 continue
-            if container.labels.get(MANAGED_LABEL) != "true":
+            if container.labels.get(LABEL_MANAGED) != "true":
                 continue
             job_id = _job_label(container)
             if job_id is not None and job_id in self._slots:
@@ -715,7 +716,7 @@ class Supervisor(pykka.ThreadingActor):
         owned = set(self._by_container)
         starting = {j for j, s in self._slots.items() if s.phase in ("starting", "recovering")}
         for container in containers:
-            if container.labels.get(MANAGED_LABEL) != "true" or container.id in owned:
+            if container.labels.get(LABEL_MANAGED) != "true" or container.id in owned:
                 continue
             job_id = _job_label(container)
             if job_id is not None and job_id in starting:
@@ -1012,7 +1013,7 @@ def _exit_of(container: ContainerState) -> ContainerExited:
 
 
 def _job_label(container: ContainerState) -> str | None:
-    for name in JOB_LABELS:
+    for name in (LABEL_JOB_ID,):
         value = container.labels.get(name)
         if value:
             return value

@@ -26,8 +26,8 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Engine, EngineEvent, EngineUnavailable, EventStream
+from actors.labels import LABEL_MANAGED
 from actors.messages import ContainerExited, ImageDeleted, Reconcile
-from actors.reaper import MANAGED_LABEL
 from actors.telemetry import capture_error
 
 __all__ = ["Watcher"]
@@ -167,7 +167,7 @@ class Watcher:
 
     @staticmethod
     def _managed(event: EngineEvent) -> bool:
-        return event.labels.get(MANAGED_LABEL) == "true"
+        return event.labels.get(LABEL_MANAGED) == "true"
 
     def _tell(self, ref: pykka.ActorRef[Any], message: object) -> None:
         try:

@@ -21,15 +21,16 @@ import struct
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from actors.engine.base import Engine, EngineError, ImageInfo, ImageMissing
+from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST, ROLE_BASE
 
 __all__ = [
     "BUSYBOX",
     "DEMO_REPOSITORY",
-    "DIGEST_LABEL",
-    "ROLE_LABEL",
     "WORKER_DIR",
     "WorkerContext",
     "WorkerImageError",
@@ -39,10 +40,9 @@ __all__ = [
     "missing_image_hint",
 ]
 
-WORKER_DIR = Path(__file__).resolve().parents[1] / "config" / "worker"
+# Shipped inside the package (package data), so an installed wheel builds it too.
+WORKER_DIR: Traversable = files("actors") / "worker"
 BUSYBOX = Path("/bin/busybox")
-ROLE_LABEL = "snapyard.role"
-DIGEST_LABEL = "snapyard.worker.digest"
 # The only repository Snapyard builds into: `snapyard-worker:<any tag>`.
 DEMO_REPOSITORY = "snapyard-worker"
 _INSTALL_HINT = "install Debian's static busybox: `apt-get install busybox-static`"
@@ -76,7 +76,7 @@ def missing_image_hint(ref: str) -> str:
 
 
 def _built_by_snapyard(labels: Mapping[str, str]) -> bool:
-    return labels.get(ROLE_LABEL) == "base" and DIGEST_LABEL in labels
+    return labels.get(LABEL_ROLE) == ROLE_BASE and LABEL_WORKER_DIGEST in labels
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _require_static_elf(path: Path, blob: bytes) -> None:
             )
 
 
-def build_context(worker_dir: Path = WORKER_DIR, busybox: Path = BUSYBOX) -> WorkerContext:
+def build_context(worker_dir: Traversable = WORKER_DIR, busybox: Path = BUSYBOX) -> WorkerContext:
     """The build context as a tar, and a digest of its inputs."""
     try:
         busybox_blob = busybox.read_bytes()
@@ -145,7 +145,7 @@ def ensure_base_image(
     engine: Engine,
     tag: str,
     force: bool = False,
-    worker_dir: Path = WORKER_DIR,
+    worker_dir: Traversable = WORKER_DIR,
     busybox: Path = BUSYBOX,
 ) -> tuple[str, bool]:
     """Return ``(image ID, built)`` for the configured worker image.
@@ -172,9 +172,13 @@ def ensure_base_image(
             )
         return current.id, False
     context = build_context(worker_dir, busybox)
-    if current is not None and not force and current.labels.get(DIGEST_LABEL) == context.digest:
+    if (
+        current is not None
+        and not force
+        and current.labels.get(LABEL_WORKER_DIGEST) == context.digest
+    ):
         return current.id, False
-    labels = {ROLE_LABEL: "base", DIGEST_LABEL: context.digest}
+    labels = {LABEL_ROLE: ROLE_BASE, LABEL_WORKER_DIGEST: context.digest}
     built = engine.build_image(context.tar, tag, labels)
     if current is not None and current.id != built:
         # The old base lost its tag; delete it unless snapshots or containers

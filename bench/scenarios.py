@@ -31,9 +31,9 @@ from actors.app import Snapyard
 from actors.engine.base import ContainerSpec, EngineError, EngineEvent
 from actors.engine.docker import DockerEngine, DockerEventStream
 from actors.engine.memory import MemoryEngine
+from actors.labels import ENV_JOB_ID, ENV_SETUP_SECONDS, ENV_SNAPSHOT_REUSE
 from actors.model import Job, JobSpec, JobState, validate_spec
 from actors.settings import Settings, load_settings
-from actors.spawner import ENV_JOB_ID, ENV_SETUP_SECONDS, ENV_SNAPSHOT_REUSE
 from actors.telemetry import METRICS
 from actors.worker_image import ensure_base_image
 from bench.model import Figure, ScenarioResult, median, percentile, rss_bytes

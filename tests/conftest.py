@@ -103,7 +103,7 @@ def docker_engine() -> Iterator[DockerEngine]:
 
 @pytest.fixture(scope="session")
 def base_image(docker_engine: DockerEngine) -> str:
-    """The base worker image's tag, built if config/worker changed."""
+    """The base worker image's tag, built if actors/worker changed."""
     tag = load_settings(env=os.environ).worker.image
     ensure_base_image(docker_engine, tag)
     return tag
@@ -131,7 +131,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say how many tests ran against the real engine: a green run must show they did."""
     counts = {
-        outcome: sum(1 for r in terminalreporter.stats.get(outcome, []) if "docker" in r.keywords)
+        outcome: sum(
+            1
+            for r in terminalreporter.stats.get(outcome, [])
+            if "docker" in getattr(r, "keywords", {})
+        )
         for outcome in ("passed", "failed", "skipped", "error")
     }
     ran = counts["passed"] + counts["failed"] + counts["error"]

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
-    "SECRET_ENV_PATH",
     "Conflict",
     "ContainerMissing",
     "ContainerSpec",
@@ -36,9 +35,6 @@ __all__ = [
     "encode_secret_env",
 ]
 
-# Where a worker finds its secret env: one NAME=<base64 of the UTF-8 value> a line.
-SECRET_ENV_PATH = "/run/snapyard/env"  # noqa: S105 - a path, not a password
-
 
 def encode_secret_env(env: Mapping[str, str]) -> bytes:
     """The secret env file: one ``NAME=<base64 of the UTF-8 value>`` a line.
@@ -56,7 +52,7 @@ def encode_secret_env(env: Mapping[str, str]) -> bytes:
 def decode_secret_env(data: bytes) -> dict[str, str]:
     """What a worker's entrypoint makes of the file: the reference reader.
 
-    ``config/worker/entrypoint.sh`` must agree with this byte for byte; the
+    ``actors/worker/entrypoint.sh`` must agree with this byte for byte; the
     engine contract suite checks both against any value hypothesis can draw.
     """
     env: dict[str, str] = {}
@@ -130,8 +126,8 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     # Env the worker sees but the container's config never holds: Docker writes
     # a container's config, env included, into every image committed from it
-    # (ContainerConfig). Delivered as a read-only file at SECRET_ENV_PATH that
-    # the worker's entrypoint exports; see config/worker/entrypoint.sh.
+    # (ContainerConfig). Delivered as a read-only file at labels.SECRET_ENV_PATH that
+    # the worker's entrypoint exports; see actors/worker/entrypoint.sh.
     secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)
     memory_bytes: int | None = None

@@ -21,7 +21,6 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,8 +28,15 @@ import docker
 import docker.errors
 import requests
 
+from actors.engine._docker_json import (
+    EVENT_ACTIONS,
+    container_state,
+    engine_event,
+    image_info,
+    label_filter,
+    since_param,
+)
 from actors.engine.base import (
-    SECRET_ENV_PATH,
     Conflict,
     ContainerMissing,
     ContainerSpec,
@@ -38,50 +44,21 @@ from actors.engine.base import (
     EngineError,
     EngineEvent,
     EngineUnavailable,
-    EventKind,
     ImageConfig,
     ImageInfo,
     ImageMissing,
     Logs,
     encode_secret_env,
 )
+from actors.labels import SECRET_ENV_PATH
 
 __all__ = ["DockerEngine"]
 
 _START_HINT = "start it with `make engine` or `bash config/engine.sh`"
 _BUILD_TAIL_LINES = 20
-# Event attributes the daemon mixes in with the labels of the container or image.
-_NOT_LABELS = frozenset({"exitCode", "image", "name", "signal", "execDuration", "imageID"})
-_ACTIONS: dict[tuple[str, str], EventKind] = {
-    ("container", "die"): "container_exited",
-    ("container", "oom"): "container_oom",
-    ("image", "delete"): "image_deleted",
-    ("image", "untag"): "image_untagged",
-}
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_FRACTION = re.compile(r"\.(\d+)")
-_ZERO_TIME = "0001-01-01T00:00:00Z"
 # Enough for a wait per worker plus the event stream: blocking calls hold a connection.
 _MAX_POOL_SIZE = 64
-
-
-def _parse_time(text: str | None) -> float | None:
-    """Docker's RFC 3339 timestamps (nanoseconds, ``Z``) as epoch seconds; None if unset."""
-    if not text or text == _ZERO_TIME:
-        return None
-    # datetime takes at most microseconds.
-    trimmed = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text, count=1)
-    return datetime.fromisoformat(trimmed.replace("Z", "+00:00")).timestamp()
-
-
-def _since_param(since: float) -> str:
-    # A bare float would be misread: Docker parses "secs.nanos", so ".5" means 5 ns.
-    seconds = math.floor(since)
-    return f"{seconds}.{round((since - seconds) * 1e9):09d}"
-
-
-def _label_filter(labels: Mapping[str, str]) -> dict[str, list[str]]:
-    return {"label": [f"{key}={value}" for key, value in labels.items()]} if labels else {}
 
 
 class DockerEngine:
@@ -237,7 +214,7 @@ class DockerEngine:
     def inspect_container(self, container_id: str) -> ContainerState:
         with self._call(container=container_id) as api:
             raw = api.inspect_container(container_id)
-        return _container_state(raw)
+        return container_state(raw)
 
     def wait_container(self, container_id: str, timeout_s: float | None = None) -> int:
         try:
@@ -286,7 +263,7 @@ class DockerEngine:
 
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         with self._call() as api:
-            found = api.containers(all=True, filters=_label_filter(labels))
+            found = api.containers(all=True, filters=label_filter(labels))
         states = []
         for summary in found:
             # A container may go between the listing and the inspect (auto-remove).
@@ -317,11 +294,11 @@ class DockerEngine:
     def inspect_image(self, image: str) -> ImageInfo:
         with self._call(image=image) as api:
             raw = api.inspect_image(image)
-        return _image_info(raw)
+        return image_info(raw)
 
     def list_images(self, labels: Mapping[str, str]) -> list[ImageInfo]:
         with self._call() as api:
-            found = api.images(filters=_label_filter(labels))
+            found = api.images(filters=label_filter(labels))
         infos = []
         for summary in found:
             with contextlib.suppress(ImageMissing):
@@ -363,11 +340,11 @@ class DockerEngine:
     def events(self, since: float | None = None) -> DockerEventStream:
         filters = {
             "type": ["container", "image"],
-            "event": sorted({action for _, action in _ACTIONS}),
+            "event": list(EVENT_ACTIONS),
         }
         with self._call() as api:
             stream = api.events(
-                since=None if since is None else _since_param(since),
+                since=None if since is None else since_param(since),
                 filters=filters,
                 decode=True,
             )
@@ -391,7 +368,7 @@ class DockerEventStream:
     def __iter__(self) -> Iterator[EngineEvent]:
         try:
             for raw in self._stream:
-                event = _engine_event(raw)
+                event = engine_event(raw)
                 if event is not None:
                     yield event
         except Exception as exc:
@@ -406,56 +383,3 @@ class DockerEventStream:
         # Closing a stream the daemon already dropped is not worth an error.
         with contextlib.suppress(Exception):
             self._stream.close()
-
-
-def _engine_event(raw: Mapping[str, Any]) -> EngineEvent | None:
-    kind = _ACTIONS.get((raw.get("Type", ""), raw.get("Action", "")))
-    if kind is None:
-        return None
-    actor = raw.get("Actor") or {}
-    attributes: Mapping[str, str] = actor.get("Attributes") or {}
-    exit_code = attributes.get("exitCode")
-    stamp = raw.get("timeNano")
-    return EngineEvent(
-        kind=kind,
-        id=str(actor.get("ID", "")),
-        time=stamp / 1e9 if stamp else float(raw.get("time", 0)),
-        exit_code=int(exit_code) if kind == "container_exited" and exit_code else None,
-        labels={k: v for k, v in attributes.items() if k not in _NOT_LABELS},
-    )
-
-
-def _container_state(raw: Mapping[str, Any]) -> ContainerState:
-    state = raw.get("State") or {}
-    status = state.get("Status", "created")
-    # Docker reports ExitCode 0 for containers that have not exited yet.
-    exited = status in ("exited", "dead")
-    return ContainerState(
-        id=raw["Id"],
-        status=status,
-        image_id=raw.get("Image", ""),
-        labels=dict((raw.get("Config") or {}).get("Labels") or {}),
-        exit_code=int(state.get("ExitCode", 0)) if exited else None,
-        oom_killed=bool(state.get("OOMKilled", False)),
-        created_at=_parse_time(raw.get("Created")) or 0.0,
-        started_at=_parse_time(state.get("StartedAt")),
-        finished_at=_parse_time(state.get("FinishedAt")) if exited else None,
-    )
-
-
-def _image_info(raw: Mapping[str, Any]) -> ImageInfo:
-    config = raw.get("Config") or {}
-    cmd = config.get("Cmd")
-    entrypoint = config.get("Entrypoint")
-    return ImageInfo(
-        id=raw["Id"],
-        tags=tuple(t for t in raw.get("RepoTags") or () if t != "<none>:<none>"),
-        labels=dict(config.get("Labels") or {}),
-        size_bytes=int(raw.get("Size", 0)),
-        layers=len((raw.get("RootFS") or {}).get("Layers") or ()),
-        created_at=_parse_time(raw.get("Created")) or 0.0,
-        env=tuple(config.get("Env") or ()),
-        container_env=tuple((raw.get("ContainerConfig") or {}).get("Env") or ()),
-        cmd=None if cmd is None else tuple(cmd),
-        entrypoint=None if entrypoint is None else tuple(entrypoint),
-    )

@@ -22,224 +22,54 @@ the docstrings say which daemon code it follows (Docker 20.10,
 Fault injection (``fail_next``, ``before``, ``delay``, ``set_unavailable``) and
 the ``calls`` log let tests put a failure exactly between two engine calls,
 which is where the races this project exists to survive happen.
+
+The engine is built in layers, one concern per module: ``_memory_faults``
+(call log and fault injection), ``_memory_events`` (the event stream),
+``_memory_images`` (images, tags and Docker's delete rules), ``_memory_build``
+(the Dockerfile interpreter); containers live here, on top.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import io
-import json
-import queue
-import re
 import secrets
-import shlex
 import signal as signals
-import tarfile
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 
-from actors.clock import Clock, SystemClock
+from actors.clock import Clock
+from actors.engine._memory_images import ImageStore
+from actors.engine._memory_records import (
+    COMMIT_OVERHEAD_BYTES,
+    DEFAULT_BASE_SIZE,
+    HEX,
+    MIN_PREFIX,
+    MemoryContainer,
+    MemoryImage,
+    env_key,
+    has_labels,
+    merge_env,
+    normalize_tag,
+    short_id,
+    signal_number,
+)
 from actors.engine.base import (
     Conflict,
     ContainerMissing,
     ContainerSpec,
     ContainerState,
-    ContainerStatus,
-    Engine,
-    EngineError,
-    EngineEvent,
     EngineUnavailable,
-    EventKind,
     ImageConfig,
-    ImageInfo,
     ImageMissing,
     Logs,
-    decode_secret_env,
     encode_secret_env,
 )
+from actors.labels import LABEL_ROLE, ROLE_BASE
 
 __all__ = ["MemoryContainer", "MemoryEngine", "MemoryImage", "normalize_tag"]
 
-_HEX = re.compile(r"^[0-9a-f]+$")
-# Docker only accepts unique ID prefixes; we also demand 12 hex digits so that
-# code which works here never relies on a prefix Docker could find ambiguous.
-_MIN_PREFIX = 12
-# The daemon keeps only this many events for ``since`` replays (events.go).
-_EVENT_BACKLOG = 256
-_DEFAULT_BASE_SIZE = 5_000_000
-# What a commit adds on top of the files written: a layer is never free.
-_COMMIT_OVERHEAD_BYTES = 4096
-# ``describe`` never talks to the engine, so there is nothing to inject into it.
-_ENGINE_METHODS = frozenset(
-    name
-    for name in dir(Engine)
-    if not name.startswith("_") and callable(getattr(Engine, name)) and name != "describe"
-)
 
-
-def normalize_tag(ref: str) -> str:
-    """``repo`` -> ``repo:latest``; a registry port (``host:5000/repo``) is not a tag."""
-    last = ref.rsplit("/", 1)[-1]
-    return ref if ":" in last else f"{ref}:latest"
-
-
-def _short(object_id: str) -> str:
-    """Docker's ``stringid.TruncateID``: drop the algorithm, keep 12 characters."""
-    return object_id.split(":", 1)[-1][:12]
-
-
-def _env_key(entry: str) -> str:
-    return entry.split("=", 1)[0]
-
-
-def _merge_env(user: Sequence[str], defaults: Sequence[str]) -> list[str]:
-    """Docker's env merge: the user's entries, then defaults whose KEY the user did not name."""
-    if not user:
-        return list(defaults)
-    named = {_env_key(entry) for entry in user}
-    return [*user, *(entry for entry in defaults if _env_key(entry) not in named)]
-
-
-@dataclass
-class MemoryImage:
-    id: str
-    tags: list[str]
-    labels: dict[str, str]
-    layers: int
-    size_bytes: int
-    created_at: float
-    env: tuple[str, ...] = ()
-    cmd: tuple[str, ...] | None = None
-    entrypoint: tuple[str, ...] | None = None
-    working_dir: str = ""
-    files: dict[str, str] = field(default_factory=dict)
-    parent: str | None = None
-    container_env: tuple[str, ...] = ()
-
-    def info(self) -> ImageInfo:
-        return ImageInfo(
-            id=self.id,
-            tags=tuple(self.tags),
-            labels=dict(self.labels),
-            size_bytes=self.size_bytes,
-            layers=self.layers,
-            created_at=self.created_at,
-            env=self.env,
-            cmd=self.cmd,
-            entrypoint=self.entrypoint,
-            container_env=self.container_env,
-        )
-
-
-@dataclass
-class MemoryContainer:
-    """One container. ``files`` is its filesystem: copied from the image, committed back."""
-
-    id: str
-    spec: ContainerSpec
-    image_id: str
-    labels: dict[str, str]
-    # The container's config env (what a commit records); secrets are apart.
-    env: dict[str, str]
-    cmd: tuple[str, ...] | None
-    entrypoint: tuple[str, ...] | None
-    working_dir: str
-    files: dict[str, str]
-    created_at: float
-    # What the image held at create, so a commit can tell what the container wrote.
-    base_layers: int
-    base_size: int
-    base_files: dict[str, str]
-    status: ContainerStatus = "created"
-    exit_code: int | None = None
-    oom_killed: bool = False
-    started_at: float | None = None
-    finished_at: float | None = None
-    ignores_sigterm: bool = False
-    removed: bool = False
-    log: list[tuple[str, str]] = field(default_factory=list)
-    # The secret env file as the worker's bind mount holds it (never in ``files``,
-    # so a commit cannot capture it), read back as the entrypoint reads it.
-    secret_env_file: bytes = field(default=b"", repr=False)
-
-    @property
-    def name(self) -> str | None:
-        return self.spec.name
-
-    def env_list(self) -> list[str]:
-        return [f"{key}={value}" for key, value in self.env.items()]
-
-    @property
-    def process_env(self) -> dict[str, str]:
-        """What the worker process sees: the config env plus the secret file's."""
-        return {**self.env, **decode_secret_env(self.secret_env_file)}
-
-    def state(self) -> ContainerState:
-        return ContainerState(
-            id=self.id,
-            status=self.status,
-            image_id=self.image_id,
-            labels=dict(self.labels),
-            exit_code=self.exit_code,
-            oom_killed=self.oom_killed,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-        )
-
-
-class _Closed:
-    """Sentinel that ends an event stream's iteration."""
-
-
-class _MemoryEventStream:
-    def __init__(self, engine: MemoryEngine, backlog: Sequence[EngineEvent]) -> None:
-        self._engine = engine
-        self._queue: queue.SimpleQueue[EngineEvent | EngineUnavailable | _Closed] = (
-            queue.SimpleQueue()
-        )
-        for event in backlog:
-            self._queue.put(event)
-
-    def push(self, item: EngineEvent | EngineUnavailable) -> None:
-        self._queue.put(item)
-
-    def __iter__(self) -> Iterator[EngineEvent]:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, _Closed):
-                return
-            if isinstance(item, EngineUnavailable):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._engine._unsubscribe(self)
-        self._queue.put(_Closed())
-
-
-class _DeleteConflict(Conflict):
-    """Docker's ``imageDeleteConflict``: ``hard`` ones cannot be forced."""
-
-    def __init__(self, image_id: str, message: str, *, hard: bool, used: bool) -> None:
-        self.hard = hard
-        self.used = used
-        how = "cannot be forced" if hard else "must be forced"
-        super().__init__(f"conflict: unable to delete {_short(image_id)} ({how}) - {message}")
-
-
-# Docker's conflict classes (image_delete.go): hard ones are never forced.
-_CHILD, _RUNNING, _REFERENCE, _STOPPED = 1, 2, 4, 8
-_HARD = _CHILD | _RUNNING
-_SOFT = _REFERENCE | _STOPPED
-
-
-class MemoryEngine:
+class MemoryEngine(ImageStore):
     """An ``Engine`` in memory, safe to call from many actor threads.
 
     ``exit_policy`` decides what a started container does: an int makes it exit
@@ -252,49 +82,12 @@ class MemoryEngine:
         clock: Clock | None = None,
         exit_policy: Callable[[MemoryContainer], int | None] | None = None,
     ) -> None:
-        self.clock: Clock = clock or SystemClock()
+        super().__init__(clock)
         self.exit_policy = exit_policy
-        self.calls: list[tuple[str, tuple[object, ...]]] = []
-        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._images: dict[str, MemoryImage] = {}
-        self._tags: dict[str, str] = {}
         self._containers: dict[str, MemoryContainer] = {}
-        self._history: deque[EngineEvent] = deque(maxlen=_EVENT_BACKLOG)
-        self._streams: list[_MemoryEventStream] = []
-        self._failures: dict[str, deque[EngineError]] = {}
-        self._hooks: dict[str, list[tuple[Callable[[], None], bool]]] = {}
-        self._delays: dict[str, float] = {}
-        self._unavailable = False
 
-    # Fault injection
-
-    def fail_next(self, method: str, times: int = 1, error: EngineError | None = None) -> None:
-        """Make the next ``times`` calls of ``method`` raise ``error``."""
-        self._check_method(method)
-        error = error or EngineUnavailable("injected: engine unavailable")
-        with self._lock:
-            pending = self._failures.setdefault(method, deque())
-            pending.extend(copy.copy(error) for _ in range(times))
-
-    def before(self, method: str, hook: Callable[[], None], once: bool = True) -> None:
-        """Run ``hook`` right before ``method`` executes, outside the engine lock.
-
-        The hook may call the engine (``delete_image_behind_back`` is the usual
-        one), which is how a test deletes an image between two steps of a spawn.
-        """
-        self._check_method(method)
-        with self._lock:
-            self._hooks.setdefault(method, []).append((hook, once))
-
-    def delay(self, method: str, seconds: float) -> None:
-        """``clock.sleep(seconds)`` before every call of ``method``; 0 removes the delay."""
-        self._check_method(method)
-        with self._lock:
-            if seconds > 0:
-                self._delays[method] = seconds
-            else:
-                self._delays.pop(method, None)
+    # Fault injection (see FaultInjection for the rest)
 
     def set_unavailable(self, flag: bool) -> None:
         """Like a daemon that went down: every call, open event streams and waits fail."""
@@ -306,49 +99,19 @@ class MemoryEngine:
                 self._streams.clear()
                 self._changed.notify_all()
 
-    def calls_of(self, method: str) -> list[tuple[object, ...]]:
-        """The arguments of every recorded call of ``method``."""
-        with self._lock:
-            return [args for name, args in self.calls if name == method]
-
-    def _check_method(self, method: str) -> None:
-        if method not in _ENGINE_METHODS:
-            raise ValueError(
-                f"{method!r} is not an Engine method; one of: {', '.join(sorted(_ENGINE_METHODS))}"
-            )
-
-    def _enter(self, method: str, *args: object) -> None:
-        """Record the call, then apply the faults injected for it, in call order."""
-        with self._lock:
-            self.calls.append((method, args))
-            hooks = self._hooks.get(method, [])
-            due = [hook for hook, _ in hooks]
-            self._hooks[method] = [(hook, once) for hook, once in hooks if not once]
-            pause = self._delays.get(method, 0.0)
-        if pause:
-            self.clock.sleep(pause)
-        for hook in due:
-            hook()
-        with self._lock:
-            if self._unavailable:
-                raise EngineUnavailable(f"{self.describe()}: engine unavailable (injected)")
-            pending = self._failures.get(method)
-            if pending:
-                raise pending.popleft()
-
     # Test helpers: seeding images and driving containers
 
     def add_worker_image(
         self, tag: str = "snapyard-worker:latest", labels: Mapping[str, str] | None = None
     ) -> str:
-        """Seed an image shaped like config/worker's: its entrypoint, cmd, env and workdir.
+        """Seed an image shaped like actors/worker's: its entrypoint, cmd, env and workdir.
 
         Tests, benchmarks and users of this engine then create containers
         whose committed snapshots carry the same config as on Docker.
         """
         return self.add_image(
             tag,
-            labels=dict(labels or {"snapyard.role": "base"}),
+            labels=dict(labels or {LABEL_ROLE: ROLE_BASE}),
             env=("PATH=/usr/local/bin:/bin",),
             cmd=("sh", "-c", "echo job done"),
             entrypoint=("/usr/local/bin/snapyard-worker",),
@@ -360,7 +123,7 @@ class MemoryEngine:
         tag: str,
         labels: Mapping[str, str] | None = None,
         layers: int = 3,
-        size_bytes: int = _DEFAULT_BASE_SIZE,
+        size_bytes: int = DEFAULT_BASE_SIZE,
         env: Sequence[str] = (),
         cmd: Sequence[str] | None = None,
         entrypoint: Sequence[str] | None = None,
@@ -429,13 +192,23 @@ class MemoryEngine:
         with self._lock:
             self._remove_image(image, force=True)
 
+    # Reading state without recording a call (for test kits and benchmarks)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The engine's re-entrant lock. A kit that checks an invariant and then
+        calls the engine holds it to make the two one atomic step."""
+        return self._lock
+
+    def containers(self) -> list[MemoryContainer]:
+        """Every container record not removed, oldest first (live, not copies)."""
+        with self._lock:
+            return list(self._containers.values())
+
     # Engine: daemon
 
     def ping(self) -> None:
         self._enter("ping")
-
-    def describe(self) -> str:
-        return "memory://"
 
     # Engine: containers
 
@@ -452,8 +225,8 @@ class MemoryEngine:
                             "container to be able to reuse that name.",
                             status_code=409,
                         )
-            env_entries = _merge_env([f"{k}={v}" for k, v in spec.env.items()], image.env)
-            env = {_env_key(entry): entry.partition("=")[2] for entry in env_entries}
+            env_entries = merge_env([f"{k}={v}" for k, v in spec.env.items()], image.env)
+            env = {env_key(entry): entry.partition("=")[2] for entry in env_entries}
             command = tuple(spec.command) if spec.command else None
             record = MemoryContainer(
                 id=self._new_container_id(),
@@ -509,7 +282,7 @@ class MemoryEngine:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise EngineUnavailable(
-                        f"timed out after {timeout_s}s waiting for container {_short(record.id)}"
+                        f"timed out after {timeout_s}s waiting for container {short_id(record.id)}"
                     )
                 self._changed.wait(remaining)
             return record.exit_code or 0
@@ -529,7 +302,7 @@ class MemoryEngine:
 
     def kill_container(self, container_id: str, signal: str = "SIGKILL") -> None:
         self._enter("kill_container", container_id, signal)
-        number = _signal_number(signal)
+        number = signal_number(signal)
         with self._lock:
             record = self._find_container(container_id)
             if record.status != "running":
@@ -566,11 +339,9 @@ class MemoryEngine:
             found = [
                 record.state()
                 for record in self._containers.values()
-                if _has_labels(record.labels, labels)
+                if has_labels(record.labels, labels)
             ]
         return found[::-1]  # Newest first, as Docker lists them.
-
-    # Engine: images
 
     def commit_container(
         self,
@@ -609,9 +380,9 @@ class MemoryEngine:
                 tags=[],
                 labels=labels,
                 layers=record.base_layers + 1,
-                size_bytes=record.base_size + _COMMIT_OVERHEAD_BYTES + written,
+                size_bytes=record.base_size + COMMIT_OVERHEAD_BYTES + written,
                 created_at=self.clock.now(),
-                env=tuple(_merge_env(list(config.env), record.env_list())),
+                env=tuple(merge_env(list(config.env), record.env_list())),
                 cmd=cmd,
                 entrypoint=entrypoint,
                 working_dir=config.working_dir or record.working_dir,
@@ -624,99 +395,10 @@ class MemoryEngine:
             self._set_tag(image, normalize_tag(f"{repository}:{tag}"))
             return image.id
 
-    def inspect_image(self, image: str) -> ImageInfo:
-        self._enter("inspect_image", image)
-        with self._lock:
-            return self._find_image(image).info()
-
-    def list_images(self, labels: Mapping[str, str]) -> list[ImageInfo]:
-        """Like ``docker images`` (all=False): untagged parents of other images are hidden."""
-        self._enter("list_images", dict(labels))
-        with self._lock:
-            shown = [
-                image
-                for image in self._images.values()
-                if _has_labels(image.labels, labels)
-                and (image.tags or not self._children(image.id))
-            ]
-            return [image.info() for image in reversed(shown)]
-
-    def remove_image(self, image: str, force: bool = False) -> None:
-        self._enter("remove_image", image, force)
-        with self._lock:
-            self._remove_image(image, force)
-
-    def tag_image(self, image: str, repository: str, tag: str) -> None:
-        self._enter("tag_image", image, repository, tag)
-        with self._lock:
-            self._set_tag(self._find_image(image), normalize_tag(f"{repository}:{tag}"))
-
-    def build_image(self, context: bytes, tag: str, labels: Mapping[str, str]) -> str:
-        """A Dockerfile interpreter good enough for layers, config, labels and COPY'd text."""
-        self._enter("build_image", len(context), tag, dict(labels))
-        with self._lock:
-            image = _build(self, context, labels)
-            self._images[image.id] = image
-            self._set_tag(image, normalize_tag(tag))
-            return image.id
-
-    # Engine: events
-
-    def events(self, since: float | None = None) -> _MemoryEventStream:
-        self._enter("events", since)
-        with self._lock:
-            backlog = [] if since is None else [e for e in self._history if e.time >= since]
-            stream = _MemoryEventStream(self, backlog)
-            self._streams.append(stream)
-            return stream
-
     # Internals (the caller holds the lock)
-
-    def _unsubscribe(self, stream: _MemoryEventStream) -> None:
-        with self._lock:
-            if stream in self._streams:
-                self._streams.remove(stream)
-
-    def _emit(
-        self,
-        kind: EventKind,
-        object_id: str,
-        exit_code: int | None = None,
-        labels: Mapping[str, str] | None = None,
-    ) -> None:
-        event = EngineEvent(
-            kind=kind,
-            id=object_id,
-            time=self.clock.now(),
-            exit_code=exit_code,
-            labels=dict(labels or {}),
-        )
-        self._history.append(event)
-        for stream in self._streams:
-            stream.push(event)
-
-    def _new_image_id(self) -> str:
-        return "sha256:" + hashlib.sha256(secrets.token_bytes(32)).hexdigest()
 
     def _new_container_id(self) -> str:
         return secrets.token_hex(32)
-
-    def _find_image(self, ref: str) -> MemoryImage:
-        """Docker's ``GetImage``: a full ID, then a tag, then a unique ID prefix."""
-        bare = ref.removeprefix("sha256:")
-        if _HEX.match(bare) and len(bare) == 64:
-            image = self._images.get("sha256:" + bare)
-            if image is None:
-                raise ImageMissing(ref)
-            return image
-        image_id = self._tags.get(normalize_tag(ref))
-        if image_id is not None:
-            return self._images[image_id]
-        if _HEX.match(bare) and len(bare) >= _MIN_PREFIX:
-            matches = [i for i in self._images.values() if i.id[7:].startswith(bare)]
-            if len(matches) == 1:
-                return matches[0]
-        raise ImageMissing(ref)
 
     def _find_container(self, ref: str) -> MemoryContainer:
         record = self._containers.get(ref)
@@ -726,7 +408,7 @@ class MemoryEngine:
         for candidate in self._containers.values():
             if candidate.name == name:
                 return candidate
-        if _HEX.match(ref) and len(ref) >= _MIN_PREFIX:
+        if HEX.match(ref) and len(ref) >= MIN_PREFIX:
             matches = [c for c in self._containers.values() if c.id.startswith(ref)]
             if len(matches) == 1:
                 return matches[0]
@@ -751,203 +433,3 @@ class MemoryEngine:
         record.removed = True
         self._containers.pop(record.id, None)
         self._changed.notify_all()
-
-    def _children(self, image_id: str) -> list[MemoryImage]:
-        return [image for image in self._images.values() if image.parent == image_id]
-
-    def _set_tag(self, image: MemoryImage, tag: str) -> None:
-        # Docker moves a tag silently: the image that loses it gets no "untag" event.
-        previous = self._tags.get(tag)
-        if previous is not None and previous != image.id and previous in self._images:
-            self._images[previous].tags.remove(tag)
-        self._tags[tag] = image.id
-        if tag not in image.tags:
-            image.tags.append(tag)
-
-    def _untag(self, image: MemoryImage, tag: str) -> None:
-        image.tags.remove(tag)
-        del self._tags[tag]
-        self._emit("image_untagged", image.id, labels=image.labels)
-
-    def _remove_image(self, ref: str, force: bool) -> None:
-        """Docker's ``ImageDelete`` with prune on, step for step."""
-        image = self._find_image(ref)
-        bare = ref.removeprefix("sha256:")
-        by_id = image.id.startswith(ref) or image.id[7:].startswith(bare)
-        quiet = False
-        if not by_id:
-            tag = normalize_tag(ref)
-            if not force and len(image.tags) == 1:
-                user = next((c for c in self._containers.values() if c.image_id == image.id), None)
-                if user is not None:
-                    raise Conflict(
-                        f'conflict: unable to remove repository reference "{ref}" (must force)'
-                        f" - container {_short(user.id)} is using its referenced image "
-                        f"{_short(image.id)}",
-                        status_code=409,
-                    )
-            self._untag(image, tag)
-            if image.tags:
-                return
-            quiet = True
-        elif len(image.tags) == 1:
-            mask = _HARD if force else _HARD | _STOPPED
-            conflict = self._delete_conflict(image, mask)
-            if conflict is not None:
-                raise conflict
-            self._untag(image, image.tags[0])
-        self._delete(image, force=force, quiet=quiet)
-
-    def _delete(self, image: MemoryImage, force: bool, quiet: bool) -> None:
-        conflict = self._delete_conflict(image, _HARD if force else _HARD | _SOFT)
-        if conflict is not None:
-            dangling = not image.tags and not self._children(image.id)
-            if quiet and (not dangling or conflict.used):
-                return
-            raise conflict
-        for tag in list(image.tags):
-            self._untag(image, tag)
-        del self._images[image.id]
-        self._emit("image_deleted", image.id)
-        parent = self._images.get(image.parent) if image.parent else None
-        if parent is not None:
-            # Prune the parent only if nothing else holds it; never forced, never loud.
-            self._delete(parent, force=False, quiet=True)
-
-    def _delete_conflict(self, image: MemoryImage, mask: int) -> _DeleteConflict | None:
-        if mask & _CHILD and self._children(image.id):
-            return _DeleteConflict(
-                image.id, "image has dependent child images", hard=True, used=False
-            )
-        users = [c for c in self._containers.values() if c.image_id == image.id]
-        running = next((c for c in users if c.status == "running"), None)
-        if mask & _RUNNING and running is not None:
-            return _DeleteConflict(
-                image.id,
-                f"image is being used by running container {_short(running.id)}",
-                hard=True,
-                used=True,
-            )
-        if mask & _REFERENCE and image.tags:
-            return _DeleteConflict(
-                image.id, "image is referenced in multiple repositories", hard=False, used=False
-            )
-        stopped = next((c for c in users if c.status != "running"), None)
-        if mask & _STOPPED and stopped is not None:
-            return _DeleteConflict(
-                image.id,
-                f"image is being used by stopped container {_short(stopped.id)}",
-                hard=False,
-                used=True,
-            )
-        return None
-
-
-def _has_labels(have: Mapping[str, str], want: Mapping[str, str]) -> bool:
-    return all(have.get(key) == value for key, value in want.items())
-
-
-def _signal_number(name: str) -> int:
-    text = name.upper()
-    if text.isdigit():
-        return int(text)
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signals.Signals[text])
-    except KeyError:
-        raise EngineError(f"Invalid signal: {name}", status_code=400) from None
-
-
-def _dockerfile_lines(text: str) -> Iterator[tuple[str, str]]:
-    joined = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            joined += line[:-1] + " "
-            continue
-        joined += line
-        instruction, _, rest = joined.partition(" ")
-        yield instruction.upper(), rest.strip()
-        joined = ""
-
-
-def _exec_form(rest: str) -> tuple[str, ...]:
-    if rest.startswith("["):
-        return tuple(json.loads(rest))
-    return ("/bin/sh", "-c", rest)
-
-
-def _key_values(rest: str) -> list[tuple[str, str]]:
-    if "=" not in rest.split(" ", 1)[0]:
-        key, _, value = rest.partition(" ")
-        return [(key, value.strip())]
-    return [(k, v) for k, _, v in (part.partition("=") for part in shlex.split(rest))]
-
-
-def _build(engine: MemoryEngine, context: bytes, labels: Mapping[str, str]) -> MemoryImage:
-    """Interpret the Dockerfile of a tar context the way the classic builder layers it."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(context)) as tar:
-            members = {
-                m.name.removeprefix("./"): tar.extractfile(m)
-                for m in tar.getmembers()
-                if m.isfile()
-            }
-            blobs = {name: f.read() for name, f in members.items() if f is not None}
-    except tarfile.TarError as exc:
-        raise EngineError(f"build context is not a tar archive: {exc}") from None
-    if "Dockerfile" not in blobs:
-        raise EngineError("Cannot locate specified Dockerfile: Dockerfile", status_code=500)
-    image = MemoryImage(
-        id=engine._new_image_id(),
-        tags=[],
-        labels={},
-        layers=0,
-        size_bytes=0,
-        created_at=engine.clock.now(),
-    )
-    ran: list[str] = []
-    for instruction, rest in _dockerfile_lines(blobs["Dockerfile"].decode()):
-        if instruction == "FROM" and rest != "scratch":
-            base = engine._find_image(rest)
-            image.parent = base.id
-            image.layers, image.size_bytes = base.layers, base.size_bytes
-            image.labels, image.env = dict(base.labels), base.env
-            image.cmd, image.entrypoint = base.cmd, base.entrypoint
-            image.working_dir, image.files = base.working_dir, dict(base.files)
-        elif instruction in {"COPY", "ADD"}:
-            *sources, dest = _exec_form(rest) if rest.startswith("[") else rest.split()
-            for source in sources:
-                if source not in blobs:
-                    raise EngineError(f"COPY failed: file not found in build context: {source}")
-                blob = blobs[source]
-                image.size_bytes += len(blob)
-                target = dest.rstrip("/") + "/" + source if dest.endswith("/") else dest
-                # Binaries (busybox) count for size only.
-                with contextlib.suppress(UnicodeDecodeError):
-                    image.files[target] = blob.decode()
-            image.layers += 1
-        elif instruction == "RUN":
-            image.layers += 1
-            ran.append(rest)
-        elif instruction == "WORKDIR":
-            # The classic builder commits a layer only when WORKDIR has to create
-            # the directory; RUN's effects are invisible here, so read its text.
-            if not any(rest in command for command in ran) and not any(
-                path.startswith(rest.rstrip("/") + "/") for path in image.files
-            ):
-                image.layers += 1
-            image.working_dir = rest
-        elif instruction == "ENV":
-            image.env = tuple(_merge_env([f"{k}={v}" for k, v in _key_values(rest)], image.env))
-        elif instruction == "LABEL":
-            image.labels.update(_key_values(rest))
-        elif instruction == "CMD":
-            image.cmd = _exec_form(rest)
-        elif instruction == "ENTRYPOINT":
-            image.entrypoint = _exec_form(rest)
-    image.labels.update(labels)
-    return image

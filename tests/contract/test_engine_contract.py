@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from session_labels import TEST_LABELS
+from waiting import eventually
 
 from actors.engine.base import (
     Conflict,
@@ -36,6 +37,7 @@ from actors.engine.base import (
 )
 from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST
 from actors.model import MAX_ENV_VALUE_BYTES
 from actors.worker_image import ensure_base_image
 
@@ -47,7 +49,8 @@ EVENT_WAIT_S = 15.0
 EXIT3 = ("sh", "-c", "echo out; echo err >&2; exit 3")
 DONE = ("sh", "-c", "echo job done")
 SLEEP = ("sh", "-c", "sleep 30")
-STUBBORN = ("sh", "-c", "trap '' TERM; sleep 30")
+# Says so once SIGTERM is ignored: a stop before that hits the entrypoint (143).
+STUBBORN = ("sh", "-c", "trap '' TERM; echo stubborn; sleep 30")
 WRITE = ("sh", "-c", f"echo data > {JOB_FILE}")
 READ = ("sh", "-c", f"cat {JOB_FILE}")
 SHOW_TOKEN = ("sh", "-c", 'echo "token=[$API_TOKEN]"')
@@ -97,6 +100,7 @@ def play(container: MemoryContainer) -> int | None:
         return 0
     if command == STUBBORN:
         engine.ignore_sigterm(container.id)
+        engine.append_logs(container.id, stdout="stubborn\n")
     if command[:2] == ("sh", "-c") and DIGEST_LINE.match(command[2]):
         env = container.process_env
         for name in DIGEST_LINE.findall(command[2]):
@@ -145,7 +149,7 @@ class Rig:
         container_id, code = self.run(WRITE, image)
         assert code == 0
         image_id = self.engine.commit_container(
-            container_id, self.repo, tag, ImageConfig(labels={"snapyard.role": "snapshot"})
+            container_id, self.repo, tag, ImageConfig(labels={LABEL_ROLE: "snapshot"})
         )
         self.engine.remove_container(container_id)
         return image_id
@@ -240,7 +244,7 @@ def test_create_from_tag_from_id_and_from_short_id(rig: Rig) -> None:
         assert state.exit_code is None
         assert state.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
         # Image labels show through, under the container's own.
-        assert state.labels["snapyard.role"] == "base"
+        assert state.labels[LABEL_ROLE] == "base"
 
 
 def test_start_wait_gives_the_exit_code_and_logs_are_demultiplexed(rig: Rig) -> None:
@@ -284,8 +288,15 @@ def test_stop_sends_sigterm_and_the_worker_exits_143(rig: Rig) -> None:
 
 
 def test_stop_escalates_to_sigkill_after_the_grace(rig: Rig) -> None:
+    """Flaked under load (143): the stop reached the entrypoint before the trap."""
     container_id = rig.create(STUBBORN)
     rig.engine.start_container(container_id)
+    eventually(
+        lambda: rig.engine.container_logs(container_id).lines(),
+        lambda lines: "stubborn" in lines,
+        "the job to ignore SIGTERM",
+        timeout_s=30,
+    )
     rig.engine.stop_container(container_id, grace_s=1)
     assert rig.engine.wait_container(container_id, timeout_s=30) == 137
 
@@ -331,7 +342,7 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     base = rig.engine.inspect_image(rig.base_id)
     override = ImageConfig(
         env=["SNAPYARD_JOB_ID=", "SNAPYARD_SETUP_SECONDS=", "SNAPYARD_SNAPSHOT_REUSE=true"],
-        labels={"snapyard.role": "snapshot", "snapyard.key": "k1"},
+        labels={LABEL_ROLE: "snapshot", "snapyard.key": "k1"},
     )
     image_id = rig.engine.commit_container(container_id, rig.repo, "merge", override)
     info = rig.engine.inspect_image(image_id)
@@ -339,10 +350,10 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     assert info.env[:3] == tuple(override.env)
     assert not any("job-secret-4711" in entry for entry in info.env)
     assert set(base.env) <= set(info.env)
-    assert info.labels["snapyard.role"] == "snapshot"
+    assert info.labels[LABEL_ROLE] == "snapshot"
     assert info.labels["snapyard.key"] == "k1"
     assert info.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
-    assert info.labels["snapyard.worker.digest"] == base.labels["snapyard.worker.digest"]
+    assert info.labels[LABEL_WORKER_DIGEST] == base.labels[LABEL_WORKER_DIGEST]
     assert info.entrypoint == base.entrypoint
     assert info.cmd == DONE
     assert info.tags == (f"{rig.repo}:merge",)

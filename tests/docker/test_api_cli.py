@@ -22,8 +22,9 @@ import pytest
 from process_kit import Supervisor, cli, running_supervisor
 from session_labels import SNAPSHOT_REPOSITORY
 
-from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
 from actors.engine.base import Engine, EngineError, ImageMissing
+from actors.labels import LABEL_PROJECT
+from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
 pytestmark = pytest.mark.docker
 
@@ -41,10 +42,10 @@ def supervisor(docker_engine: Engine, base_image: str, tmp_path: Path) -> Iterat
     }
     with running_supervisor(tmp_path, project, env) as sup:
         yield sup
-    for container in docker_engine.list_containers({"snapyard.project": project}):
+    for container in docker_engine.list_containers({LABEL_PROJECT: project}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_container(container.id, force=True)
-    images = docker_engine.list_images({"snapyard.project": project})
+    images = docker_engine.list_images({LABEL_PROJECT: project})
     for image in sorted(images, key=lambda i: i.created_at, reverse=True):
         with contextlib.suppress(EngineError):
             docker_engine.remove_image(image.id, force=True)

@@ -28,10 +28,10 @@ from session_labels import TEST_LABELS
 from actors.app import Snapyard
 from actors.engine.base import Conflict, EngineError, ImageMissing
 from actors.engine.docker import DockerEngine
+from actors.labels import LABEL_MANAGED, LABEL_REPOSITORY
 from actors.model import JobState, SnapshotKey, validate_spec
 from actors.naming import snapshot_image_name
 from actors.settings import load_settings
-from actors.spawner import LABEL_MANAGED
 
 pytestmark = pytest.mark.docker
 
@@ -42,7 +42,7 @@ JOB_S = 60.0
 EXAMPLES = 24
 
 
-class Rig:
+class AppRig:
     def __init__(self, app: Snapyard, engine: DockerEngine) -> None:
         self.app = app
         self.engine = engine
@@ -80,7 +80,7 @@ class Rig:
 
 def _remove_repository_images(engine: DockerEngine) -> None:
     for _ in range(5):  # children before parents: one generation per pass
-        images = engine.list_images({"snapyard.repository": REPOSITORY})
+        images = engine.list_images({LABEL_REPOSITORY: REPOSITORY})
         if not images:
             return
         for image in images:
@@ -91,7 +91,7 @@ def _remove_repository_images(engine: DockerEngine) -> None:
 @pytest.fixture
 def rig(
     docker_engine: DockerEngine, base_image: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Rig]:
+) -> Iterator[AppRig]:
     data_dir: Path = tmp_path_factory.mktemp("property-docker")
     configured = load_settings(env=os.environ)
     app_settings = configured.replace(
@@ -108,7 +108,7 @@ def rig(
         sentry={"dsn": ""},
     )
     app = Snapyard(app_settings, engine=docker_engine, container_labels=TEST_LABELS).start()
-    rig = Rig(app, docker_engine)
+    rig = AppRig(app, docker_engine)
     try:
         # The length of one whole spawn sequence (lookup, create, start, run,
         # commit, register, remove) from a snapshot: the window the deletion is drawn in.
@@ -125,7 +125,7 @@ def rig(
         _remove_repository_images(docker_engine)
 
 
-def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
+def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: AppRig) -> None:
     # The property runs inside one test: the shared actor clean-up stops
     # every actor after each test, and the app must outlive all examples.
     deleted_at_any_moment(rig)
@@ -133,7 +133,7 @@ def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
     assert rig.managed_containers() == []
     rig.app.prune_snapshots()
     registered = {s.image_id for s in rig.app.snapshots()}
-    listed = rig.engine.list_images({"snapyard.repository": REPOSITORY})
+    listed = rig.engine.list_images({LABEL_REPOSITORY: REPOSITORY})
     extra = [(i.id, dict(i.labels), i.created_at) for i in listed if i.id not in registered]
     if extra:  # pytest.fail keeps the whole list: an assert's repr would cut it
         pytest.fail(f"snapshot images outside the registry: {extra!r}; registered: {registered}")
@@ -150,7 +150,7 @@ def test_a_snapshot_deleted_at_any_moment_never_fails_a_job(rig: Rig) -> None:
     database=None,  # a drawn delay does not replay the same race on a real engine
 )
 @given(fraction=st.floats(min_value=0.0, max_value=1.0))
-def deleted_at_any_moment(rig: Rig, fraction: float) -> None:
+def deleted_at_any_moment(rig: AppRig, fraction: float) -> None:
     image_id = rig.current_snapshot()
     delay = fraction * rig.spawn_sequence_s
     errors: list[BaseException] = []

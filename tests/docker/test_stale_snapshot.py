@@ -12,25 +12,22 @@ labelled with the test session's ID and removed afterwards.
 from __future__ import annotations
 
 import contextlib
-import queue
 import statistics
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
 import pytest
+from actor_kit import SpawnRig, kit_settings
 from session_labels import SNAPSHOT_REPOSITORY, TEST_LABELS
 
 from actors.clock import SystemClock
 from actors.engine.base import Engine, EngineError
-from actors.messages import Finish, Finished, ListSnapshots, Spawn, SpawnFailed, Started
-from actors.model import JobSpec, Snapshot
+from actors.labels import LABEL_JOB_ID, LABEL_PROJECT, LABEL_ROLE
+from actors.messages import SpawnFailed
+from actors.model import JobSpec
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
-from actors.spawner import start_pool
 
 pytestmark = pytest.mark.docker
 
@@ -39,68 +36,10 @@ SECRET = "it-secret-" + uuid.uuid4().hex
 WAIT_S = 120.0
 
 
-class Collector(pykka.ThreadingActor):
-    """The Supervisor's stand-in: replies land on a queue the test blocks on."""
-
-    def __init__(self, inbox: queue.Queue[Any]) -> None:
-        super().__init__()
-        self._inbox = inbox
-
-    def on_receive(self, message: Any) -> None:
-        self._inbox.put(message)
-
-
-@dataclass
-class Run:
-    started: Started
-    finished: Finished
-    start_s: float  # Spawn sent -> Started received
-    total_s: float  # Spawn sent -> Finished received
-
-
-class Yard:
+def start_yard(engine: Engine, settings: Settings) -> SpawnRig[Engine]:
     """A SnapshotManager, two Spawners and a collector on the real engine."""
-
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.inbox: queue.Queue[Any] = queue.Queue()
-        clock = SystemClock()
-        self.manager = SnapshotManager.start(engine, settings, clock)
-        self.collector = Collector.start(self.inbox)
-        self.spawners = start_pool(
-            2, engine, self.manager, settings, clock, prefix="it-spawner", labels=TEST_LABELS
-        )
-        self._next = 0
-
-    def reply(self) -> Any:
-        return self.inbox.get(timeout=WAIT_S)
-
-    def spawn(self, job_id: str, spec: JobSpec, snapshots: bool = True) -> Started | SpawnFailed:
-        spawner = self.spawners[self._next % len(self.spawners)]
-        self._next += 1
-        spawner.tell(Spawn(job_id, spec, snapshots, self.collector))
-        reply = self.reply()
-        assert isinstance(reply, Started | SpawnFailed), reply
-        return reply
-
-    def drive(self, job_id: str, spec: JobSpec, snapshots: bool = True) -> Run:
-        """Spawn, wait for the container to exit, Finish (commit on exit 0)."""
-        began = time.monotonic()
-        started = self.spawn(job_id, spec, snapshots)
-        assert isinstance(started, Started), started
-        start_s = time.monotonic() - began
-        code = self.engine.wait_container(started.container_id, timeout_s=WAIT_S)
-        spawner = next(r for r in self.spawners if r.proxy().name.get() == started.spawner)
-        spawner.tell(Finish(job_id, spec, started.container_id, code, snapshots, self.collector))
-        finished = self.reply()
-        assert isinstance(finished, Finished), finished
-        return Run(started, finished, start_s, time.monotonic() - began)
-
-    def snapshots(self) -> list[Snapshot]:
-        found = self.manager.ask(ListSnapshots(), timeout=WAIT_S)
-        assert isinstance(found, list)
-        return found
+    rig = SpawnRig(engine, SystemClock(), settings, reply_s=WAIT_S)
+    return rig.start(2, prefix="it-spawner", labels=TEST_LABELS)
 
 
 @pytest.fixture
@@ -109,19 +48,20 @@ def project(docker_engine: Engine) -> Iterator[str]:
     name = f"it-{uuid.uuid4().hex[:10]}"
     yield name
     pykka.ActorRegistry.stop_all()
-    for container in docker_engine.list_containers({"snapyard.project": name}):
+    for container in docker_engine.list_containers({LABEL_PROJECT: name}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_container(container.id, force=True)
     # Newest first: a child goes before its parent.
-    images = docker_engine.list_images({"snapyard.project": name})
+    images = docker_engine.list_images({LABEL_PROJECT: name})
     for image in sorted(images, key=lambda i: i.created_at, reverse=True):
         with contextlib.suppress(EngineError):
             docker_engine.remove_image(image.id, force=True)
 
 
-def yard_settings(base_tag: str, **worker: Any) -> Settings:
-    return Settings().replace(
-        worker={"image": base_tag, "setup_seconds": 1.0, **worker},
+def yard_settings(base_tag: str, setup_seconds: float = 1.0) -> Settings:
+    return kit_settings(
+        base_tag,
+        setup_seconds=setup_seconds,
         snapshots={"repository": TEST_REPOSITORY},
         retry={"attempts": 3, "backoff_initial_s": 0.05, "backoff_max_s": 0.2},
     )
@@ -130,7 +70,7 @@ def yard_settings(base_tag: str, **worker: Any) -> Settings:
 def test_deleted_snapshot_recovers_on_the_base_image_and_the_next_job_reuses_a_fresh_one(
     docker_engine: Engine, base_image: str, project: str
 ) -> None:
-    yard = Yard(docker_engine, yard_settings(base_image))
+    yard = start_yard(docker_engine, yard_settings(base_image))
     spec = JobSpec(project=project, work_item="wi-1", env={"API_TOKEN": SECRET})
 
     first = yard.drive("job-1", spec)
@@ -165,7 +105,7 @@ def test_deleted_snapshot_recovers_on_the_base_image_and_the_next_job_reuses_a_f
     assert third.finished.error is None
 
     # Every container was removed after its run.
-    assert docker_engine.list_containers({"snapyard.project": project}) == []
+    assert docker_engine.list_containers({LABEL_PROJECT: project}) == []
 
     # The cost of one recovery, warm: a stale start against a plain base start.
     base_starts, stale_starts = [], []
@@ -195,7 +135,7 @@ def test_missing_base_image_fails_clearly_without_a_retry(
 ) -> None:
     missing = f"snapyard-test-missing-{uuid.uuid4().hex[:8]}:latest"
     counting = CountingEngine(docker_engine)
-    yard = Yard(counting, yard_settings(missing))  # type: ignore[arg-type]
+    yard = start_yard(counting, yard_settings(missing))  # type: ignore[arg-type]
     spec = JobSpec(project=project, work_item="wi-1")
     for snapshots in (False, True):
         counting.calls.clear()
@@ -206,13 +146,13 @@ def test_missing_base_image_fails_clearly_without_a_retry(
         assert "make image" in failed.error
         assert counting.calls.count("create_container") == 0
         assert counting.calls.count("inspect_image") == 1
-    assert docker_engine.list_containers({"snapyard.project": project}) == []
+    assert docker_engine.list_containers({LABEL_PROJECT: project}) == []
 
 
 def test_committed_snapshot_config_holds_no_job_env_value(
     docker_engine: Engine, base_image: str, project: str
 ) -> None:
-    yard = Yard(docker_engine, yard_settings(base_image, setup_seconds=0.0))
+    yard = start_yard(docker_engine, yard_settings(base_image, setup_seconds=0.0))
     spec = JobSpec(project=project, work_item="wi-env", env={"API_TOKEN": SECRET})
     run = yard.drive("job-env", spec)
     image_id = run.finished.snapshot_image_id
@@ -224,9 +164,9 @@ def test_committed_snapshot_config_holds_no_job_env_value(
     assert not [entry for entry in info.container_env if SECRET in entry]
     assert "API_TOKEN=" in info.env
     assert SECRET not in repr(dict(info.labels))
-    assert info.labels["snapyard.role"] == "snapshot"
-    assert info.labels["snapyard.project"] == project
-    assert info.labels.get("snapyard.job.id", "") == ""
+    assert info.labels[LABEL_ROLE] == "snapshot"
+    assert info.labels[LABEL_PROJECT] == project
+    assert info.labels.get(LABEL_JOB_ID, "") == ""
     assert info.labels["snapyard.test.session"] == TEST_LABELS["snapyard.test.session"]
 
 

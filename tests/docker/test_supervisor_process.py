@@ -24,6 +24,7 @@ import pytest
 from session_labels import SNAPSHOT_REPOSITORY, TEST_LABELS
 
 from actors.engine.base import ContainerMissing, Engine, EngineError
+from actors.labels import LABEL_PROJECT, LABEL_ROLE
 from actors.model import Job, JobState, validate_spec
 from actors.store import JobStore, new_job_id
 
@@ -84,10 +85,10 @@ class Process:
 def project(docker_engine: Engine) -> Iterator[str]:
     name = f"it-sup-{uuid.uuid4().hex[:10]}"
     yield name
-    for container in docker_engine.list_containers({"snapyard.project": name}):
+    for container in docker_engine.list_containers({LABEL_PROJECT: name}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_container(container.id, force=True)
-    for image in docker_engine.list_images({"snapyard.project": name}):
+    for image in docker_engine.list_images({LABEL_PROJECT: name}):
         with contextlib.suppress(EngineError):
             docker_engine.remove_image(image.id, force=True)
 
@@ -152,8 +153,8 @@ def test_sigkilled_supervisor_restarts_readopts_the_container_and_commits(
     assert "worked" in done.logs_tail
     states = [state for state, _, _ in store.history(job_id)]
     assert states.count(JobState.STARTING) == 1
-    snapshots = docker_engine.list_images({"snapyard.project": project})
-    assert [i.labels.get("snapyard.role") for i in snapshots] == ["snapshot"]
+    snapshots = docker_engine.list_images({LABEL_PROJECT: project})
+    assert [i.labels.get(LABEL_ROLE) for i in snapshots] == ["snapshot"]
     with pytest.raises(ContainerMissing):
         docker_engine.inspect_container(running.container_id)
     assert code == 0, second.output()
@@ -177,6 +178,6 @@ def test_worker_past_its_timeout_is_timed_out_and_its_container_gone(
     assert done.container_id is not None
     with pytest.raises(ContainerMissing):
         docker_engine.inspect_container(done.container_id)
-    assert docker_engine.list_images({"snapyard.project": project}) == []
+    assert docker_engine.list_images({LABEL_PROJECT: project}) == []
     assert code == 0, proc.output()
     store.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+from actor_kit import kit_settings
 from pykka.messages import ProxyGetAttr
 from waiting import eventually
 
@@ -33,6 +34,16 @@ from actors.engine.base import (
     ImageMissing,
 )
 from actors.engine.memory import MemoryContainer, MemoryEngine, MemoryImage, normalize_tag
+from actors.labels import (
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_ROLE,
+    LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
+)
 from actors.messages import (
     GetStatus,
     ListSnapshots,
@@ -46,16 +57,8 @@ from actors.model import Snapshot
 from actors.naming import snapshot_image_name
 from actors.reaper import Reaper
 from actors.settings import Settings
-from actors.snapshot_manager import (
-    LABEL_BASE_IMAGE_ID,
-    LABEL_CREATED_AT,
-    LABEL_PROJECT,
-    LABEL_ROLE,
-    LABEL_WORK_ITEM,
-    ROLE_SNAPSHOT,
-    SnapshotManager,
-)
-from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
+from actors.snapshot_manager import SnapshotManager
+from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.timers import Scheduler
@@ -77,8 +80,8 @@ def outcome_command(outcome: int | str) -> tuple[str, str]:
 
 
 def machine_settings(**overrides: Any) -> Settings:
-    settings = Settings().replace(
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+    settings = kit_settings(
+        BASE_TAG,
         retry={"attempts": 2, "backoff_initial_s": 1.0, "backoff_max_s": 8.0},
         snapshots={
             "repository": REPOSITORY,

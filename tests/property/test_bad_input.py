@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from actor_kit import kit_settings
 from budget import budget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,9 +27,9 @@ from machine_kit import eventually
 from actors.api import ApiServer
 from actors.app import Snapyard
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.labels import LABEL_ROLE
 from actors.model import MAX_ID_LENGTH, InvalidJob, JobSpec, validate_spec
 from actors.naming import snapshot_image_name
-from actors.settings import Settings
 
 BASE_TAG = "snapyard-worker:latest"
 FIELDS = {"project", "work_item", "agent_type", "command", "env", "timeout_s"}
@@ -81,14 +82,14 @@ def _policy(container: MemoryContainer) -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiServer, Snapyard]]:
     data_dir: Path = tmp_path_factory.mktemp("bad-input")
-    settings = Settings().replace(
+    settings = kit_settings(
+        BASE_TAG,
         supervisor={"data_dir": str(data_dir), "tick_interval_s": 0.05},
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
         retry={"attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
         api={"host": "127.0.0.1", "port": 0, "token": ""},
     )
     engine = MemoryEngine(exit_policy=_policy)
-    engine.add_image(BASE_TAG, labels={"snapyard.role": "base"}, cmd=("sh", "-c", "true"))
+    engine.add_image(BASE_TAG, labels={LABEL_ROLE: "base"}, cmd=("sh", "-c", "true"))
     app = Snapyard(settings, engine=engine).start()
     try:
         with ApiServer(app, settings.api) as server:

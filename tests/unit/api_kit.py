@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actor_kit import kit_settings
+
 from actors.api import ApiServer
 from actors.app import Snapyard
 from actors.engine.memory import MemoryContainer, MemoryEngine
@@ -52,9 +54,9 @@ def memory_engine() -> MemoryEngine:
 
 
 def unit_settings(data_dir: Path, **sections: Any) -> Settings:
-    settings = Settings().replace(
+    settings = kit_settings(
+        BASE_TAG,
         supervisor={"data_dir": str(data_dir), "tick_interval_s": 0.05},
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
         retry={"attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
         api={"host": "127.0.0.1", "port": 0, "token": ""},
     )

@@ -22,21 +22,13 @@ import pykka
 import pytest
 from api_kit import BASE_TAG, WAIT_S, Served, served
 
-from actors.api import (
-    JOB_FIELDS,
-    MAX_BODY_BYTES,
-    SNAPSHOT_FIELDS,
-    ApiServer,
-    check_bind_allowed,
-    is_loopback,
-    iso_time,
-    job_json,
-    snapshot_json,
-)
+from actors.api import ApiServer, check_bind_allowed, is_loopback
+from actors.api_routes import MAX_BODY_BYTES
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import ApiSettings, SentrySettings, SettingsError
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
+from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS, iso_time, job_json, snapshot_json
 
 T0 = 1_700_000_000.0
 

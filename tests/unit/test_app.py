@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pykka
 import pytest
-from yard_kit import BASE_TAG, new_engine
+from actor_kit import kit_settings
+from yard_kit import new_engine
 
 from actors.app import Snapyard, SnapyardError
 from actors.clock import FakeClock
@@ -28,8 +29,7 @@ def _stop_actors() -> Iterator[None]:
 
 
 def app_settings(tmp_path: Path, **supervisor: object) -> Settings:
-    return Settings().replace(
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+    return kit_settings(
         retry={"attempts": 2, "backoff_initial_s": 0.1, "backoff_max_s": 0.5},
         supervisor={"data_dir": str(tmp_path / "data"), "tick_interval_s": 0.05, **supervisor},
     )
@@ -166,3 +166,27 @@ def test_drain_waits_for_running_jobs_past_the_shutdown_timeout(
     finished = JobStore(tmp_path / "data" / "snapyard.db").get(job.id)
     assert finished is not None
     assert finished.state is JobState.SUCCEEDED
+
+
+def test_run_forever_hands_the_started_app_over_once(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second call gave the API server the facade twice; a second SIGTERM from
+    a callback would even have exited the process (130)."""
+    import signal
+
+    import actors.app
+
+    def on_memory(settings: Settings, container_labels: object = None) -> Snapyard:
+        return Snapyard(settings, engine=engine, clock=clock)
+
+    monkeypatch.setattr(actors.app, "Snapyard", on_memory)
+    started: list[Snapyard] = []
+
+    def on_started(app: Snapyard) -> None:
+        started.append(app)
+        if len(started) == 1:
+            signal.raise_signal(signal.SIGTERM)  # the first signal stops gracefully
+
+    assert actors.app.run_forever(app_settings(tmp_path), on_started=on_started) == 0
+    assert len(started) == 1

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from api_kit import BASE_TAG, WAIT_S, Served, served
 
-from actors.api import JOB_FIELDS, SNAPSHOT_FIELDS
 from actors.cli import main
+from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
 SECRET = "cli-secret-value-0451"
 

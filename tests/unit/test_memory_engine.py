@@ -23,6 +23,7 @@ from actors.engine.base import (
     ImageMissing,
 )
 from actors.engine.memory import MemoryContainer, MemoryEngine
+from actors.labels import LABEL_ROLE
 
 BASE = "base:latest"
 
@@ -39,7 +40,7 @@ def clock() -> FakeClock:
 @pytest.fixture
 def mem(clock: FakeClock) -> MemoryEngine:
     engine = MemoryEngine(clock=clock, exit_policy=lambda _: 0)
-    engine.add_image(BASE, labels={"snapyard.role": "base"}, env=["PATH=/bin"])
+    engine.add_image(BASE, labels={LABEL_ROLE: "base"}, env=["PATH=/bin"])
     return engine
 
 
@@ -289,3 +290,24 @@ def test_many_threads_can_share_one_engine(mem: MemoryEngine) -> None:
     assert codes == [0] * 200
     assert mem.list_containers({}) == []
     assert len(mem.list_images({})) == 201
+
+
+# --- the read API: state without a recorded call ----------------------------------
+
+
+def test_the_read_api_shows_state_and_records_no_call(mem: MemoryEngine) -> None:
+    """Kits read the engine through these, never through its private fields."""
+    cid = mem.create_container(spec())
+    snapshot = mem.commit_container(cid, "snap", "one", ImageConfig())
+    before = len(mem.calls)
+    assert [c.id for c in mem.containers()] == [cid]
+    assert mem.image("snap:one").id == snapshot
+    assert [i.id for i in mem.images()] == [mem.image(BASE).id, snapshot]
+    assert mem.has_children(mem.image(BASE).id)
+    assert not mem.has_children(snapshot)
+    with pytest.raises(ImageMissing):
+        mem.image("nothing:here")
+    with mem.lock:  # re-entrant: a kit may hold it across an engine call
+        mem.remove_container(cid)
+    assert mem.containers() == []
+    assert len(mem.calls) == before + 1

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from actors.settings import (
+    DEFAULT_CONFIG,
     DEFAULT_ENGINE_URL,
     AgentTypeSettings,
     ProjectSettings,
@@ -18,7 +19,8 @@ from actors.settings import (
     load_settings,
 )
 
-CONFIG = Path(__file__).resolve().parents[2] / "config" / "snapyard.toml"
+CONFIG = Path(str(DEFAULT_CONFIG))
+SAMPLE = Path(__file__).resolve().parents[2] / "config" / "snapyard.toml"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -33,6 +35,23 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_shipped_config_equals_the_dataclass_defaults() -> None:
     loaded = load_settings(CONFIG, env={})
     assert loaded == Settings().replace(engine={"url": DEFAULT_ENGINE_URL})
+
+
+def test_the_documented_sample_is_the_packaged_default() -> None:
+    """One source of truth: config/snapyard.toml is the package's file, not a copy."""
+    assert SAMPLE.read_bytes() == CONFIG.read_bytes()
+    assert SAMPLE.resolve() == CONFIG.resolve()
+
+
+def test_defaults_do_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed snapyard run from any directory finds its packaged defaults."""
+    stray = tmp_path / "config"
+    stray.mkdir()
+    (stray / "snapyard.toml").write_text("[supervisor]\nmax_workers = 9\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(None, env={}) == load_settings(CONFIG, env={})
 
 
 def test_shipped_config_shows_every_key() -> None:

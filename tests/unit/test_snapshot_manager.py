@@ -8,9 +8,10 @@ from typing import Any
 
 import pykka
 import pytest
-from spawn_kit import Rig, make_rig, test_settings
+from actor_kit import MemoryRig, make_rig, spawn_settings
 
 from actors.engine.base import EngineUnavailable
+from actors.labels import LABEL_ROLE
 from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseImage, SweepSnapshots
 from actors.model import SnapshotKey
 from actors.settings import ProjectSettings
@@ -22,13 +23,13 @@ OTHER = SnapshotKey("proj", "item-2")
 
 
 @pytest.fixture
-def rig() -> Iterator[Rig]:
-    rig = make_rig().start(spawner=False)
+def rig() -> Iterator[MemoryRig]:
+    rig = make_rig().start(spawners=0)
     yield rig
     pykka.ActorRegistry.stop_all()
 
 
-def test_lookup_hits_a_registered_snapshot_and_refreshes_last_used(rig: Rig) -> None:
+def test_lookup_hits_a_registered_snapshot_and_refreshes_last_used(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     hits = METRICS.value("snapyard_snapshot_hits_total")
@@ -43,7 +44,7 @@ def test_lookup_hits_a_registered_snapshot_and_refreshes_last_used(rig: Rig) -> 
     assert METRICS.value("snapyard_snapshot_misses_total") == misses + 1
 
 
-def test_register_replaces_the_entry_and_deletes_the_previous_image(rig: Rig) -> None:
+def test_register_replaces_the_entry_and_deletes_the_previous_image(rig: MemoryRig) -> None:
     old = rig.add_snapshot(KEY)
     rig.register(old)
     rig.clock.advance(10)
@@ -54,7 +55,7 @@ def test_register_replaces_the_entry_and_deletes_the_previous_image(rig: Rig) ->
     assert new.image_id in rig.image_ids()
 
 
-def test_register_of_an_older_snapshot_does_not_replace_a_newer_one(rig: Rig) -> None:
+def test_register_of_an_older_snapshot_does_not_replace_a_newer_one(rig: MemoryRig) -> None:
     older = rig.add_snapshot(KEY, created_at=rig.clock.now())
     newer = rig.add_snapshot(KEY, created_at=rig.clock.now() + 10)
     rig.register(newer)
@@ -64,7 +65,7 @@ def test_register_of_an_older_snapshot_does_not_replace_a_newer_one(rig: Rig) ->
     assert older.image_id not in rig.image_ids()
 
 
-def test_late_invalidate_with_an_old_image_id_leaves_the_newer_snapshot(rig: Rig) -> None:
+def test_late_invalidate_with_an_old_image_id_leaves_the_newer_snapshot(rig: MemoryRig) -> None:
     old = rig.add_snapshot(KEY)
     rig.register(old)
     rig.clock.advance(10)
@@ -74,7 +75,7 @@ def test_late_invalidate_with_an_old_image_id_leaves_the_newer_snapshot(rig: Rig
     assert [s.image_id for s in rig.snapshots()] == [new.image_id]
 
 
-def test_invalidate_drops_the_entry_and_is_idempotent(rig: Rig) -> None:
+def test_invalidate_drops_the_entry_and_is_idempotent(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     rig.ask(Invalidate(KEY, snap.image_id, "404"))
@@ -83,21 +84,21 @@ def test_invalidate_drops_the_entry_and_is_idempotent(rig: Rig) -> None:
     assert rig.lookup(KEY) is None
 
 
-def test_register_ignores_an_image_already_reported_deleted(rig: Rig) -> None:
+def test_register_ignores_an_image_already_reported_deleted(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.ask(ImageDeleted(snap.image_id))
     rig.register(snap)
     assert rig.snapshots() == []
 
 
-def test_image_deleted_drops_the_entry_whatever_the_id_spelling(rig: Rig) -> None:
+def test_image_deleted_drops_the_entry_whatever_the_id_spelling(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     rig.ask(ImageDeleted(snap.image_id.removeprefix("sha256:")))
     assert rig.snapshots() == []
 
 
-def test_ttl_expiry_evicts_and_deletes_the_image(rig: Rig) -> None:
+def test_ttl_expiry_evicts_and_deletes_the_image(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     evictions = METRICS.value("snapyard_snapshot_evictions_total")
@@ -108,7 +109,7 @@ def test_ttl_expiry_evicts_and_deletes_the_image(rig: Rig) -> None:
     assert METRICS.value("snapyard_snapshot_evictions_total") == evictions + 1
 
 
-def test_expired_snapshot_is_a_miss_on_lookup_and_its_image_is_deleted(rig: Rig) -> None:
+def test_expired_snapshot_is_a_miss_on_lookup_and_its_image_is_deleted(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
@@ -118,8 +119,8 @@ def test_expired_snapshot_is_a_miss_on_lookup_and_its_image_is_deleted(rig: Rig)
 
 
 def test_per_project_ttl_applies_in_lookups_and_sweeps() -> None:
-    settings = test_settings(projects={"short": ProjectSettings(ttl_s=60.0)})
-    rig = make_rig(settings).start(spawner=False)
+    settings = spawn_settings(projects={"short": ProjectSettings(ttl_s=60.0)})
+    rig = make_rig(settings).start(spawners=0)
     try:
         short_a = rig.add_snapshot(SnapshotKey("short", "a"))
         short_b = rig.add_snapshot(SnapshotKey("short", "b"))
@@ -138,7 +139,7 @@ def test_per_project_ttl_applies_in_lookups_and_sweeps() -> None:
 
 
 def test_max_count_evicts_the_least_recently_used_and_deletes_it() -> None:
-    rig = make_rig(test_settings(snapshots={"max_count": 2})).start(spawner=False)
+    rig = make_rig(spawn_settings(snapshots={"max_count": 2})).start(spawners=0)
     try:
         a = rig.add_snapshot(SnapshotKey("p", "a"))
         b = rig.add_snapshot(SnapshotKey("p", "b"))
@@ -156,7 +157,7 @@ def test_max_count_evicts_the_least_recently_used_and_deletes_it() -> None:
 
 
 def test_max_total_bytes_evicts_least_recently_used_until_it_fits() -> None:
-    rig = make_rig(test_settings(snapshots={"max_total_bytes": 2500})).start(spawner=False)
+    rig = make_rig(spawn_settings(snapshots={"max_total_bytes": 2500})).start(spawners=0)
     try:
         a = rig.add_snapshot(SnapshotKey("p", "a"), size_bytes=1000)
         rig.register(a)
@@ -172,7 +173,7 @@ def test_max_total_bytes_evicts_least_recently_used_until_it_fits() -> None:
         pykka.ActorRegistry.stop_all()
 
 
-def test_image_in_use_survives_a_sweep_and_is_deleted_on_the_next(rig: Rig) -> None:
+def test_image_in_use_survives_a_sweep_and_is_deleted_on_the_next(rig: MemoryRig) -> None:
     from actors.engine.base import ContainerSpec
 
     snap = rig.add_snapshot(KEY)
@@ -188,7 +189,7 @@ def test_image_in_use_survives_a_sweep_and_is_deleted_on_the_next(rig: Rig) -> N
     assert snap.image_id not in rig.image_ids()
 
 
-def test_sweep_drops_entries_whose_image_is_gone_with_one_list_call(rig: Rig) -> None:
+def test_sweep_drops_entries_whose_image_is_gone_with_one_list_call(rig: MemoryRig) -> None:
     gone = rig.add_snapshot(KEY)
     kept = rig.add_snapshot(OTHER)
     rig.register(gone)
@@ -200,7 +201,7 @@ def test_sweep_drops_entries_whose_image_is_gone_with_one_list_call(rig: Rig) ->
     assert [s.key for s in rig.snapshots()] == [OTHER]
 
 
-def test_engine_error_in_a_sweep_is_retried_next_sweep_not_a_crash(rig: Rig) -> None:
+def test_engine_error_in_a_sweep_is_retried_next_sweep_not_a_crash(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
@@ -213,7 +214,7 @@ def test_engine_error_in_a_sweep_is_retried_next_sweep_not_a_crash(rig: Rig) -> 
     assert snap.image_id not in rig.image_ids()
 
 
-def test_restart_rebuilds_the_registry_and_deletes_older_duplicates(rig: Rig) -> None:
+def test_restart_rebuilds_the_registry_and_deletes_older_duplicates(rig: MemoryRig) -> None:
     t0 = rig.clock.now()
     old = rig.add_snapshot(KEY, created_at=t0)
     older = rig.add_snapshot(KEY, created_at=t0 - 100)
@@ -234,7 +235,7 @@ def test_restart_rebuilds_the_registry_and_deletes_older_duplicates(rig: Rig) ->
     assert found.size_bytes == newest.size_bytes
 
 
-def test_restart_with_the_engine_down_rebuilds_on_the_next_sweep(rig: Rig) -> None:
+def test_restart_with_the_engine_down_rebuilds_on_the_next_sweep(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.engine.set_unavailable(True)
     rig.restart_manager()
@@ -244,7 +245,7 @@ def test_restart_with_the_engine_down_rebuilds_on_the_next_sweep(rig: Rig) -> No
     assert [s.image_id for s in rig.snapshots()] == [snap.image_id]
 
 
-def test_restart_leaves_another_repositorys_snapshots_alone(rig: Rig) -> None:
+def test_restart_leaves_another_repositorys_snapshots_alone(rig: MemoryRig) -> None:
     foreign = rig.add_snapshot(KEY, repository="someone-else")
     rig.restart_manager()
     rig.sweep()
@@ -252,10 +253,10 @@ def test_restart_leaves_another_repositorys_snapshots_alone(rig: Rig) -> None:
     assert foreign.image_id in rig.image_ids()
 
 
-def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: Rig) -> None:
+def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
-    new_base = rig.engine.add_image("snapyard-worker:test", labels={"snapyard.role": "base"})
+    new_base = rig.engine.add_image("snapyard-worker:test", labels={LABEL_ROLE: "base"})
     rig.ask(SetBaseImage(new_base))
     assert rig.snapshots() == []
     assert snap.image_id not in rig.image_ids()
@@ -266,7 +267,7 @@ def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: R
     assert late.image_id not in rig.image_ids()
 
 
-def test_snapshot_at_the_layer_cap_is_a_miss_but_stays_registered(rig: Rig) -> None:
+def test_snapshot_at_the_layer_cap_is_a_miss_but_stays_registered(rig: MemoryRig) -> None:
     cap = rig.settings.snapshots.max_layers
     snap = rig.add_snapshot(KEY, layers=cap)
     rig.register(snap)
@@ -278,7 +279,7 @@ def test_snapshot_at_the_layer_cap_is_a_miss_but_stays_registered(rig: Rig) -> N
     assert snap.image_id not in rig.image_ids()
 
 
-def test_remove_snapshot_drops_the_entry_and_deletes_the_image(rig: Rig) -> None:
+def test_remove_snapshot_drops_the_entry_and_deletes_the_image(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     assert rig.ask(RemoveSnapshot(KEY)) is True
@@ -287,7 +288,7 @@ def test_remove_snapshot_drops_the_entry_and_deletes_the_image(rig: Rig) -> None
     assert snap.image_id not in rig.image_ids()
 
 
-def test_orphan_snapshot_image_is_deleted_only_after_the_grace_period(rig: Rig) -> None:
+def test_orphan_snapshot_image_is_deleted_only_after_the_grace_period(rig: MemoryRig) -> None:
     orphan = rig.add_snapshot(KEY)  # committed, but its Register never arrived
     rig.sweep()
     assert orphan.image_id in rig.image_ids()
@@ -296,7 +297,7 @@ def test_orphan_snapshot_image_is_deleted_only_after_the_grace_period(rig: Rig) 
     assert orphan.image_id not in rig.image_ids()
 
 
-def test_lookup_while_the_engine_is_down_still_answers(rig: Rig) -> None:
+def test_lookup_while_the_engine_is_down_still_answers(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     rig.engine.fail_next("list_images", error=EngineUnavailable("down"))
@@ -323,7 +324,7 @@ def _break_once(monkeypatch: pytest.MonkeyPatch, method: str, times: int = 1) ->
 
 
 def test_a_bug_in_a_told_message_restarts_the_manager_in_place_and_loses_no_snapshot(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: MemoryRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
@@ -338,7 +339,9 @@ def test_a_bug_in_a_told_message_restarts_the_manager_in_place_and_loses_no_snap
     assert found.image_id == snap.image_id
 
 
-def test_a_bug_in_lookup_is_a_miss_not_a_crash(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bug_in_lookup_is_a_miss_not_a_crash(
+    rig: MemoryRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
     _break_once(monkeypatch, "_lookup")
@@ -351,7 +354,7 @@ def test_a_bug_in_lookup_is_a_miss_not_a_crash(rig: Rig, monkeypatch: pytest.Mon
 def test_past_the_restart_budget_the_manager_stops_and_says_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rig = make_rig(test_settings(supervisor={"restart_max": 2, "restart_window_s": 60.0}))
+    rig = make_rig(spawn_settings(supervisor={"restart_max": 2, "restart_window_s": 60.0}))
     fatal: list[str] = []
     rig.manager = SnapshotManager.start(rig.engine, rig.settings, rig.clock, on_fatal=fatal.append)
     _break_once(monkeypatch, "_sweep", times=10)
@@ -368,7 +371,7 @@ def test_past_the_restart_budget_the_manager_stops_and_says_why(
 def test_register_evicts_in_memory_without_listing_images_so_lookups_never_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rig = make_rig(test_settings(snapshots={"max_count": 1})).start(spawner=False)
+    rig = make_rig(spawn_settings(snapshots={"max_count": 1})).start(spawners=0)
     old = rig.add_snapshot(KEY)
     rig.register(old)
     rig.clock.advance(1)

@@ -12,10 +12,22 @@ from typing import Any
 
 import pykka
 import pytest
-from spawn_kit import BASE_TAG, Collector, Rig, make_rig, test_settings
+from actor_kit import BASE_TAG, Collector, MemoryRig, make_rig, spawn_settings
 
 from actors import spawner as spawner_module
 from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, ImageMissing
+from actors.labels import (
+    LABEL_AGENT_TYPE,
+    LABEL_BASE_IMAGE_ID,
+    LABEL_CREATED_AT,
+    LABEL_IMAGE_SOURCE,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_ROLE,
+    LABEL_SNAPSHOT_ENABLED,
+    LABEL_WORK_ITEM,
+)
 from actors.messages import (
     ActorCrashed,
     Finished,
@@ -36,7 +48,7 @@ KEY = SPEC.key
 
 
 @pytest.fixture
-def rig() -> Iterator[Rig]:
+def rig() -> Iterator[MemoryRig]:
     rig = make_rig().start()
     yield rig
     pykka.ActorRegistry.stop_all()
@@ -54,11 +66,11 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return calls
 
 
-def specs(rig: Rig) -> list[ContainerSpec]:
+def specs(rig: MemoryRig) -> list[ContainerSpec]:
     return [args[0] for args in rig.engine.calls_of("create_container")]  # type: ignore[misc]
 
 
-def commit_snapshot(rig: Rig, job_id: str = "job-0") -> str:
+def commit_snapshot(rig: MemoryRig, job_id: str = "job-0") -> str:
     """Run one clean job so the key has a snapshot; return its image ID."""
     _, finished = rig.run(job_id, SPEC)
     assert finished.snapshot_image_id is not None
@@ -68,7 +80,7 @@ def commit_snapshot(rig: Rig, job_id: str = "job-0") -> str:
 # --- the incident: 404 on a snapshot image ------------------------------
 
 
-def test_404_on_snapshot_invalidates_and_the_base_retry_succeeds(rig: Rig) -> None:
+def test_404_on_snapshot_invalidates_and_the_base_retry_succeeds(rig: MemoryRig) -> None:
     stale = commit_snapshot(rig)
     rig.engine.delete_image_behind_back(stale)
     fallbacks = METRICS.value("snapyard_stale_snapshot_fallbacks_total")
@@ -85,14 +97,14 @@ def test_404_on_snapshot_invalidates_and_the_base_retry_succeeds(rig: Rig) -> No
     assert rig.engine.inspect_container(started.container_id).status == "exited"
 
 
-def test_fallback_preserves_snapshot_enabled_so_a_clean_exit_commits(rig: Rig) -> None:
+def test_fallback_preserves_snapshot_enabled_so_a_clean_exit_commits(rig: MemoryRig) -> None:
     stale = commit_snapshot(rig)
     rig.engine.delete_image_behind_back(stale)
     rig.engine.calls.clear()
     started, finished = rig.run("job-1", SPEC)
     fallback = specs(rig)[1]
-    assert fallback.labels["snapyard.snapshot.enabled"] == "true"
-    assert fallback.labels["snapyard.image.source"] == "base"
+    assert fallback.labels[LABEL_SNAPSHOT_ENABLED] == "true"
+    assert fallback.labels[LABEL_IMAGE_SOURCE] == "base"
     assert fallback.auto_remove is False
     assert fallback.env["SNAPYARD_SNAPSHOT_REUSE"] == "0"
     assert fallback.memory_bytes == specs(rig)[0].memory_bytes
@@ -103,7 +115,7 @@ def test_fallback_preserves_snapshot_enabled_so_a_clean_exit_commits(rig: Rig) -
 
 
 def test_404_on_base_with_snapshots_off_fails_naming_the_image_without_retry(
-    rig: Rig, captured: list[dict[str, Any]]
+    rig: MemoryRig, captured: list[dict[str, Any]]
 ) -> None:
     snap = commit_snapshot(rig)
     rig.engine.calls.clear()
@@ -121,7 +133,7 @@ def test_404_on_base_with_snapshots_off_fails_naming_the_image_without_retry(
     assert captured[-1]["extras"]["image"] == BASE_TAG
 
 
-def test_missing_base_tag_fails_before_any_create(rig: Rig) -> None:
+def test_missing_base_tag_fails_before_any_create(rig: MemoryRig) -> None:
     rig.engine.delete_image_behind_back(BASE_TAG)
     failed = rig.spawn("job-1", SPEC)
     assert isinstance(failed, SpawnFailed)
@@ -131,7 +143,7 @@ def test_missing_base_tag_fails_before_any_create(rig: Rig) -> None:
 
 
 def test_failed_fallback_is_captured_with_the_stale_image_and_no_env_value(
-    rig: Rig, captured: list[dict[str, Any]]
+    rig: MemoryRig, captured: list[dict[str, Any]]
 ) -> None:
     stale = commit_snapshot(rig)
     rig.engine.delete_image_behind_back(stale)
@@ -149,7 +161,7 @@ def test_failed_fallback_is_captured_with_the_stale_image_and_no_env_value(
 # --- images deleted at every step of a job ------------------------------
 
 
-def test_image_deleted_between_lookup_and_create_still_starts_the_job(rig: Rig) -> None:
+def test_image_deleted_between_lookup_and_create_still_starts_the_job(rig: MemoryRig) -> None:
     snap = commit_snapshot(rig)
     rig.engine.before("create_container", lambda: rig.engine.delete_image_behind_back(snap))
     started, finished = rig.run("job-1", SPEC)
@@ -160,7 +172,7 @@ def test_image_deleted_between_lookup_and_create_still_starts_the_job(rig: Rig) 
     assert finished.snapshot_image_id in rig.image_ids()
 
 
-def test_image_deleted_between_create_and_start_still_starts_the_job(rig: Rig) -> None:
+def test_image_deleted_between_create_and_start_still_starts_the_job(rig: MemoryRig) -> None:
     snap = commit_snapshot(rig)
     rig.engine.before("start_container", lambda: rig.engine.delete_image_behind_back(snap))
     started = rig.spawn("job-1", SPEC)
@@ -176,16 +188,14 @@ def test_image_deleted_between_create_and_start_still_starts_the_job(rig: Rig) -
 
 
 def test_image_deleted_between_commit_and_register_never_leaves_a_dangling_entry(
-    rig: Rig,
+    rig: MemoryRig,
 ) -> None:
     commit_snapshot(rig)
 
     def delete_new_snapshot() -> None:
         # Armed at commit: fires on the next inspect_image, the new image's.
         repo_tag = next(
-            tag
-            for info in rig.engine.list_images({"snapyard.role": "snapshot"})
-            for tag in info.tags
+            tag for info in rig.engine.list_images({LABEL_ROLE: "snapshot"}) for tag in info.tags
         )
         rig.engine.delete_image_behind_back(repo_tag)
 
@@ -203,7 +213,7 @@ def test_image_deleted_between_commit_and_register_never_leaves_a_dangling_entry
     assert isinstance(rig.spawn("job-2", SPEC), Started)
 
 
-def test_snapshot_deleted_after_register_is_dropped_by_the_next_sweep(rig: Rig) -> None:
+def test_snapshot_deleted_after_register_is_dropped_by_the_next_sweep(rig: MemoryRig) -> None:
     snap = commit_snapshot(rig)
     rig.engine.delete_image_behind_back(snap)
     rig.sweep()
@@ -216,7 +226,7 @@ def test_snapshot_deleted_after_register_is_dropped_by_the_next_sweep(rig: Rig) 
 # --- the container contract ----------------------------------------------
 
 
-def test_base_start_carries_the_label_env_and_limits_contract(rig: Rig) -> None:
+def test_base_start_carries_the_label_env_and_limits_contract(rig: MemoryRig) -> None:
     started = rig.spawn("job-1", SPEC)
     assert isinstance(started, Started)
     assert started.image_id == rig.base_id
@@ -234,14 +244,14 @@ def test_base_start_carries_the_label_env_and_limits_contract(rig: Rig) -> None:
         "SNAPYARD_SETUP_SECONDS": "1",
     }
     assert spec.labels == {
-        "snapyard.managed": "true",
-        "snapyard.job.id": "job-1",
-        "snapyard.project": "proj",
-        "snapyard.work_item": "item-1",
-        "snapyard.agent_type": "coder",
-        "snapyard.snapshot.enabled": "true",
-        "snapyard.image.source": "base",
-        "snapyard.base_image_id": rig.base_id,
+        LABEL_MANAGED: "true",
+        LABEL_JOB_ID: "job-1",
+        LABEL_PROJECT: "proj",
+        LABEL_WORK_ITEM: "item-1",
+        LABEL_AGENT_TYPE: "coder",
+        LABEL_SNAPSHOT_ENABLED: "true",
+        LABEL_IMAGE_SOURCE: "base",
+        LABEL_BASE_IMAGE_ID: rig.base_id,
     }
     assert spec.memory_bytes == worker.memory_mb * 1024 * 1024
     assert spec.pids_limit == worker.pids_limit
@@ -252,7 +262,7 @@ def test_base_start_carries_the_label_env_and_limits_contract(rig: Rig) -> None:
     assert spec.auto_remove is False
 
 
-def test_snapshot_start_uses_the_image_id_never_a_tag(rig: Rig) -> None:
+def test_snapshot_start_uses_the_image_id_never_a_tag(rig: MemoryRig) -> None:
     snap = commit_snapshot(rig)
     rig.engine.calls.clear()
     started = rig.spawn(
@@ -263,23 +273,23 @@ def test_snapshot_start_uses_the_image_id_never_a_tag(rig: Rig) -> None:
     assert spec.image == snap
     assert started.image_id == snap
     assert started.from_snapshot is True
-    assert spec.labels["snapyard.image.source"] == "snapshot"
+    assert spec.labels[LABEL_IMAGE_SOURCE] == "snapshot"
     assert spec.env["SNAPYARD_SNAPSHOT_REUSE"] == "1"
     assert tuple(spec.command or ()) == ("true",)
 
 
-def test_snapshots_off_starts_from_base_even_with_a_snapshot(rig: Rig) -> None:
+def test_snapshots_off_starts_from_base_even_with_a_snapshot(rig: MemoryRig) -> None:
     commit_snapshot(rig)
     rig.engine.calls.clear()
     started, _finished = rig.run("job-1", SPEC, snapshots=False)
     assert started.from_snapshot is False
-    assert specs(rig)[0].labels["snapyard.snapshot.enabled"] == "false"
+    assert specs(rig)[0].labels[LABEL_SNAPSHOT_ENABLED] == "false"
 
 
 # --- commits --------------------------------------------------------------
 
 
-def test_env_values_are_not_in_the_committed_image_config(rig: Rig) -> None:
+def test_env_values_are_not_in_the_committed_image_config(rig: MemoryRig) -> None:
     snap = commit_snapshot(rig)
     info = rig.engine.inspect_image(snap)
     assert SECRET not in repr(info.env)
@@ -292,25 +302,25 @@ def test_env_values_are_not_in_the_committed_image_config(rig: Rig) -> None:
     assert info.entrypoint == ("/usr/local/bin/snapyard-worker",)
 
 
-def test_job_labels_are_dropped_from_the_snapshot(rig: Rig) -> None:
+def test_job_labels_are_dropped_from_the_snapshot(rig: MemoryRig) -> None:
     snap = commit_snapshot(rig)
     labels = rig.engine.inspect_image(snap).labels
     for name in (
-        "snapyard.managed",
-        "snapyard.job.id",
-        "snapyard.agent_type",
-        "snapyard.snapshot.enabled",
-        "snapyard.image.source",
+        LABEL_MANAGED,
+        LABEL_JOB_ID,
+        LABEL_AGENT_TYPE,
+        LABEL_SNAPSHOT_ENABLED,
+        LABEL_IMAGE_SOURCE,
     ):
         assert labels.get(name, "") == ""
-    assert labels["snapyard.role"] == "snapshot"
-    assert labels["snapyard.project"] == "proj"
-    assert labels["snapyard.work_item"] == "item-1"
-    assert labels["snapyard.base_image_id"] == rig.base_id
-    assert float(labels["snapyard.created_at"]) == rig.clock.now()
+    assert labels[LABEL_ROLE] == "snapshot"
+    assert labels[LABEL_PROJECT] == "proj"
+    assert labels[LABEL_WORK_ITEM] == "item-1"
+    assert labels[LABEL_BASE_IMAGE_ID] == rig.base_id
+    assert float(labels[LABEL_CREATED_AT]) == rig.clock.now()
 
 
-def test_snapshot_is_named_from_the_key(rig: Rig) -> None:
+def test_snapshot_is_named_from_the_key(rig: MemoryRig) -> None:
     from actors.naming import snapshot_image_name
 
     snap = commit_snapshot(rig)
@@ -319,7 +329,7 @@ def test_snapshot_is_named_from_the_key(rig: Rig) -> None:
     assert rig.snapshots()[0].tag == f"{repo}:{tag}"
 
 
-def test_nonzero_exit_never_commits_and_the_container_is_removed(rig: Rig) -> None:
+def test_nonzero_exit_never_commits_and_the_container_is_removed(rig: MemoryRig) -> None:
     _started, finished = rig.run("job-1", SPEC, exit_code=1)
     assert finished.snapshot_image_id is None
     assert finished.error is None
@@ -328,7 +338,7 @@ def test_nonzero_exit_never_commits_and_the_container_is_removed(rig: Rig) -> No
     assert rig.snapshots() == []
 
 
-def test_failed_commit_is_reported_and_the_container_still_removed(rig: Rig) -> None:
+def test_failed_commit_is_reported_and_the_container_still_removed(rig: MemoryRig) -> None:
     started = rig.spawn("job-1", SPEC)
     assert isinstance(started, Started)
     rig.engine.fail_next("commit_container", error=EngineError("disk full"))
@@ -339,7 +349,7 @@ def test_failed_commit_is_reported_and_the_container_still_removed(rig: Rig) -> 
     assert rig.engine.list_containers({}) == []
 
 
-def test_a_commit_that_fails_after_docker_created_the_image_leaves_no_image(rig: Rig) -> None:
+def test_a_commit_that_fails_after_docker_created_the_image_leaves_no_image(rig: MemoryRig) -> None:
     """Found by the real-engine property test: Docker 20.10 creates the image,
     then fails to link its just-deleted parent (500 "unknown parent image ID"),
     and the labelled image stayed behind with its ID unknown."""
@@ -356,7 +366,7 @@ def test_a_commit_that_fails_after_docker_created_the_image_leaves_no_image(rig:
     assert finished.snapshot_image_id is None
     assert finished.error is not None
     assert "unknown parent image ID" in finished.error
-    assert rig.engine.list_images({"snapyard.role": "snapshot"}) == []
+    assert rig.engine.list_images({LABEL_ROLE: "snapshot"}) == []
     assert rig.engine.list_containers({}) == []
 
 
@@ -398,7 +408,7 @@ def test_a_job_that_prints_its_secret_has_it_masked_in_its_logs() -> None:
 # --- failures, retries and cleanup ----------------------------------------
 
 
-def test_start_failure_after_create_removes_the_container(rig: Rig) -> None:
+def test_start_failure_after_create_removes_the_container(rig: MemoryRig) -> None:
     rig.engine.fail_next("start_container", error=EngineError("OCI runtime create failed"))
     failed = rig.spawn("job-1", SPEC)
     assert isinstance(failed, SpawnFailed)
@@ -407,7 +417,7 @@ def test_start_failure_after_create_removes_the_container(rig: Rig) -> None:
     assert "remove_container" in [name for name, _ in rig.engine.calls]
 
 
-def test_engine_unavailable_for_the_first_calls_then_success(rig: Rig) -> None:
+def test_engine_unavailable_for_the_first_calls_then_success(rig: MemoryRig) -> None:
     rig.engine.fail_next("create_container", times=3)
     started = rig.spawn("job-1", SPEC)
     assert isinstance(started, Started)
@@ -416,14 +426,14 @@ def test_engine_unavailable_for_the_first_calls_then_success(rig: Rig) -> None:
     assert all(0 <= s <= rig.settings.retry.backoff_max_s for s in rig.clock.slept)
 
 
-def test_unavailable_start_retries_without_leaking_containers(rig: Rig) -> None:
+def test_unavailable_start_retries_without_leaking_containers(rig: MemoryRig) -> None:
     rig.engine.fail_next("start_container", times=2)
     started = rig.spawn("job-1", SPEC)
     assert isinstance(started, Started)
     assert [c.id for c in rig.engine.list_containers({})] == [started.container_id]
 
 
-def test_exhausted_retries_reply_retryable_spawn_failed(rig: Rig) -> None:
+def test_exhausted_retries_reply_retryable_spawn_failed(rig: MemoryRig) -> None:
     attempts = rig.settings.retry.attempts
     rig.engine.fail_next("create_container", times=attempts)
     failed = rig.spawn("job-1", SPEC)
@@ -436,7 +446,7 @@ def test_exhausted_retries_reply_retryable_spawn_failed(rig: Rig) -> None:
 
 
 def test_stale_snapshot_falls_back_even_with_a_single_attempt() -> None:
-    rig = make_rig(test_settings(retry={"attempts": 1})).start()
+    rig = make_rig(spawn_settings(retry={"attempts": 1})).start()
     try:
         stale = commit_snapshot(rig)
         rig.engine.delete_image_behind_back(stale)
@@ -447,20 +457,20 @@ def test_stale_snapshot_falls_back_even_with_a_single_attempt() -> None:
         pykka.ActorRegistry.stop_all()
 
 
-def test_base_image_rebuilt_invalidates_older_snapshots(rig: Rig) -> None:
+def test_base_image_rebuilt_invalidates_older_snapshots(rig: MemoryRig) -> None:
     old = commit_snapshot(rig)
-    new_base = rig.engine.add_image(BASE_TAG, labels={"snapyard.role": "base"})
+    new_base = rig.engine.add_image(BASE_TAG, labels={LABEL_ROLE: "base"})
     rig.engine.calls.clear()
     started, _finished = rig.run("job-1", SPEC)
     assert started.from_snapshot is False
     assert started.image_id == new_base
-    assert specs(rig)[0].labels["snapyard.base_image_id"] == new_base
+    assert specs(rig)[0].labels[LABEL_BASE_IMAGE_ID] == new_base
     assert old not in rig.image_ids()
     assert [s.base_image_id for s in rig.snapshots()] == [new_base]
 
 
 def test_layer_cap_starts_from_base_and_its_commit_replaces_the_deep_chain() -> None:
-    rig = make_rig(test_settings(snapshots={"max_layers": 6})).start()
+    rig = make_rig(spawn_settings(snapshots={"max_layers": 6})).start()
     try:
         sources = []
         for n in range(6):
@@ -486,9 +496,7 @@ def test_300_runs_of_one_work_item_in_a_row_keep_working() -> None:
         assert snap.layers <= rig.settings.snapshots.max_layers
         # Replaced chains are pruned, not leaked: at most one chain of layers is left.
         snapshot_images = [
-            i
-            for i in rig.engine.list_images({"snapyard.role": "snapshot"})
-            if i.id != snap.image_id
+            i for i in rig.engine.list_images({LABEL_ROLE: "snapshot"}) if i.id != snap.image_id
         ]
         assert snapshot_images == []
         assert rig.engine.list_containers({}) == []
@@ -513,14 +521,14 @@ def test_terminate_stops_the_container_and_replies() -> None:
         pykka.ActorRegistry.stop_all()
 
 
-def test_terminate_of_a_missing_container_is_fine(rig: Rig) -> None:
+def test_terminate_of_a_missing_container_is_fine(rig: MemoryRig) -> None:
     assert rig.spawner is not None
     assert rig.collector is not None
     rig.spawner.tell(Terminate("job-1", "no-such-container", 5.0, rig.collector))
     assert isinstance(rig.reply(), Terminated)
 
 
-def test_a_bug_crashes_the_spawner_and_tells_its_parent(rig: Rig) -> None:
+def test_a_bug_crashes_the_spawner_and_tells_its_parent(rig: MemoryRig) -> None:
     assert rig.spawner is not None
     assert rig.collector is not None
 
@@ -536,7 +544,7 @@ def test_a_bug_crashes_the_spawner_and_tells_its_parent(rig: Rig) -> None:
     assert "a bug" in crashed.error
 
 
-def test_dead_snapshot_manager_degrades_to_base_starts(rig: Rig) -> None:
+def test_dead_snapshot_manager_degrades_to_base_starts(rig: MemoryRig) -> None:
     assert rig.manager is not None
     rig.manager.stop()
     started = rig.spawn("job-1", SPEC)
@@ -546,13 +554,13 @@ def test_dead_snapshot_manager_degrades_to_base_starts(rig: Rig) -> None:
     assert isinstance(finished, Finished)
 
 
-def test_start_pool_starts_named_spawners(rig: Rig) -> None:
+def test_start_pool_starts_named_spawners(rig: MemoryRig) -> None:
     assert rig.manager is not None
     refs = start_pool(3, rig.engine, rig.manager, rig.settings, rig.clock)
     assert [ref.proxy().name.get() for ref in refs] == ["spawner-1", "spawner-2", "spawner-3"]
 
 
-def test_one_key_per_snapshot_even_with_many_keys(rig: Rig) -> None:
+def test_one_key_per_snapshot_even_with_many_keys(rig: MemoryRig) -> None:
     for n in range(5):
         spec = JobSpec(project="proj", work_item=f"item-{n}")
         rig.run(f"job-{n}", spec)
@@ -585,7 +593,9 @@ def test_a_failing_lookup_is_a_miss_and_the_spawner_lives_on() -> None:
         pykka.ActorRegistry.stop_all()
 
 
-def test_a_start_that_timed_out_is_discarded_through_a_blip_before_the_retry(rig: Rig) -> None:
+def test_a_start_that_timed_out_is_discarded_through_a_blip_before_the_retry(
+    rig: MemoryRig,
+) -> None:
     """From review: the start may have run the container although it timed out;
     a single failed removal left it running beside the retry's container."""
     rig.engine.fail_next("start_container", error=EngineUnavailable("read timed out"))

@@ -14,10 +14,11 @@ from typing import Any
 
 import pykka
 import pytest
-from spawn_kit import Collector
-from yard_kit import MANAGED, Yard, eventually, yard_settings
+from actor_kit import Collector
+from yard_kit import Yard, eventually, yard_settings
 
 from actors.engine.base import ContainerMissing, EngineUnavailable
+from actors.labels import LABEL_JOB_ID, LABEL_MANAGED, MANAGED_FILTER
 from actors.messages import (
     Cancel,
     ContainerExited,
@@ -34,7 +35,7 @@ from actors.messages import (
 from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
 from actors.settings import AgentTypeSettings, ProjectSettings
 from actors.snapshot_manager import SnapshotManager
-from actors.spawner import LABEL_JOB_ID, Spawner
+from actors.spawner import Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
 from actors.telemetry import METRICS
@@ -328,11 +329,11 @@ def test_cancel_running_terminates_without_commit(tmp_path: Path) -> None:
 def test_orphan_sweep_removes_only_ours_and_only_after_grace(tmp_path: Path) -> None:
     yard = Yard(tmp_path, yard_settings(orphan_grace_s=300.0)).start()
     job = yard.running_job(yard.submit().id)
-    ours_running = yard.foreign_container({**MANAGED, LABEL_JOB_ID: "j-gone"})
-    ours_exited = yard.foreign_container(dict(MANAGED))
+    ours_running = yard.foreign_container({**MANAGED_FILTER, LABEL_JOB_ID: "j-gone"})
+    ours_exited = yard.foreign_container(dict(MANAGED_FILTER))
     yard.engine.exit_container(ours_exited, 0)
     not_ours = yard.foreign_container({"com.example": "x"})
-    not_ours_exited = yard.foreign_container({"snapyard.managed": "false"})
+    not_ours_exited = yard.foreign_container({LABEL_MANAGED: "false"})
     yard.engine.exit_container(not_ours_exited, 1)
 
     yard.clock.advance(299)
@@ -455,7 +456,7 @@ def test_restart_starting_with_a_running_container_adopts_it(tmp_path: Path) -> 
     yard = Yard(tmp_path)
     job = Job(new_job_id(), validate_spec("p", "w"), JobState.STARTING, yard.clock.now())
     yard.store.add(job)
-    cid = yard.foreign_container({**MANAGED, LABEL_JOB_ID: job.id})
+    cid = yard.foreign_container({**MANAGED_FILTER, LABEL_JOB_ID: job.id})
     yard.start()
     assert yard.running_job(job.id).container_id == cid
     assert yard.created_for() == [job.id]  # only the one made above: not started twice

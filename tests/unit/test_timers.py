@@ -9,6 +9,7 @@ from typing import Any
 
 import pykka
 import pytest
+from actor_kit import SYNC, Collector, drain
 
 from actors.clock import FakeClock, SystemClock
 from actors.timers import Scheduler
@@ -25,33 +26,16 @@ class Ping:
     now: float
 
 
-class Inbox(pykka.ThreadingActor):
-    def __init__(self, box: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.box = box
-
-    def on_receive(self, message: Any) -> Any:
-        self.box.put(message)
-        return None
-
-
-def drain(box: queue.Queue[Any]) -> list[Any]:
-    items = []
-    while not box.empty():
-        items.append(box.get_nowait())
-    return items
-
-
 def received(ref: pykka.ActorRef[Any], box: queue.Queue[Any]) -> list[Any]:
     """Everything told to ``ref`` so far: an ask after the tells is the sync point."""
-    ref.ask("sync", timeout=10)
-    return [m for m in drain(box) if m != "sync"]
+    ref.ask(SYNC, timeout=10)
+    return drain(box)
 
 
 def test_every_fires_after_each_interval_with_the_clock_time() -> None:
     clock = FakeClock()
     box: queue.Queue[Any] = queue.Queue()
-    ref = Inbox.start(box)
+    ref = Collector.start(box)
     scheduler = Scheduler(clock)
     scheduler.every(10.0, ref, Ping)
     assert scheduler.run_due() == 0
@@ -70,7 +54,7 @@ def test_every_fires_after_each_interval_with_the_clock_time() -> None:
 def test_first_after_delays_only_the_first_message() -> None:
     clock = FakeClock()
     box: queue.Queue[Any] = queue.Queue()
-    ref = Inbox.start(box)
+    ref = Collector.start(box)
     scheduler = Scheduler(clock)
     scheduler.every(60.0, ref, Ping, first_after_s=300.0)
     clock.advance(299)
@@ -84,7 +68,7 @@ def test_first_after_delays_only_the_first_message() -> None:
 def test_a_late_run_sends_once_not_a_burst() -> None:
     clock = FakeClock()
     box: queue.Queue[Any] = queue.Queue()
-    ref = Inbox.start(box)
+    ref = Collector.start(box)
     scheduler = Scheduler(clock)
     scheduler.every(1.0, ref, Ping)
     clock.advance(100)
@@ -98,7 +82,7 @@ def test_a_late_run_sends_once_not_a_burst() -> None:
 def test_run_due_with_an_explicit_now() -> None:
     clock = FakeClock()
     box: queue.Queue[Any] = queue.Queue()
-    ref = Inbox.start(box)
+    ref = Collector.start(box)
     scheduler = Scheduler(clock)
     scheduler.every(5.0, ref, Ping)
     start = clock.now()
@@ -109,8 +93,8 @@ def test_run_due_with_an_explicit_now() -> None:
 def test_a_dead_target_cancels_only_its_own_timer() -> None:
     clock = FakeClock()
     box: queue.Queue[Any] = queue.Queue()
-    alive = Inbox.start(box)
-    dead = Inbox.start(queue.Queue())
+    alive = Collector.start(box)
+    dead = Collector.start(queue.Queue())
     dead.stop()
     scheduler = Scheduler(clock)
     scheduler.every(1.0, dead, Ping)
@@ -126,7 +110,7 @@ def test_a_dead_target_cancels_only_its_own_timer() -> None:
 def test_a_failing_factory_does_not_stop_the_others() -> None:
     clock = FakeClock()
     box: queue.Queue[Any] = queue.Queue()
-    ref = Inbox.start(box)
+    ref = Collector.start(box)
     scheduler = Scheduler(clock)
 
     def broken(_now: float) -> object:
@@ -140,7 +124,7 @@ def test_a_failing_factory_does_not_stop_the_others() -> None:
 
 def test_cancel_and_stop() -> None:
     clock = FakeClock()
-    ref = Inbox.start(queue.Queue())
+    ref = Collector.start(queue.Queue())
     scheduler = Scheduler(clock)
     timer = scheduler.every(1.0, ref, Ping)
     timer.cancel()
@@ -155,12 +139,12 @@ def test_cancel_and_stop() -> None:
 def test_interval_must_be_positive() -> None:
     scheduler = Scheduler(FakeClock())
     with pytest.raises(ValueError, match="interval_s"):
-        scheduler.every(0, Inbox.start(queue.Queue()), Ping)
+        scheduler.every(0, Collector.start(queue.Queue()), Ping)
 
 
 def test_the_thread_runs_timers_on_real_time() -> None:
     box: queue.Queue[Any] = queue.Queue()
-    ref = Inbox.start(box)
+    ref = Collector.start(box)
     scheduler = Scheduler(SystemClock())
     scheduler.every(0.01, ref, Ping)
     scheduler.start(granularity_s=0.01)

@@ -10,11 +10,13 @@ from typing import Any
 
 import pykka
 import pytest
-from yard_kit import BASE_TAG, MANAGED, Yard, eventually, new_engine
+from actor_kit import SYNC, Collector, drain
+from yard_kit import BASE_TAG, Yard, eventually, new_engine
 
 from actors.clock import FakeClock
 from actors.engine.base import ContainerSpec, EngineError
 from actors.engine.memory import MemoryEngine
+from actors.labels import MANAGED_FILTER
 from actors.messages import ContainerExited, ImageDeleted, Reconcile
 from actors.model import JobState
 from actors.watcher import Watcher
@@ -28,25 +30,14 @@ def _stop_actors() -> Iterator[None]:
     pykka.ActorRegistry.stop_all()
 
 
-class Inbox(pykka.ThreadingActor):
-    def __init__(self, box: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.box = box
-
-    def on_receive(self, message: Any) -> Any:
-        if message != "sync":
-            self.box.put(message)
-        return None
-
-
-class Rig:
+class WatcherRig:
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.engine: MemoryEngine = new_engine(self.clock)
         self.sup_box: queue.Queue[Any] = queue.Queue()
         self.snap_box: queue.Queue[Any] = queue.Queue()
-        self.sup = Inbox.start(self.sup_box)
-        self.snaps = Inbox.start(self.snap_box)
+        self.sup = Collector.start(self.sup_box)
+        self.snaps = Collector.start(self.snap_box)
         self.gate = threading.Event()
         self.gate.set()
         self.sleeps: list[float] = []
@@ -68,44 +59,41 @@ class Rig:
         return self.sup_box.get(timeout=WAIT_S)
 
     def snapshot_messages(self) -> list[Any]:
-        self.snaps.ask("sync", timeout=WAIT_S)
-        items = []
-        while not self.snap_box.empty():
-            items.append(self.snap_box.get_nowait())
-        return items
+        self.snaps.ask(SYNC, timeout=WAIT_S)
+        return drain(self.snap_box)
 
 
 @pytest.fixture
-def rig() -> Iterator[Rig]:
-    rig = Rig()
+def rig() -> Iterator[WatcherRig]:
+    rig = WatcherRig()
     yield rig
     rig.gate.set()
     rig.watcher.stop()
 
 
-def test_exits_of_managed_containers_and_oom_marks(rig: Rig) -> None:
-    ours = rig.container(dict(MANAGED))
+def test_exits_of_managed_containers_and_oom_marks(rig: WatcherRig) -> None:
+    ours = rig.container(dict(MANAGED_FILTER))
     theirs = rig.container({"com.example": "x"})
-    oom = rig.container(dict(MANAGED))
+    oom = rig.container(dict(MANAGED_FILTER))
     rig.engine.exit_container(theirs, 0)
     rig.engine.exit_container(ours, 3)
     rig.engine.exit_container(oom, 137, oom=True)
     rig.watcher.start()
     assert rig.next_for_supervisor() == ContainerExited(ours, 3, False)
     assert rig.next_for_supervisor() == ContainerExited(oom, 137, True)
-    later = rig.container(dict(MANAGED))
+    later = rig.container(dict(MANAGED_FILTER))
     rig.engine.exit_container(later, 0)
     # The OOM mark was consumed by its exit: the next exit is a plain one.
     assert rig.next_for_supervisor() == ContainerExited(later, 0, False)
 
 
-def test_image_deleted_is_forwarded_but_untagged_is_not(rig: Rig) -> None:
+def test_image_deleted_is_forwarded_but_untagged_is_not(rig: WatcherRig) -> None:
     image_id = rig.engine.add_image("snapyard-snapshot/p.w:k1")
     rig.engine.tag_image(image_id, "snapyard-snapshot/p.w", "k2")
     rig.engine.remove_image("snapyard-snapshot/p.w:k2")  # only an untag
     moved = rig.engine.add_image("other:1")
     rig.engine.remove_image("other:1")  # untag + delete
-    marker = rig.container(dict(MANAGED))
+    marker = rig.container(dict(MANAGED_FILTER))
     rig.engine.exit_container(marker, 0)
     rig.watcher.start()
     assert rig.next_for_supervisor() == ContainerExited(marker, 0, False)
@@ -113,8 +101,10 @@ def test_image_deleted_is_forwarded_but_untagged_is_not(rig: Rig) -> None:
     assert rig.engine.inspect_image(image_id).id == image_id
 
 
-def test_reconnect_after_a_break_tells_reconcile_and_replays_the_missed_exit(rig: Rig) -> None:
-    cid = rig.container(dict(MANAGED))
+def test_reconnect_after_a_break_tells_reconcile_and_replays_the_missed_exit(
+    rig: WatcherRig,
+) -> None:
+    cid = rig.container(dict(MANAGED_FILTER))
     rig.watcher.start()
     eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
     rig.gate.clear()
@@ -130,7 +120,7 @@ def test_reconnect_after_a_break_tells_reconcile_and_replays_the_missed_exit(rig
     assert rig.watcher.reconnects >= 1
 
 
-def test_backoff_grows_while_the_engine_stays_down(rig: Rig) -> None:
+def test_backoff_grows_while_the_engine_stays_down(rig: WatcherRig) -> None:
     rig.watcher.start()
     eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
     rig.gate.clear()
@@ -149,14 +139,14 @@ def test_backoff_grows_while_the_engine_stays_down(rig: Rig) -> None:
     assert rig.next_for_supervisor() == Reconcile()
 
 
-def test_an_unexpected_stream_error_also_reconnects(rig: Rig) -> None:
+def test_an_unexpected_stream_error_also_reconnects(rig: WatcherRig) -> None:
     rig.engine.fail_next("events", error=EngineError("garbled event"))
     rig.watcher.start()
     assert rig.next_for_supervisor() == Reconcile()
     eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
 
 
-def test_stop_closes_the_stream_and_joins(rig: Rig) -> None:
+def test_stop_closes_the_stream_and_joins(rig: WatcherRig) -> None:
     rig.watcher.start()
     eventually(rig.watcher.connected.is_set, bool, "the watcher connected")
     assert rig.watcher.alive
@@ -177,7 +167,7 @@ def test_supervisor_sees_an_exit_missed_during_a_break(tmp_path: Path) -> None:
     assert done.snapshot_committed
 
 
-def test_an_outage_of_thousands_of_failures_does_not_kill_the_watcher(rig: Rig) -> None:
+def test_an_outage_of_thousands_of_failures_does_not_kill_the_watcher(rig: WatcherRig) -> None:
     """Found by a warning in the suite: 2 ** (failures - 1) overflowed a float
     after ~1,000 failed reconnects (hours of daemon outage) and the thread died."""
     rig.engine.set_unavailable(True)

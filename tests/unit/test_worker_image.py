@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
+import actors
 from actors.engine.base import ImageMissing
 from actors.engine.memory import MemoryEngine
+from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST
 from actors.worker_image import (
-    DIGEST_LABEL,
-    ROLE_LABEL,
     WORKER_DIR,
     WorkerImageError,
     ensure_base_image,
@@ -23,8 +22,16 @@ TAG = "snapyard-worker:test"
 
 def _worker_copy(tmp_path: Path) -> Path:
     folder = tmp_path / "worker"
-    shutil.copytree(WORKER_DIR, folder)
+    folder.mkdir()
+    for item in WORKER_DIR.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
     return folder
+
+
+def test_the_worker_context_ships_inside_the_package() -> None:
+    """An installed wheel has no repository around it: the context is package data."""
+    assert {item.name for item in WORKER_DIR.iterdir()} >= {"Dockerfile", "entrypoint.sh"}
+    assert Path(str(WORKER_DIR)).resolve().parent == Path(actors.__file__).resolve().parent
 
 
 def test_an_unchanged_context_is_not_rebuilt(tmp_path: Path) -> None:
@@ -74,7 +81,7 @@ def test_a_users_image_built_from_ours_is_still_never_rebuilt(tmp_path: Path) ->
     the repository we build into makes an image ours to replace."""
     engine = MemoryEngine()
     user_id = engine.add_image(
-        USER_TAG, labels={ROLE_LABEL: "base", DIGEST_LABEL: "an-older-digest"}
+        USER_TAG, labels={LABEL_ROLE: "base", LABEL_WORKER_DIGEST: "an-older-digest"}
     )
     assert ensure_base_image(engine, USER_TAG, worker_dir=_worker_copy(tmp_path))[0] == user_id
     assert engine.calls_of("build_image") == []

@@ -12,28 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+from actor_kit import BASE_TAG, kit_settings
 from waiting import EVENTUALLY_S, eventually
 
 from actors.clock import FakeClock
 from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
 from actors.engine.memory import MemoryEngine
+from actors.labels import LABEL_JOB_ID, MANAGED_FILTER
 from actors.messages import GetJob, Reconcile, Submit, Tick
 from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
-from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
+from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.watcher import Watcher
 
-BASE_TAG = "snapyard-worker:test"
-MANAGED = {LABEL_MANAGED: "true"}
 ASK_S = 10.0
 
 
 def yard_settings(**supervisor: Any) -> Settings:
-    return Settings().replace(
-        worker={"image": BASE_TAG, "setup_seconds": 0.0},
+    return kit_settings(
         retry={"attempts": 3, "backoff_initial_s": 0.5, "backoff_max_s": 4.0},
         supervisor={
             "max_workers": 4,
@@ -147,7 +146,7 @@ class Yard:
     # --- the engine's view -------------------------------------------------
 
     def running(self) -> list[ContainerState]:
-        return [c for c in self.engine.list_containers(MANAGED) if c.running]
+        return [c for c in self.engine.list_containers(MANAGED_FILTER) if c.running]
 
     def exists(self, container_id: str) -> bool:
         try:

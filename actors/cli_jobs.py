@@ -1,0 +1,337 @@
+"""The client commands of ``snapyard``: submit, jobs, job, cancel, snapshots.
+
+Each is a thin client of the HTTP API, so it works the same against a
+supervisor started by systemd, by ``make run`` or in another terminal. It
+speaks the API through ``actors.client`` and ``actors.wire`` only: the
+actor system is never imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from actors.cli_common import (
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CliError,
+    Command,
+    settings_of,
+    short_id,
+)
+from actors.client import ApiClient, ApiError, ApiUnreachable
+from actors.model import JobState
+from actors.wire import parse_time
+
+__all__ = ["cmd_cancel", "cmd_job", "cmd_jobs", "cmd_snapshots", "cmd_submit"]
+
+_POLL_FIRST_S = 0.1
+_POLL_MAX_S = 1.0
+# While waiting, a supervisor that answers 503 (restarting) is polled this many times.
+_POLL_503_TRIES = 60
+
+
+# --- output helpers -------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
+    """Aligned columns two spaces apart; "-" marks an empty cell."""
+    cells = [list(headers)] + [
+        ["-" if c is None or c == "" else str(c) for c in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def _when(iso: str | None) -> str:
+    return iso.replace("T", " ")[:19] if iso else "-"
+
+
+def _took(job: Mapping[str, Any]) -> str:
+    start, end = job.get("started_at"), job.get("finished_at")
+    if not start:
+        return "-"
+    t0 = parse_time(start)
+    t1 = parse_time(end) if end else datetime.now(t0.tzinfo)
+    return f"{(t1 - t0).total_seconds():.1f}s"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def _print_json(value: object, out: TextIO) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False), file=out)
+
+
+def _origin(job: Mapping[str, Any]) -> str:
+    if not job.get("image_id"):
+        return "-"
+    return "snapshot" if job.get("from_snapshot") else "base"
+
+
+def _job_rows(jobs: Sequence[Mapping[str, Any]]) -> list[list[object]]:
+    return [
+        [
+            j["id"],
+            j["state"],
+            j["project"],
+            j["work_item"],
+            j["agent_type"],
+            _origin(j),
+            j["exit_code"],
+            _took(j),
+            _when(j["created_at"]),
+        ]
+        for j in jobs
+    ]
+
+
+_JOB_HEADERS = ("ID", "STATE", "PROJECT", "WORK ITEM", "AGENT", "IMAGE", "EXIT", "TOOK", "CREATED")
+
+
+def _print_job(job: Mapping[str, Any], out: TextIO) -> None:
+    rows = [
+        ("id", job["id"]),
+        ("state", job["state"]),
+        ("project", job["project"]),
+        ("work item", job["work_item"]),
+        ("agent type", job["agent_type"]),
+        ("image", job["image_id"] or "-"),
+        ("from snapshot", "yes" if job["from_snapshot"] else "no"),
+        ("snapshot committed", "yes" if job["snapshot_committed"] else "no"),
+        ("exit code", "-" if job["exit_code"] is None else job["exit_code"]),
+        ("error", job["error"] or "-"),
+        ("created", _when(job["created_at"])),
+        ("started", _when(job["started_at"])),
+        ("finished", _when(job["finished_at"])),
+        ("took", _took(job)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}", file=out)
+
+
+# --- the API ----------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    return ApiClient.from_settings(settings_of(args).api)
+
+
+def _api_error(exc: ApiError) -> CliError:
+    """422 and 400 are the caller's input (usage); the rest a refused request."""
+    code = EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_JOB_FAILED
+    if exc.status == 503:
+        return CliError(f"the supervisor is not serving: {exc.message}", EXIT_UNREACHABLE)
+    if exc.status == 401:
+        return CliError(
+            f"the supervisor refused the request: {exc.message} "
+            "(set SNAPYARD_API_TOKEN or [api] token)",
+            EXIT_USAGE,
+        )
+    return CliError(exc.message, code)
+
+
+def _speaks_api(command: Command) -> Command:
+    """Turn the API's failures into the CLI's exit codes (3 unreachable, 1 or 2 refused)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+        try:
+            return command(args, out, err)
+        except ApiUnreachable as exc:
+            raise CliError(f"snapyard: {exc}", EXIT_UNREACHABLE) from None
+        except ApiError as exc:
+            cli = _api_error(exc)
+            raise CliError(f"snapyard: {cli}", cli.code) from None
+
+    return run
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for number, pair in enumerate(pairs, start=1):
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            # Never echo the argument: `--env "$TOKEN"` is the usual slip.
+            raise CliError(f"--env #{number}: expected NAME=VALUE", EXIT_USAGE)
+        env[name] = value
+    return env
+
+
+@_speaks_api
+def cmd_submit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    spec: dict[str, Any] = {
+        "project": args.project,
+        "work_item": args.work_item,
+        "agent_type": args.agent_type,
+    }
+    if command:
+        spec["command"] = command
+    if args.env:
+        spec["env"] = _parse_env(args.env)
+    if args.timeout is not None:
+        spec["timeout_s"] = args.timeout
+    client = _client(args)
+    job = client.submit(spec)
+    if not args.wait:
+        if args.json:
+            _print_json(job, out)
+        else:
+            print(
+                f"submitted job {job['id']} ({job['project']}/{job['work_item']}): {job['state']}",
+                file=out,
+            )
+        return EXIT_OK
+    job = _wait(client, job, err, progress=err.isatty() and not args.json)
+    if args.json:
+        _print_json(job, out)
+    else:
+        _print_job(job, out)
+    return EXIT_OK if job["state"] == JobState.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def _wait(client: ApiClient, job: dict[str, Any], err: TextIO, progress: bool) -> dict[str, Any]:
+    """Poll until the job ends; a progress line on a terminal, nothing otherwise."""
+    delay = _POLL_FIRST_S
+    started = time.monotonic()
+    try:
+        while not JobState(job["state"]).terminal:
+            if progress:
+                elapsed = time.monotonic() - started
+                print(
+                    f"\rjob {job['id']}: {job['state']:<9} {elapsed:6.1f}s",
+                    end="",
+                    file=err,
+                    flush=True,
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX_S)
+            job = _poll(client, job)
+    except KeyboardInterrupt:
+        if progress:
+            print(file=err)
+        raise CliError(
+            f"stopped waiting; job {job['id']} goes on (follow it with `snapyard job {job['id']}`)",
+            130,
+        ) from None
+    if progress:
+        print(f"\rjob {job['id']}: {job['state']:<9} {time.monotonic() - started:6.1f}s", file=err)
+    return job
+
+
+def _poll(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
+    """The job again; a supervisor briefly not serving (503: restarting) is waited out."""
+    for _ in range(_POLL_503_TRIES):
+        try:
+            fresh: dict[str, Any] = client.job(job["id"])
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            time.sleep(_POLL_MAX_S)
+            continue
+        return fresh
+    return dict(client.job(job["id"]))
+
+
+@_speaks_api
+def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    jobs = _client(args).jobs(state=args.state, project=args.project, limit=args.limit)
+    if args.json:
+        _print_json(jobs, out)
+    else:
+        _table(_JOB_HEADERS, _job_rows(jobs), out)
+    return EXIT_OK
+
+
+@_speaks_api
+def cmd_job(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    client = _client(args)
+    job = client.job(args.id)
+    logs = client.logs(args.id) if args.logs else None
+    if args.json:
+        _print_json(job if logs is None else {**job, "logs": logs}, out)
+        return EXIT_OK
+    _print_job(job, out)
+    if logs is not None:
+        print("--- logs (tail) ---", file=out)
+        print(logs.rstrip("\n") if logs else "(no output)", file=out)
+    return EXIT_OK
+
+
+@_speaks_api
+def cmd_cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    job = _client(args).cancel(args.id)
+    if args.json:
+        _print_json(job, out)
+    else:
+        print(f"job {job['id']}: {job['state']}", file=out)
+    return EXIT_OK
+
+
+_SNAPSHOT_HEADERS = ("PROJECT", "WORK ITEM", "IMAGE", "SIZE", "LAYERS", "CREATED", "LAST USED")
+
+
+def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
+    return [
+        [
+            s["project"],
+            s["work_item"],
+            short_id(s["image_id"]),
+            _size(s["size_bytes"]),
+            s["layers"],
+            _when(s["created_at"]),
+            _when(s["last_used_at"]),
+        ]
+        for s in snaps
+    ]
+
+
+@_speaks_api
+def cmd_snapshots(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    client = _client(args)
+    if args.snapshots_cmd == "rm":
+        result = client.remove_snapshot(args.project, args.work_item)
+        if args.json:
+            _print_json(result, out)
+        else:
+            print(
+                f"removed the snapshot of {args.project}/{args.work_item} and its image", file=out
+            )
+        return EXIT_OK
+    if args.snapshots_cmd == "prune":
+        evicted = client.prune()
+        if args.json:
+            _print_json(evicted, out)
+        elif evicted:
+            print(f"evicted {len(evicted)} snapshot(s):", file=out)
+            _table(_SNAPSHOT_HEADERS, _snapshot_rows(evicted), out)
+        else:
+            print("nothing to evict", file=out)
+        return EXIT_OK
+    snaps = client.snapshots()
+    if args.json:
+        _print_json(snaps, out)
+    else:
+        _table(_SNAPSHOT_HEADERS, _snapshot_rows(snaps), out)
+    return EXIT_OK

@@ -1,0 +1,190 @@
+"""``snapyard doctor``: check what ``snapyard run`` needs, one line per check.
+
+Every failed check says what to do. The checks are independent: no engine
+still checks the store and the API port, so one run shows every problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TextIO
+
+from actors.api import ApiServer, check_bind_allowed
+from actors.cli_common import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, make_engine, short_id
+from actors.client import ApiClient, ApiUnreachable
+from actors.engine.base import Engine, EngineError, ImageMissing
+from actors.labels import LABEL_WORKER_DIGEST
+from actors.settings import Settings, SettingsError, config_path_from_env, load_settings
+from actors.store import JobStore
+from actors.worker_image import (
+    WorkerImageError,
+    build_context,
+    is_demo_image,
+    missing_image_hint,
+)
+
+__all__ = ["cmd_doctor"]
+
+_IMAGE_HINT = "build it with `make image` or `snapyard image build`"
+
+_Check = tuple[str, bool, str, str]  # name, ok, what was found, what to do when not ok
+
+
+def _check_store(settings: Settings) -> _Check:
+    path = settings.store_path
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with JobStore(path) as store:
+            counts = store.count_by_state()
+    except Exception as exc:
+        return (
+            "store",
+            False,
+            f"{path}: {exc}",
+            "make supervisor.data_dir writable by this user, or set SNAPYARD_DATA_DIR",
+        )
+    total = sum(counts.values())
+    unfinished = sum(n for state, n in counts.items() if not state.terminal)
+    return "store", True, f"{path}: {total} jobs, {unfinished} unfinished", ""
+
+
+def _check_api_port(settings: Settings) -> _Check:
+    api = settings.api
+    address = f"{api.host}:{api.port}"
+    try:
+        check_bind_allowed(api)
+    except SettingsError as exc:
+        return (
+            "api port",
+            False,
+            f"{address}: {exc.allowed}",
+            "set SNAPYARD_API_TOKEN or listen on 127.0.0.1",
+        )
+    client = ApiClient.from_settings(api, timeout_s=3.0)
+    try:
+        ok, reason = client.health()
+    except ApiUnreachable:
+        pass
+    else:
+        if ok:
+            return "api port", True, f"{address}: a supervisor answers ({reason})", ""
+        return (
+            "api port",
+            False,
+            f"{address}: a supervisor answers but is unhealthy: {reason}",
+            "see its log (journalctl -u snapyard, or the `snapyard run` terminal)",
+        )
+    try:
+        ApiServer(None, api).stop()
+    except OSError as exc:
+        return (
+            "api port",
+            False,
+            f"{address}: cannot listen ({exc.strerror or exc}) and no supervisor answers there",
+            "free the port or change [api] port / SNAPYARD_API",
+        )
+    return "api port", True, f"{address}: free; `snapyard run` will listen there", ""
+
+
+def _print_checks(checks: Sequence[_Check], out: TextIO) -> int:
+    width = max(len(name) for name, *_ in checks)
+    for name, ok, found, fix in checks:
+        print(f"{'ok  ' if ok else 'FAIL'}  {name.ljust(width)}  {found}", file=out)
+        if not ok and fix:
+            print(f"      {' ' * width}  -> {fix}", file=out)
+    failed = [name for name, ok, *_ in checks if not ok]
+    print(
+        "all checks passed"
+        if not failed
+        else f"{len(failed)} check(s) failed: {', '.join(failed)}",
+        file=out,
+    )
+    return EXIT_OK if not failed else EXIT_JOB_FAILED
+
+
+def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
+    """The engine, then the base image on it (skipped when there is no engine)."""
+    tag = settings.worker.image
+    engine = make_engine(settings)
+    try:
+        engine.ping()
+    except EngineError as exc:
+        return None, [
+            (
+                "engine",
+                False,
+                f"{engine.describe()}: {exc}",
+                "start it with `make engine` (config/engine.sh), or set engine.url / DOCKER_HOST",
+            ),
+            ("base image", False, f"{tag}: not checked, no engine", "fix the engine first"),
+        ]
+    checks: list[_Check] = [("engine", True, engine.describe(), "")]
+    try:
+        image = engine.inspect_image(tag)
+    except ImageMissing:
+        checks.append(("base image", False, f"{tag}: missing", missing_image_hint(tag)))
+    except EngineError as exc:
+        checks.append(("base image", False, f"{tag}: {exc}", missing_image_hint(tag)))
+    else:
+        note = "" if is_demo_image(tag) else " (your image, used as it is)"
+        try:
+            if (
+                is_demo_image(tag)
+                and image.labels.get(LABEL_WORKER_DIGEST) != build_context().digest
+            ):
+                note = f" (older than actors/worker; {_IMAGE_HINT} to refresh)"
+        except WorkerImageError as exc:
+            note = f" (cannot rebuild it here: {exc})"
+        checks.append(("base image", True, f"{tag}: {short_id(image.id)}{note}", ""))
+    return engine, checks
+
+
+def _cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Check what ``snapyard run`` needs; each failed check says what to do."""
+    source = config_path_from_env(getattr(args, "config", None))
+    try:
+        settings = load_settings(getattr(args, "config", None))
+    except SettingsError as exc:
+        _print_checks(
+            [
+                (
+                    "config",
+                    False,
+                    f"{source or '(defaults)'}: {exc.key} = {exc.value!r}: {exc.allowed}",
+                    "fix that key in the file or its SNAPYARD_* variable",
+                )
+            ],
+            out,
+        )
+        return EXIT_USAGE
+    checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
+    checks.extend(_check_engine(settings)[1])
+    checks.append(_check_store(settings))
+    checks.append(_check_api_port(settings))
+    return _print_checks(checks, out)
+
+
+def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Check what ``snapyard run`` needs; each failed check says what to do."""
+    source = config_path_from_env(getattr(args, "config", None))
+    try:
+        settings = load_settings(getattr(args, "config", None))
+    except SettingsError as exc:
+        _print_checks(
+            [
+                (
+                    "config",
+                    False,
+                    f"{source or '(defaults)'}: {exc.key} = {exc.value!r}: {exc.allowed}",
+                    "fix that key in the file or its SNAPYARD_* variable",
+                )
+            ],
+            out,
+        )
+        return EXIT_USAGE
+    checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
+    checks.extend(_check_engine(settings)[1])
+    checks.append(_check_store(settings))
+    checks.append(_check_api_port(settings))
+    return _print_checks(checks, out)
