@@ -47,6 +47,7 @@ from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor, SupervisorStopped
 from actors.telemetry import (
+    Secrets,
     flush_sentry,
     install_thread_dump_signal,
     setup_logging,
@@ -83,8 +84,12 @@ class Snapyard:
     ) -> None:
         """``engine``/``clock``/``store`` default to Docker, real time and the
         store under ``settings.data_dir``; ``container_labels`` are stamped on
-        every worker container (tests mark theirs ``snapyard.test=1``)."""
+        every worker container (tests mark theirs ``snapyard.test=1``).
+
+        The app owns its secrets (the env values to scrub from logs and Sentry
+        events) and hands them to the Supervisor, which remembers them."""
         self.settings = settings
+        self.secrets = Secrets()
         self.clock: Clock = clock or SystemClock()
         self._engine = engine
         self._store = store
@@ -172,7 +177,14 @@ class Snapyard:
         # Supervisor's recovery listing and the stream opening is not lost.
         since = clock.now()
         supervisor = Supervisor.start(
-            engine, store, settings, clock, snapshots, spawner_factory, self._on_fatal
+            engine,
+            store,
+            settings,
+            clock,
+            snapshots,
+            spawner_factory,
+            self._on_fatal,
+            secrets=self.secrets,
         )
         self.supervisor_ref = supervisor
         try:
@@ -395,8 +407,9 @@ def run_forever(
     second one exits at once (130). 1 when the supervisor gave up, 2 when it
     could not start.
     """
-    setup_logging(settings.log)
-    setup_sentry(settings.sentry)
+    app = Snapyard(settings, container_labels=container_labels)
+    setup_logging(settings.log, secrets=app.secrets)
+    setup_sentry(settings.sentry, secrets=app.secrets)
     install_thread_dump_signal()
     stop_requested = threading.Event()
 
@@ -408,7 +421,6 @@ def run_forever(
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    app = Snapyard(settings, container_labels=container_labels)
     try:
         try:
             app.start()

@@ -60,7 +60,7 @@ from actors.settings import Settings
 from actors.snapshot_manager import LABEL_PROJECT, LABEL_WORK_ITEM
 from actors.spawner import LABEL_JOB_ID
 from actors.store import JobStore, new_job_id
-from actors.telemetry import METRICS, SECRETS, capture_error, job_log
+from actors.telemetry import METRICS, Secrets, capture_error, job_log
 
 __all__ = ["JOB_LABELS", "SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
 
@@ -167,8 +167,13 @@ class Supervisor(pykka.ThreadingActor):
         snapshots: pykka.ActorRef[Any],
         spawner_factory: SpawnerFactory,
         on_fatal: Callable[[str], None] | None = None,
+        *,
+        secrets: Secrets | None = None,
     ) -> None:
+        """``secrets`` are the app's; None gives a private set that nothing
+        scrubs with (tests that do not look at logs)."""
         super().__init__()
+        self._secrets = secrets if secrets is not None else Secrets()
         self._engine = engine
         self._store = store
         self._settings = settings
@@ -312,7 +317,7 @@ class Supervisor(pykka.ThreadingActor):
         self._store.add(job, note="submitted")
         self._count(None, JobState.QUEUED)
         if spec.env:
-            SECRETS.remember(job.id, spec.env.values())
+            self._secrets.remember(job.id, spec.env.values())
         self._jobs[job.id] = job
         self._queue.append(job.id)
         self._log(job).info("job queued")
@@ -754,7 +759,7 @@ class Supervisor(pykka.ThreadingActor):
                 continue
             self._jobs[job.id] = job
             if job.spec.env:
-                SECRETS.remember(job.id, job.spec.env.values())
+                self._secrets.remember(job.id, job.spec.env.values())
             if job.state is JobState.QUEUED:
                 self._enqueue(job.id)
                 continue
@@ -957,7 +962,7 @@ class Supervisor(pykka.ThreadingActor):
         self._crashes.pop(job.id, None)
         self._refusals.pop(job.id, None)
         self._recover_notes.pop(job.id, None)
-        SECRETS.forget(job.id)
+        self._secrets.forget(job.id)
         self._log(job).info("job %s", state.value)
         return job
 

@@ -6,14 +6,17 @@ histograms. Configuration (``setup_logging``, ``setup_sentry``) is done once
 by the CLI; a library user who does neither gets silence, never a crash.
 
 Secrets: a job's env is never logged in the first place (``Job`` and
-``JobSpec`` reprs hide it, ``job_log`` does not carry it). ``SECRETS`` is the
+``JobSpec`` reprs hide it, ``job_log`` does not carry it). A ``Secrets`` is the
 second line of defence for values that leak anyway, say a worker that echoes
 its token into an error message: every log line and Sentry event is scrubbed
-of the values remembered for running jobs.
+of the values remembered for running jobs. The app owns one and passes it to
+the Supervisor (which remembers and forgets values) and to ``setup_logging``
+and ``setup_sentry`` (which scrub with it); there is no process-wide set.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -41,7 +44,6 @@ __all__ = [
     "KNOWN_METRICS",
     "METRICS",
     "REDACTED",
-    "SECRETS",
     "MetricSpec",
     "Metrics",
     "RecordingTransport",
@@ -107,9 +109,6 @@ class Secrets:
         return text if pattern is None else pattern.sub(REDACTED, text)
 
 
-SECRETS = Secrets()
-
-
 # --- logging ---------------------------------------------------------------
 
 
@@ -125,17 +124,25 @@ def _job_fields(record: logging.LogRecord) -> dict[str, str]:
 class _ScrubFilter(logging.Filter):
     """Bakes args into the message and scrubs it, before any formatter sees it."""
 
+    def __init__(self, secrets: Secrets) -> None:
+        super().__init__()
+        self._secrets = secrets
+
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a bad format string still gets logged, not lost
             message = f"{record.msg!r} % {record.args!r}"
-        record.msg = SECRETS.scrub(message)
+        record.msg = self._secrets.scrub(message)
         record.args = None
         return True
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, secrets: Secrets) -> None:
+        super().__init__()
+        self._secrets = secrets
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 6),
@@ -154,12 +161,13 @@ class _JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = record.stack_info
         # Scrub the whole line: exception text and extras can carry secrets too.
-        return SECRETS.scrub(json.dumps(entry, ensure_ascii=False, default=str))
+        return self._secrets.scrub(json.dumps(entry, ensure_ascii=False, default=str))
 
 
 class _TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    def __init__(self, secrets: Secrets) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self._secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -168,26 +176,32 @@ class _TextFormatter(logging.Formatter):
             first, sep, rest = line.partition("\n")
             pairs = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{first} [{pairs}]{sep}{rest}"
-        return SECRETS.scrub(line)
+        return self._secrets.scrub(line)
 
 
 class _SnapyardHandler(logging.StreamHandler[TextIO]):
     """Marks the handler setup_logging owns, so a second call replaces it."""
 
 
-def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+def setup_logging(
+    settings: LogSettings, stream: TextIO | None = None, secrets: Secrets | None = None
+) -> None:
     """Send every log record to ``stream``: JSON lines for machines, text for people.
 
+    Every line is scrubbed of the values in ``secrets`` (the app's); without
+    it nothing is scrubbed, which suits a CLI command that runs no job.
     Idempotent: calling it again replaces the handler it installed before.
     """
     stream = stream if stream is not None else sys.stderr
+    secrets = secrets if secrets is not None else Secrets()
     fmt = settings.format
     if fmt == "auto":
         isatty = getattr(stream, "isatty", None)
         fmt = "text" if callable(isatty) and isatty() else "json"
     handler = _SnapyardHandler(stream)
-    handler.setFormatter(_TextFormatter() if fmt == "text" else _JsonFormatter())
-    handler.addFilter(_ScrubFilter())
+    formatter = _TextFormatter(secrets) if fmt == "text" else _JsonFormatter(secrets)
+    handler.setFormatter(formatter)
+    handler.addFilter(_ScrubFilter(secrets))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _SnapyardHandler)]:
         root.removeHandler(old)
@@ -252,23 +266,23 @@ _ENV_KEYS = frozenset({"env", "environ", "environment_variables", "environment v
 _DEFAULT_TAGS = {"service": "snapyard"}
 
 
-def _scrub_event_value(value: Any) -> Any:
+def _scrub_event_value(secrets: Secrets, value: Any) -> Any:
     if isinstance(value, str):
-        return SECRETS.scrub(value)
+        return secrets.scrub(value)
     if isinstance(value, Mapping):
         return {
-            (SECRETS.scrub(k) if isinstance(k, str) else k): _scrub_event_value(v)
+            (secrets.scrub(k) if isinstance(k, str) else k): _scrub_event_value(secrets, v)
             for k, v in value.items()
             if not (isinstance(k, str) and k.lower() in _ENV_KEYS)
         }
     if isinstance(value, list | tuple):
-        return [_scrub_event_value(v) for v in value]
+        return [_scrub_event_value(secrets, v) for v in value]
     return value
 
 
-def _before_send(event: Any, hint: Any) -> Any:
+def _before_send(secrets: Secrets, event: Any, hint: Any) -> Any:
     """Scrub secrets anywhere in the event: message, exceptions, extras, breadcrumbs, locals."""
-    scrubbed = _scrub_event_value(event)
+    scrubbed = _scrub_event_value(secrets, event)
     tags = scrubbed.setdefault("tags", {})
     if isinstance(tags, dict):
         for key, value in _DEFAULT_TAGS.items():
@@ -276,9 +290,9 @@ def _before_send(event: Any, hint: Any) -> Any:
     return scrubbed
 
 
-def _before_breadcrumb(crumb: Any, hint: Any) -> Any:
+def _before_breadcrumb(secrets: Secrets, crumb: Any, hint: Any) -> Any:
     # Scrub now: by the time an event is sent the job may have been forgotten.
-    return _scrub_event_value(crumb)
+    return _scrub_event_value(secrets, crumb)
 
 
 class RecordingTransport(Transport):
@@ -299,13 +313,18 @@ class RecordingTransport(Transport):
                     self.events.append(dict(payload))
 
 
-def setup_sentry(settings: SentrySettings, transport: object | None = None) -> bool:
+def setup_sentry(
+    settings: SentrySettings, transport: object | None = None, secrets: Secrets | None = None
+) -> bool:
     """Start Sentry when a DSN is configured; returns whether it is on.
 
-    ``transport`` replaces the HTTP transport (tests pass a RecordingTransport).
+    Events and breadcrumbs are scrubbed of the values in ``secrets`` (the
+    app's; without it only env mappings are dropped). ``transport`` replaces
+    the HTTP transport (tests pass a RecordingTransport).
     """
     if not settings.dsn:
         return False
+    secrets = secrets if secrets is not None else Secrets()
     options: dict[str, Any] = {
         "dsn": settings.dsn,
         "environment": settings.environment,
@@ -313,8 +332,8 @@ def setup_sentry(settings: SentrySettings, transport: object | None = None) -> b
         # Frame locals may hold a job's env before it is remembered as secret
         # (a request that failed validation): never send them.
         "include_local_variables": False,
-        "before_send": _before_send,
-        "before_breadcrumb": _before_breadcrumb,
+        "before_send": functools.partial(_before_send, secrets),
+        "before_breadcrumb": functools.partial(_before_breadcrumb, secrets),
         # Log records become breadcrumbs only; errors reach Sentry through
         # capture_error, once, with their tags.
         "integrations": [LoggingIntegration(level=logging.INFO, event_level=None)],

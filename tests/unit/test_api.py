@@ -692,9 +692,10 @@ def test_sentry_gets_a_tagged_event_without_the_secret_when_the_base_image_is_go
     tmp_path: Path,
 ) -> None:
     transport = RecordingTransport()
-    setup_sentry(SentrySettings(dsn="https://public@127.0.0.1/1"), transport=transport)
     try:
         with served(tmp_path) as live:
+            sentry = SentrySettings(dsn="https://public@127.0.0.1/1")
+            setup_sentry(sentry, transport=transport, secrets=live.app.secrets)
             live.engine.delete_image_behind_back(BASE_TAG)
             job = submit(
                 live,

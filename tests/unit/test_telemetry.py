@@ -19,7 +19,6 @@ from actors.telemetry import (
     KNOWN_METRICS,
     METRICS,
     REDACTED,
-    SECRETS,
     Metrics,
     RecordingTransport,
     Secrets,
@@ -40,7 +39,6 @@ DSN = "https://public@127.0.0.1/1"  # never contacted: every test passes a trans
 def _restore_global_state() -> Iterator[None]:
     # The root logger is restored by tests/conftest.py; the rest is telemetry's.
     yield
-    SECRETS.clear()
     METRICS.reset()
     close_sentry()
 
@@ -118,8 +116,9 @@ def test_setup_logging_twice_installs_one_handler() -> None:
 
 def test_remembered_secrets_are_scrubbed_from_messages_args_and_tracebacks() -> None:
     stream = io.StringIO()
-    setup_logging(LogSettings(format="json"), stream=stream)
-    SECRETS.remember("j-1", [SECRET])
+    secrets = Secrets()
+    setup_logging(LogSettings(format="json"), stream=stream, secrets=secrets)
+    secrets.remember("j-1", [SECRET])
     log = logging.getLogger("actors.x")
     log.info(f"in the message {SECRET}")
     log.info("in the args %s", SECRET)
@@ -135,6 +134,21 @@ def test_remembered_secrets_are_scrubbed_from_messages_args_and_tracebacks() -> 
     assert lines[1]["message"] == f"in the args {REDACTED}"
     assert REDACTED in lines[2]["message"]
     assert f"worker said {REDACTED}" in lines[3]["exc"]
+
+
+def test_logs_are_scrubbed_with_the_secrets_they_were_given_and_no_others() -> None:
+    """There is no process-wide set: a value remembered elsewhere is not this log's secret."""
+    stream = io.StringIO()
+    mine, other = Secrets(), Secrets()
+    setup_logging(LogSettings(format="json"), stream=stream, secrets=mine)
+    other.remember("j-1", [SECRET])
+    log = logging.getLogger("actors.x")
+    log.info("before %s", SECRET)
+    mine.remember("j-1", [SECRET])
+    log.info("after %s", SECRET)
+    before, after = (json.loads(x)["message"] for x in stream.getvalue().splitlines())
+    assert before == f"before {SECRET}"
+    assert after == f"after {REDACTED}"
 
 
 def test_forgotten_secrets_are_no_longer_scrubbed_and_short_ones_never() -> None:
@@ -206,10 +220,11 @@ def _fail_with_secret(spec: JobSpec) -> None:
 
 def test_captured_errors_carry_tags_and_extras_and_no_secrets() -> None:
     transport = RecordingTransport()
+    secrets = Secrets()
     settings = SentrySettings(dsn=DSN, environment="staging", release="snapyard@test")
-    assert setup_sentry(settings, transport=transport) is True
+    assert setup_sentry(settings, transport=transport, secrets=secrets) is True
     job = _secret_job()
-    SECRETS.remember(job.id, job.spec.env.values())
+    secrets.remember(job.id, job.spec.env.values())
     logging.getLogger("actors.spawner").warning("a breadcrumb with %s", SECRET)
     try:
         _fail_with_secret(job.spec)
