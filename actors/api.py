@@ -28,10 +28,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pykka
 
+from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
 from actors.settings import ApiSettings, SettingsError
 from actors.supervisor import SupervisorStopped
-from actors.telemetry import METRICS, capture_error
+from actors.telemetry import capture_error
 
 __all__ = [
     "JOB_FIELDS",
@@ -87,6 +88,10 @@ _SUBMIT_KEYS = frozenset({"project", "work_item", "agent_type", "command", "env"
 
 class Facade(Protocol):
     """What the API needs from ``actors.app.Snapyard``; tests can pass a fake."""
+
+    # The app's metrics: /metrics serves their registry, requests are counted there.
+    @property
+    def metrics(self) -> Metrics: ...
 
     def submit(self, spec: JobSpec) -> Job: ...
 
@@ -249,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         self._query = parse_qs(split.query, keep_blank_values=True)
         self._body_read = False
-        route_name = "?"
+        self._route_name = route_name = "?"
         try:
             try:
                 # Split before decoding: a work item may contain an encoded "/".
@@ -257,6 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
             except UnicodeDecodeError:
                 raise _HttpError(HTTPStatus.BAD_REQUEST, "the path is not valid UTF-8") from None
             route_name, routes = self._routes(parts)
+            self._route_name = route_name
             if parts != ["healthz"]:
                 self._authorize()
             route = routes.get(method)
@@ -267,8 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
                     headers={"Allow": ", ".join(sorted(routes))},
                 )
             status, body = route(self, parts)
-            if isinstance(body, str):
-                self._send(status, body.encode(), "text/plain; version=0.0.4; charset=utf-8")
+            if isinstance(body, bytes):  # only /metrics answers with anything but JSON
+                self._send(status, body, CONTENT_TYPE)
             else:
                 self._send_json(status, body)
         except _HttpError as exc:
@@ -293,7 +299,6 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 {"error": f"internal error ({type(exc).__name__}); see the supervisor's log"},
             )
-        METRICS.inc("snapyard_api_requests_total", route=route_name, method=method)
 
     def _declares_body(self) -> bool:
         length = self.headers.get("Content-Length", "0").strip()
@@ -386,6 +391,11 @@ class _Handler(BaseHTTPRequestHandler):
         ctype: str,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # Counted before the answer leaves: a client that reads it sees the count.
+        metrics = self.server.metrics
+        if metrics is not None:  # None until the app is attached: no registry yet
+            labels = {"route": getattr(self, "_route_name", "?"), "method": self.command}
+            metrics.api_requests.labels(**labels).inc()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -523,7 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
         return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, "error": reason}
 
     def _metrics(self, parts: list[str]) -> _Body:
-        return HTTPStatus.OK, METRICS.render()
+        return HTTPStatus.OK, self.server.app.metrics.exposition()
 
 
 class _Server(ThreadingHTTPServer):
@@ -558,6 +568,10 @@ class _Server(ThreadingHTTPServer):
         if self._app is None:
             raise SupervisorStopped("the supervisor is still starting")
         return self._app
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return None if self._app is None else self._app.metrics
 
 
 class ApiServer:

@@ -21,6 +21,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import pykka
+from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
 from actors.engine.base import Engine, EngineError
@@ -40,6 +41,7 @@ from actors.messages import (
     SweepSnapshots,
     Tick,
 )
+from actors.metrics import MeteredEngine, Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
@@ -86,9 +88,11 @@ class Snapyard:
         store under ``settings.data_dir``; ``container_labels`` are stamped on
         every worker container (tests mark theirs ``snapyard.test=1``).
 
-        The app owns its secrets (the env values to scrub from logs and Sentry
-        events) and hands them to the Supervisor, which remembers them."""
+        The app owns its metrics registry and its secrets (the env values to
+        scrub from logs and Sentry events) and hands them to the actors."""
         self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
         self.secrets = Secrets()
         self.clock: Clock = clock or SystemClock()
         self._engine = engine
@@ -132,6 +136,9 @@ class Snapyard:
                 settings.engine.timeout_s,
                 secrets_dir=str(settings.data_dir / "secrets"),
             )
+        if not isinstance(engine, MeteredEngine):
+            # The one place engine errors are counted: every call goes through it.
+            engine = MeteredEngine(engine, self.metrics)
         self._engine = engine
         try:
             engine.ping()
@@ -164,14 +171,19 @@ class Snapyard:
 
     def _start_actors(self, engine: Engine, store: JobStore) -> None:
         settings, clock = self.settings, self.clock
-        snapshots = SnapshotManager.start(engine, settings, clock, on_fatal=self._on_fatal)
+        metrics = self.metrics
+        snapshots = SnapshotManager.start(
+            engine, settings, clock, on_fatal=self._on_fatal, metrics=metrics
+        )
         self.snapshots_ref = snapshots
         if self.base_image_id is not None:
             snapshots.tell(SetBaseImage(self.base_image_id))
         labels = self._container_labels
 
         def spawner_factory(name: str, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(engine, snapshots, settings, clock, name, supervisor, labels)
+            return Spawner.start(
+                engine, snapshots, settings, clock, name, supervisor, labels, metrics=metrics
+            )
 
         # Events from here on are replayed to the Watcher: an exit between the
         # Supervisor's recovery listing and the stream opening is not lost.
@@ -184,6 +196,7 @@ class Snapyard:
             snapshots,
             spawner_factory,
             self._on_fatal,
+            metrics=metrics,
             secrets=self.secrets,
         )
         self.supervisor_ref = supervisor

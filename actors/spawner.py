@@ -55,6 +55,7 @@ from actors.messages import (
     Terminate,
     Terminated,
 )
+from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
@@ -68,7 +69,7 @@ from actors.snapshot_manager import (
     ROLE_SNAPSHOT,
     same_image,
 )
-from actors.telemetry import METRICS, capture_error, job_log
+from actors.telemetry import capture_error, job_log
 
 __all__ = [
     "JOB_LABELS",
@@ -165,9 +166,13 @@ class Spawner(pykka.ThreadingActor):
         name: str,
         supervisor: pykka.ActorRef[Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
-        """``labels`` are stamped on every container (and so every snapshot), e.g. for tests."""
+        """``labels`` are stamped on every container (and so every snapshot), e.g. for
+        tests; ``metrics`` is the app's (None: a private registry nobody scrapes)."""
         super().__init__()
+        self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
         self._snapshots = snapshots
         self._settings = settings
@@ -235,7 +240,7 @@ class Spawner(pykka.ThreadingActor):
             if retryable:
                 error = f"engine unavailable after {plan.attempts} attempts: {exc}"
             jlog.error("spawn failed (retryable=%s): %s", retryable, error)
-            METRICS.inc("snapyard_spawn_failures_total")
+            self._metrics.spawn_failures.inc()
             self._tell(
                 msg.reply_to,
                 SpawnFailed(
@@ -247,7 +252,7 @@ class Spawner(pykka.ThreadingActor):
                 ),
             )
             return
-        METRICS.observe("snapyard_spawn_seconds", self._clock.now() - began)
+        self._metrics.spawn_seconds.observe(self._clock.now() - began)
         jlog.info(
             "started %s from %s %s (attempts %d)",
             launched.container_id,
@@ -325,7 +330,7 @@ class Spawner(pykka.ThreadingActor):
             return BaseImageMissing(self._settings.worker.image, self._engine.describe())
         reason = f"404 on create/start for job {msg.job_id}: {exc}"
         self._tell(self._snapshots, Invalidate(snapshot.key, snapshot.image_id, reason))
-        METRICS.inc("snapyard_stale_snapshot_fallbacks_total")
+        self._metrics.stale_snapshot_fallbacks.inc()
         job_log(
             log, msg.job_id, msg.spec.project, msg.spec.work_item, image=snapshot.image_id
         ).warning("snapshot image is gone; invalidated it, retrying on the base image")

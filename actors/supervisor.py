@@ -53,6 +53,7 @@ from actors.messages import (
     Terminated,
     Tick,
 )
+from actors.metrics import Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.reaper import MANAGED_LABEL, MANAGED_LABELS, Reaper
 from actors.restarts import RestartIntensity
@@ -60,7 +61,7 @@ from actors.settings import Settings
 from actors.snapshot_manager import LABEL_PROJECT, LABEL_WORK_ITEM
 from actors.spawner import LABEL_JOB_ID
 from actors.store import JobStore, new_job_id
-from actors.telemetry import METRICS, Secrets, capture_error, job_log
+from actors.telemetry import Secrets, capture_error, job_log
 
 __all__ = ["JOB_LABELS", "SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
 
@@ -168,11 +169,13 @@ class Supervisor(pykka.ThreadingActor):
         spawner_factory: SpawnerFactory,
         on_fatal: Callable[[str], None] | None = None,
         *,
+        metrics: Metrics | None = None,
         secrets: Secrets | None = None,
     ) -> None:
-        """``secrets`` are the app's; None gives a private set that nothing
-        scrubs with (tests that do not look at logs)."""
+        """``metrics`` and ``secrets`` are the app's; None gives private ones that
+        nothing scrapes or scrubs with (tests that do not look at them)."""
         super().__init__()
+        self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._secrets = secrets if secrets is not None else Secrets()
         self._engine = engine
         self._store = store
@@ -241,7 +244,7 @@ class Supervisor(pykka.ThreadingActor):
         for future in futures:
             with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):
                 future.get(timeout=max(0.0, deadline - time.monotonic()))
-        METRICS.set("snapyard_running_workers", 0)
+        self._metrics.running_workers.set(0)
 
     def on_receive(self, message: Any) -> Any:
         if self._fatal is not None:
@@ -986,9 +989,9 @@ class Supervisor(pykka.ThreadingActor):
 
     def _publish_metrics(self) -> None:
         for state in JobState:
-            METRICS.set("snapyard_jobs", self._state_counts.get(state, 0), state=state.value)
+            self._metrics.jobs.labels(state=state.value).set(self._state_counts.get(state, 0))
         running = sum(1 for s in self._slots.values() if s.container_id is not None)
-        METRICS.set("snapyard_running_workers", running)
+        self._metrics.running_workers.set(running)
 
     def _status(self) -> SupervisorStatus:
         return SupervisorStatus(

@@ -1,9 +1,9 @@
-"""Logging, Sentry and metrics: the one place that talks to Sentry.
+"""Logging and Sentry: the one place that talks to Sentry.
 
-The actors call three things: ``job_log`` for a logger bound to a job,
-``capture_error`` for Sentry, and ``METRICS`` for counters, gauges and
-histograms. Configuration (``setup_logging``, ``setup_sentry``) is done once
-by the CLI; a library user who does neither gets silence, never a crash.
+The actors call two things: ``job_log`` for a logger bound to a job and
+``capture_error`` for Sentry (metrics live in ``actors.metrics``).
+Configuration (``setup_logging``, ``setup_sentry``) is done once by the CLI; a
+library user who does neither gets silence, never a crash.
 
 Secrets: a job's env is never logged in the first place (``Job`` and
 ``JobSpec`` reprs hide it, ``job_log`` does not carry it). A ``Secrets`` is the
@@ -19,15 +19,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import pykka.debug
 import sentry_sdk
@@ -41,11 +39,7 @@ from actors.settings import LogSettings, SentrySettings
 
 __all__ = [
     "JOB_FIELDS",
-    "KNOWN_METRICS",
-    "METRICS",
     "REDACTED",
-    "MetricSpec",
-    "Metrics",
     "RecordingTransport",
     "Secrets",
     "capture_error",
@@ -382,233 +376,3 @@ def close_sentry(timeout_s: float = 2.0) -> None:
     if client.is_active():
         client.close(timeout=timeout_s)
     sentry_sdk.get_global_scope().set_client(None)
-
-
-# --- metrics ---------------------------------------------------------------
-
-Kind = Literal["counter", "gauge", "histogram"]
-DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    kind: Kind
-    help: str
-    labels: tuple[str, ...] = ()
-    buckets: tuple[float, ...] = DEFAULT_BUCKETS
-
-
-KNOWN_METRICS: dict[str, MetricSpec] = {
-    spec.name: spec
-    for spec in (
-        MetricSpec("snapyard_jobs", "gauge", "Jobs in the store, by state.", ("state",)),
-        MetricSpec(
-            "snapyard_spawn_seconds",
-            "histogram",
-            "Time from Spawn to a started container, retries included.",
-        ),
-        MetricSpec(
-            "snapyard_snapshot_hits_total", "counter", "Jobs started from a snapshot image."
-        ),
-        MetricSpec(
-            "snapyard_snapshot_misses_total",
-            "counter",
-            "Jobs started from the base image: no usable snapshot.",
-        ),
-        MetricSpec(
-            "snapyard_stale_snapshot_fallbacks_total",
-            "counter",
-            "Snapshot images found missing at create; the job fell back to the base image.",
-        ),
-        MetricSpec(
-            "snapyard_snapshot_evictions_total",
-            "counter",
-            "Snapshots evicted (TTL, count or size) with their images deleted.",
-        ),
-        MetricSpec("snapyard_running_workers", "gauge", "Worker containers running now."),
-        MetricSpec(
-            "snapyard_engine_errors_total", "counter", "Docker engine errors, by kind.", ("kind",)
-        ),
-    )
-}
-
-_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-Labels = tuple[tuple[str, str], ...]
-
-
-def _labels(labels: Mapping[str, object]) -> Labels:
-    for name in labels:
-        if not _LABEL.match(name) or name.startswith("__"):
-            raise ValueError(f"invalid metric label name {name!r}")
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
-
-
-def _counter_name(name: str) -> str:
-    return name if name.endswith("_total") else f"{name}_total"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:
-    pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-    return f"{{{pairs}}}" if pairs else ""
-
-
-def _fmt_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if value != int(value) else str(int(value))
-
-
-def _fmt_le(bound: float) -> str:
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
-
-
-@dataclass
-class _Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int]
-    total: float = 0.0
-    count: int = 0
-
-
-class Metrics:
-    """A tiny thread-safe metrics registry that renders Prometheus text.
-
-    Names in ``KNOWN_METRICS`` get their declared type and help; any other
-    name works too, typed by the first call that uses it. Counters may be
-    named with or without ``_total``: both spellings are one counter.
-    """
-
-    def __init__(self, known: Mapping[str, MetricSpec] | None = None) -> None:
-        self._known = dict(KNOWN_METRICS if known is None else known)
-        self._lock = threading.Lock()
-        self._kinds: dict[str, Kind] = {}
-        self._counters: dict[tuple[str, Labels], float] = {}
-        self._gauges: dict[tuple[str, Labels], float] = {}
-        self._histograms: dict[tuple[str, Labels], _Histogram] = {}
-
-    def _declared(self, name: str) -> Kind | None:
-        spec = self._known.get(name)
-        return spec.kind if spec else self._kinds.get(name)
-
-    def _claim(self, name: str, wanted: Kind) -> None:
-        """Type ``name`` on first use; refuse to use one metric as two types."""
-        if not _NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        kind = self._declared(name) or self._kinds.setdefault(name, wanted)
-        if kind != wanted:
-            raise ValueError(f"metric {name} is a {kind}, not a {wanted}")
-
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        """Add to a counter; on a gauge, add (or with a negative amount, subtract)."""
-        key_labels = _labels(labels)
-        with self._lock:
-            if self._declared(name) == "gauge":
-                key = (name, key_labels)
-                self._gauges[key] = self._gauges.get(key, 0.0) + amount
-                return
-            counter = _counter_name(name)
-            self._claim(counter, "counter")
-            if amount < 0:
-                raise ValueError(f"counter {counter} cannot decrease (amount {amount})")
-            key = (counter, key_labels)
-            self._counters[key] = self._counters.get(key, 0.0) + amount
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        key_labels = _labels(labels)
-        with self._lock:
-            self._claim(name, "gauge")
-            self._gauges[(name, key_labels)] = float(value)
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        key_labels = _labels(labels)
-        with self._lock:
-            self._claim(name, "histogram")
-            spec = self._known.get(name)
-            buckets = spec.buckets if spec else DEFAULT_BUCKETS
-            key = (name, key_labels)
-            hist = self._histograms.get(key)
-            if hist is None:
-                hist = self._histograms[key] = _Histogram(buckets, [0] * len(buckets))
-            for i, bound in enumerate(hist.buckets):
-                if value <= bound:
-                    hist.counts[i] += 1
-                    break
-            hist.total += value
-            hist.count += 1
-
-    def value(self, name: str, **labels: str) -> float:
-        """A counter or gauge's current value (0 if never set); ``<hist>_count``/``_sum`` too."""
-        key_labels = _labels(labels)
-        with self._lock:
-            for candidate in (_counter_name(name), name):
-                if (candidate, key_labels) in self._counters:
-                    return self._counters[(candidate, key_labels)]
-            if (name, key_labels) in self._gauges:
-                return self._gauges[(name, key_labels)]
-            for suffix in ("_count", "_sum"):
-                if name.endswith(suffix):
-                    hist = self._histograms.get((name.removesuffix(suffix), key_labels))
-                    if hist is not None:
-                        return float(hist.count) if suffix == "_count" else hist.total
-            return 0.0
-
-    def reset(self) -> None:
-        """Forget every value: for tests, which share the process-wide METRICS."""
-        with self._lock:
-            self._kinds.clear()
-            self._counters.clear()
-            self._gauges.clear()
-            self._histograms.clear()
-
-    def render(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        with self._lock:
-            families: dict[str, Kind] = {name: spec.kind for name, spec in self._known.items()}
-            for name, kind in self._kinds.items():
-                families.setdefault(name, kind)
-            lines: list[str] = []
-            for name in sorted(families):
-                kind = families[name]
-                spec = self._known.get(name)
-                help_text = spec.help if spec else f"Snapyard metric {name}."
-                lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2)}")
-                lines.append(f"# TYPE {name} {kind}")
-                if kind == "histogram":
-                    lines.extend(self._render_histogram(name, spec))
-                    continue
-                store = self._counters if kind == "counter" else self._gauges
-                samples = sorted((lbl, v) for (n, lbl), v in store.items() if n == name)
-                if not samples and not (spec and spec.labels):
-                    samples = [((), 0.0)]
-                for lbl, v in samples:
-                    lines.append(f"{name}{_fmt_labels(lbl)} {_fmt_value(v)}")
-            return "\n".join(lines) + "\n"
-
-    def _render_histogram(self, name: str, spec: MetricSpec | None) -> list[str]:
-        series = sorted((lbl, h) for (n, lbl), h in self._histograms.items() if n == name)
-        if not series and not (spec and spec.labels):
-            buckets = spec.buckets if spec else DEFAULT_BUCKETS
-            series = [((), _Histogram(buckets, [0] * len(buckets)))]
-        lines: list[str] = []
-        for lbl, hist in series:
-            cumulative = 0
-            for bound, count in zip(hist.buckets, hist.counts, strict=True):
-                cumulative += count
-                lines.append(
-                    f"{name}_bucket{_fmt_labels((*lbl, ('le', _fmt_le(bound))))} {cumulative}"
-                )
-            lines.append(f"{name}_bucket{_fmt_labels((*lbl, ('le', '+Inf')))} {hist.count}")
-            lines.append(f"{name}_sum{_fmt_labels(lbl)} {_fmt_value(hist.total)}")
-            lines.append(f"{name}_count{_fmt_labels(lbl)} {hist.count}")
-        return lines
-
-
-METRICS = Metrics()

@@ -27,6 +27,7 @@ from actors.messages import (
     Started,
     SweepSnapshots,
 )
+from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot, SnapshotKey
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
@@ -82,20 +83,32 @@ class Rig:
     spawner: pykka.ActorRef[Spawner] | None = None
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
     collector: pykka.ActorRef[Collector] | None = None
+    # The rig's own registry: a test reads exactly what its actors recorded.
+    metrics: Metrics = field(default_factory=Metrics.unscraped)
 
     def start(self, spawner: bool = True) -> Rig:
-        self.manager = SnapshotManager.start(self.engine, self.settings, self.clock)
+        self.manager = SnapshotManager.start(
+            self.engine, self.settings, self.clock, metrics=self.metrics
+        )
         self.collector = Collector.start(self.inbox)
         if spawner:
             self.spawner = Spawner.start(
-                self.engine, self.manager, self.settings, self.clock, "spawner-1", self.collector
+                self.engine,
+                self.manager,
+                self.settings,
+                self.clock,
+                "spawner-1",
+                self.collector,
+                metrics=self.metrics,
             )
         return self
 
     def restart_manager(self) -> None:
         assert self.manager is not None
         self.manager.stop()
-        self.manager = SnapshotManager.start(self.engine, self.settings, self.clock)
+        self.manager = SnapshotManager.start(
+            self.engine, self.settings, self.clock, metrics=self.metrics
+        )
 
     # --- SnapshotManager ---------------------------------------------------
 
