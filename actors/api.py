@@ -22,6 +22,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from actors.api_routes import Facade, RequestHandler
+from actors.metrics import Metrics
 from actors.settings import ApiSettings, SettingsError
 from actors.supervisor import SupervisorStopped
 from actors.wire import client_host
@@ -92,6 +93,10 @@ class _Server(ThreadingHTTPServer):
         if self._app is None:
             raise SupervisorStopped("the supervisor is still starting")
         return self._app
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return None if self._app is None else self._app.metrics
 
 
 class ApiServer:

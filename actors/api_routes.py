@@ -18,9 +18,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pykka
 
+from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.supervisor import SupervisorStopped
-from actors.telemetry import METRICS, capture_error
+from actors.telemetry import capture_error
 from actors.wire import WireError, job_json, snapshot_json, spec_from_json
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ MAX_LIST_LIMIT = 1000
 
 class Facade(Protocol):
     """What the API needs from ``actors.app.Snapyard``; tests can pass a fake."""
+
+    # The app's metrics: /metrics serves their registry, requests are counted there.
+    @property
+    def metrics(self) -> Metrics: ...
 
     def submit(self, spec: JobSpec) -> Job: ...
 
@@ -129,7 +134,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         self._query = parse_qs(split.query, keep_blank_values=True)
         self._body_read = False
-        route_name = "?"
+        self._route_name = route_name = "?"
         try:
             try:
                 # Split before decoding: a work item may contain an encoded "/".
@@ -137,6 +142,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             except UnicodeDecodeError:
                 raise _HttpError(HTTPStatus.BAD_REQUEST, "the path is not valid UTF-8") from None
             route_name, routes = self._routes(parts)
+            self._route_name = route_name
             if parts != ["healthz"]:
                 self._authorize()
             route = routes.get(method)
@@ -147,8 +153,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                     headers={"Allow": ", ".join(sorted(routes))},
                 )
             status, body = route(self, parts)
-            if isinstance(body, str):
-                self._send(status, body.encode(), "text/plain; version=0.0.4; charset=utf-8")
+            if isinstance(body, bytes):  # only /metrics answers with anything but JSON
+                self._send(status, body, CONTENT_TYPE)
             else:
                 self._send_json(status, body)
         except _HttpError as exc:
@@ -173,7 +179,6 @@ class RequestHandler(BaseHTTPRequestHandler):
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 {"error": f"internal error ({type(exc).__name__}); see the supervisor's log"},
             )
-        METRICS.inc("snapyard_api_requests_total", route=route_name, method=method)
 
     def _declares_body(self) -> bool:
         length = self.headers.get("Content-Length", "0").strip()
@@ -271,6 +276,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         ctype: str,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # Counted before the answer leaves: a client that reads it sees the count.
+        metrics = self.server.metrics
+        if metrics is not None:  # None until the app is attached: no registry yet
+            labels = {"route": getattr(self, "_route_name", "?"), "method": self.command}
+            metrics.api_requests.labels(**labels).inc()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -388,4 +398,4 @@ class RequestHandler(BaseHTTPRequestHandler):
         return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, "error": reason}
 
     def _metrics(self, parts: list[str]) -> _Body:
-        return HTTPStatus.OK, METRICS.render()
+        return HTTPStatus.OK, self.server.app.metrics.exposition()

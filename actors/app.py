@@ -21,6 +21,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 import pykka
+from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
 from actors.engine.base import Engine, EngineError
@@ -40,6 +41,7 @@ from actors.messages import (
     SweepSnapshots,
     Tick,
 )
+from actors.metrics import MeteredEngine, Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
@@ -47,6 +49,7 @@ from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor, SupervisorStopped
 from actors.telemetry import (
+    Secrets,
     flush_sentry,
     install_thread_dump_signal,
     setup_logging,
@@ -83,8 +86,14 @@ class Snapyard:
     ) -> None:
         """``engine``/``clock``/``store`` default to Docker, real time and the
         store under ``settings.data_dir``; ``container_labels`` are stamped on
-        every worker container (tests mark theirs with their session ID)."""
+        every worker container (tests mark theirs with their session ID).
+
+        The app owns its metrics registry and its secrets (the env values to
+        scrub from logs and Sentry events) and hands them to the actors."""
         self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.secrets = Secrets()
         self.clock: Clock = clock or SystemClock()
         self._engine = engine
         self._store = store
@@ -127,6 +136,9 @@ class Snapyard:
                 settings.engine.timeout_s,
                 secrets_dir=str(settings.data_dir / "secrets"),
             )
+        if not isinstance(engine, MeteredEngine):
+            # The one place engine errors are counted: every call goes through it.
+            engine = MeteredEngine(engine, self.metrics)
         self._engine = engine
         try:
             engine.ping()
@@ -161,20 +173,33 @@ class Snapyard:
 
     def _start_actors(self, engine: Engine, store: JobStore) -> None:
         settings, clock = self.settings, self.clock
-        snapshots = SnapshotManager.start(engine, settings, clock, on_fatal=self._on_fatal)
+        metrics = self.metrics
+        snapshots = SnapshotManager.start(
+            engine, settings, clock, on_fatal=self._on_fatal, metrics=metrics
+        )
         self.snapshots_ref = snapshots
         if self.base_image_id is not None:
             snapshots.tell(SetBaseImage(self.base_image_id))
         labels = self._container_labels
 
         def spawner_factory(name: str, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(engine, snapshots, settings, clock, name, supervisor, labels)
+            return Spawner.start(
+                engine, snapshots, settings, clock, name, supervisor, labels, metrics=metrics
+            )
 
         # Events from here on are replayed to the Watcher: an exit between the
         # Supervisor's recovery listing and the stream opening is not lost.
         since = clock.now()
         supervisor = Supervisor.start(
-            engine, store, settings, clock, snapshots, spawner_factory, self._on_fatal
+            engine,
+            store,
+            settings,
+            clock,
+            snapshots,
+            spawner_factory,
+            self._on_fatal,
+            metrics=metrics,
+            secrets=self.secrets,
         )
         self.supervisor_ref = supervisor
         try:
@@ -397,8 +422,9 @@ def run_forever(
     second one exits at once (130). 1 when the supervisor gave up, 2 when it
     could not start.
     """
-    setup_logging(settings.log)
-    setup_sentry(settings.sentry)
+    app = Snapyard(settings, container_labels=container_labels)
+    setup_logging(settings.log, secrets=app.secrets)
+    setup_sentry(settings.sentry, secrets=app.secrets)
     install_thread_dump_signal()
     stop_requested = threading.Event()
 
@@ -410,7 +436,6 @@ def run_forever(
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    app = Snapyard(settings, container_labels=container_labels)
     try:
         try:
             app.start()

@@ -23,7 +23,6 @@ from actors.engine.base import Engine, EngineError
 from actors.labels import LABEL_DEMO
 from actors.model import Job, JobSpec, JobState, SnapshotKey
 from actors.settings import Settings
-from actors.telemetry import METRICS
 from actors.worker_image import ensure_base_image
 
 __all__ = ["DEMO_LABELS", "DEMO_PROJECT", "DEMO_REPOSITORY", "run_demo"]
@@ -162,9 +161,9 @@ def run_demo(
                 "(docker rmi through the engine)",
                 file=out,
             )
-        fallbacks = METRICS.value("snapyard_stale_snapshot_fallbacks_total")
+        fallbacks = app.metrics.value("snapyard_stale_snapshot_fallbacks_total")
         job3, t3 = _run_job(app, spec)
-        hit_404 = METRICS.value("snapyard_stale_snapshot_fallbacks_total") > fallbacks
+        hit_404 = app.metrics.value("snapyard_stale_snapshot_fallbacks_total") > fallbacks
         how = (
             "hit Docker's 404, invalidated the entry, retried on the base image"
             if hit_404

@@ -45,11 +45,12 @@ from actors.messages import (
     SetBaseImage,
     SweepSnapshots,
 )
+from actors.metrics import Metrics
 from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
-from actors.telemetry import METRICS, capture_error
+from actors.telemetry import capture_error
 
 __all__ = [
     "SnapshotManager",
@@ -77,9 +78,13 @@ class SnapshotManager(pykka.ThreadingActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "snapshot-manager",
         on_fatal: Callable[[str], None] | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
-        """``on_fatal`` hears when the restart budget is spent and the manager stops."""
+        """``on_fatal`` hears when the restart budget is spent and the manager stops;
+        ``metrics`` is the app's (None: a private registry nobody scrapes)."""
         super().__init__()
+        self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
         self._settings = settings
         self._clock = clock
@@ -202,7 +207,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 self.actor_ref.tell(_DeletePending())
                 entry = None
         if entry is None:
-            METRICS.inc("snapyard_snapshot_misses_total")
+            self._metrics.snapshot_misses.inc()
             return None
         if entry.layers >= self._settings.snapshots.max_layers:
             # Keep the entry: the base-image run this forces commits a shallow
@@ -213,11 +218,11 @@ class SnapshotManager(pykka.ThreadingActor):
                 entry.layers,
                 self._settings.snapshots.max_layers,
             )
-            METRICS.inc("snapyard_snapshot_misses_total")
+            self._metrics.snapshot_misses.inc()
             return None
         entry = dataclasses.replace(entry, last_used_at=self._clock.now())
         self._registry[key] = entry
-        METRICS.inc("snapyard_snapshot_hits_total")
+        self._metrics.snapshot_hits.inc()
         return entry
 
     def _register(self, snapshot: Snapshot) -> None:
@@ -310,9 +315,9 @@ class SnapshotManager(pykka.ThreadingActor):
             total -= victim.size_bytes
             self._evict(victim, "over snapshots.max_total_bytes")
         self._delete_pending(skip=None if full else queued_before)
-        METRICS.set("snapyard_snapshots", float(len(self._registry)))
-        METRICS.set("snapyard_snapshot_bytes", float(sum(s.size_bytes for s in by_lru)))
-        METRICS.set("snapyard_snapshot_pending_deletions", float(len(self._pending)))
+        self._metrics.snapshots.set(len(self._registry))
+        self._metrics.snapshot_bytes.set(sum(s.size_bytes for s in by_lru))
+        self._metrics.snapshot_pending_deletions.set(len(self._pending))
 
     def _drop_gone(self) -> None:
         """One list call finds the images still there; orphans past a grace are deleted."""
@@ -361,7 +366,7 @@ class SnapshotManager(pykka.ThreadingActor):
 
     def _evict(self, entry: Snapshot, reason: str) -> None:
         self._registry.pop(entry.key, None)
-        METRICS.inc("snapyard_snapshot_evictions_total")
+        self._metrics.snapshot_evictions.inc()
         log.info("evicting snapshot %s (%s): %s", entry.key, entry.image_id, reason)
         self._queue_delete(entry.image_id, reason)
 

@@ -75,10 +75,11 @@ from actors.messages import (
     Terminate,
     Terminated,
 )
+from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot
 from actors.naming import same_image, snapshot_image_name
 from actors.settings import Settings
-from actors.telemetry import METRICS, capture_error, job_log
+from actors.telemetry import capture_error, job_log
 
 __all__ = [
     "BaseImageMissing",
@@ -146,9 +147,13 @@ class Spawner(pykka.ThreadingActor):
         name: str,
         supervisor: pykka.ActorRef[Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
-        """``labels`` are stamped on every container (and so every snapshot), e.g. for tests."""
+        """``labels`` are stamped on every container (and so every snapshot), e.g. for
+        tests; ``metrics`` is the app's (None: a private registry nobody scrapes)."""
         super().__init__()
+        self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
         self._snapshots = snapshots
         self._settings = settings
@@ -216,7 +221,7 @@ class Spawner(pykka.ThreadingActor):
             if retryable:
                 error = f"engine unavailable after {plan.attempts} attempts: {exc}"
             jlog.error("spawn failed (retryable=%s): %s", retryable, error)
-            METRICS.inc("snapyard_spawn_failures_total")
+            self._metrics.spawn_failures.inc()
             self._tell(
                 msg.reply_to,
                 SpawnFailed(
@@ -228,7 +233,7 @@ class Spawner(pykka.ThreadingActor):
                 ),
             )
             return
-        METRICS.observe("snapyard_spawn_seconds", self._clock.now() - began)
+        self._metrics.spawn_seconds.observe(self._clock.now() - began)
         jlog.info(
             "started %s from %s %s (attempts %d)",
             launched.container_id,
@@ -306,7 +311,7 @@ class Spawner(pykka.ThreadingActor):
             return BaseImageMissing(self._settings.worker.image, self._engine.describe())
         reason = f"404 on create/start for job {msg.job_id}: {exc}"
         self._tell(self._snapshots, Invalidate(snapshot.key, snapshot.image_id, reason))
-        METRICS.inc("snapyard_stale_snapshot_fallbacks_total")
+        self._metrics.stale_snapshot_fallbacks.inc()
         job_log(
             log, msg.job_id, msg.spec.project, msg.spec.work_item, image=snapshot.image_id
         ).warning("snapshot image is gone; invalidated it, retrying on the base image")
@@ -590,9 +595,13 @@ def start_pool(
     supervisor: pykka.ActorRef[Any] | None = None,
     prefix: str = "spawner",
     labels: Mapping[str, str] | None = None,
+    *,
+    metrics: Metrics | None = None,
 ) -> list[pykka.ActorRef[Spawner]]:
     """Start ``n`` Spawners named ``{prefix}-1`` .. ``{prefix}-n``."""
     return [
-        Spawner.start(engine, snapshots, settings, clock, f"{prefix}-{i}", supervisor, labels)
+        Spawner.start(
+            engine, snapshots, settings, clock, f"{prefix}-{i}", supervisor, labels, metrics=metrics
+        )
         for i in range(1, n + 1)
     ]

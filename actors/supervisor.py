@@ -60,12 +60,13 @@ from actors.messages import (
     Terminated,
     Tick,
 )
+from actors.metrics import Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.reaper import Reaper
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.store import JobStore, new_job_id
-from actors.telemetry import METRICS, SECRETS, capture_error, job_log
+from actors.telemetry import Secrets, capture_error, job_log
 
 __all__ = ["SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
 
@@ -168,8 +169,15 @@ class Supervisor(pykka.ThreadingActor):
         snapshots: pykka.ActorRef[Any],
         spawner_factory: SpawnerFactory,
         on_fatal: Callable[[str], None] | None = None,
+        *,
+        metrics: Metrics | None = None,
+        secrets: Secrets | None = None,
     ) -> None:
+        """``metrics`` and ``secrets`` are the app's; None gives private ones that
+        nothing scrapes or scrubs with (tests that do not look at them)."""
         super().__init__()
+        self._metrics = metrics if metrics is not None else Metrics.unscraped()
+        self._secrets = secrets if secrets is not None else Secrets()
         self._engine = engine
         self._store = store
         self._settings = settings
@@ -237,7 +245,7 @@ class Supervisor(pykka.ThreadingActor):
         for future in futures:
             with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):
                 future.get(timeout=max(0.0, deadline - time.monotonic()))
-        METRICS.set("snapyard_running_workers", 0)
+        self._metrics.running_workers.set(0)
 
     def on_receive(self, message: Any) -> Any:
         if self._fatal is not None:
@@ -313,7 +321,7 @@ class Supervisor(pykka.ThreadingActor):
         self._store.add(job, note="submitted")
         self._count(None, JobState.QUEUED)
         if spec.env:
-            SECRETS.remember(job.id, spec.env.values())
+            self._secrets.remember(job.id, spec.env.values())
         self._jobs[job.id] = job
         self._queue.append(job.id)
         self._log(job).info("job queued")
@@ -755,7 +763,7 @@ class Supervisor(pykka.ThreadingActor):
                 continue
             self._jobs[job.id] = job
             if job.spec.env:
-                SECRETS.remember(job.id, job.spec.env.values())
+                self._secrets.remember(job.id, job.spec.env.values())
             if job.state is JobState.QUEUED:
                 self._enqueue(job.id)
                 continue
@@ -958,7 +966,7 @@ class Supervisor(pykka.ThreadingActor):
         self._crashes.pop(job.id, None)
         self._refusals.pop(job.id, None)
         self._recover_notes.pop(job.id, None)
-        SECRETS.forget(job.id)
+        self._secrets.forget(job.id)
         self._log(job).info("job %s", state.value)
         return job
 
@@ -982,9 +990,9 @@ class Supervisor(pykka.ThreadingActor):
 
     def _publish_metrics(self) -> None:
         for state in JobState:
-            METRICS.set("snapyard_jobs", self._state_counts.get(state, 0), state=state.value)
+            self._metrics.jobs.labels(state=state.value).set(self._state_counts.get(state, 0))
         running = sum(1 for s in self._slots.values() if s.container_id is not None)
-        METRICS.set("snapyard_running_workers", running)
+        self._metrics.running_workers.set(running)
 
     def _status(self) -> SupervisorStatus:
         return SupervisorStatus(

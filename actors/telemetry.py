@@ -1,30 +1,31 @@
-"""Logging, Sentry and metrics: the one place that talks to Sentry.
+"""Logging and Sentry: the one place that talks to Sentry.
 
-The actors call three things: ``job_log`` for a logger bound to a job,
-``capture_error`` for Sentry, and ``METRICS`` for counters, gauges and
-histograms. Configuration (``setup_logging``, ``setup_sentry``) is done once
-by the CLI; a library user who does neither gets silence, never a crash.
+The actors call two things: ``job_log`` for a logger bound to a job and
+``capture_error`` for Sentry (metrics live in ``actors.metrics``).
+Configuration (``setup_logging``, ``setup_sentry``) is done once by the CLI; a
+library user who does neither gets silence, never a crash.
 
 Secrets: a job's env is never logged in the first place (``Job`` and
-``JobSpec`` reprs hide it, ``job_log`` does not carry it). ``SECRETS`` is the
+``JobSpec`` reprs hide it, ``job_log`` does not carry it). A ``Secrets`` is the
 second line of defence for values that leak anyway, say a worker that echoes
 its token into an error message: every log line and Sentry event is scrubbed
-of the values remembered for running jobs.
+of the values remembered for running jobs. The app owns one and passes it to
+the Supervisor (which remembers and forgets values) and to ``setup_logging``
+and ``setup_sentry`` (which scrub with it); there is no process-wide set.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import pykka.debug
 import sentry_sdk
@@ -38,12 +39,7 @@ from actors.settings import LogSettings, SentrySettings
 
 __all__ = [
     "JOB_FIELDS",
-    "KNOWN_METRICS",
-    "METRICS",
     "REDACTED",
-    "SECRETS",
-    "MetricSpec",
-    "Metrics",
     "RecordingTransport",
     "Secrets",
     "capture_error",
@@ -107,9 +103,6 @@ class Secrets:
         return text if pattern is None else pattern.sub(REDACTED, text)
 
 
-SECRETS = Secrets()
-
-
 # --- logging ---------------------------------------------------------------
 
 
@@ -125,17 +118,25 @@ def _job_fields(record: logging.LogRecord) -> dict[str, str]:
 class _ScrubFilter(logging.Filter):
     """Bakes args into the message and scrubs it, before any formatter sees it."""
 
+    def __init__(self, secrets: Secrets) -> None:
+        super().__init__()
+        self._secrets = secrets
+
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a bad format string still gets logged, not lost
             message = f"{record.msg!r} % {record.args!r}"
-        record.msg = SECRETS.scrub(message)
+        record.msg = self._secrets.scrub(message)
         record.args = None
         return True
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, secrets: Secrets) -> None:
+        super().__init__()
+        self._secrets = secrets
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 6),
@@ -154,12 +155,13 @@ class _JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = record.stack_info
         # Scrub the whole line: exception text and extras can carry secrets too.
-        return SECRETS.scrub(json.dumps(entry, ensure_ascii=False, default=str))
+        return self._secrets.scrub(json.dumps(entry, ensure_ascii=False, default=str))
 
 
 class _TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    def __init__(self, secrets: Secrets) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        self._secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -168,26 +170,32 @@ class _TextFormatter(logging.Formatter):
             first, sep, rest = line.partition("\n")
             pairs = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{first} [{pairs}]{sep}{rest}"
-        return SECRETS.scrub(line)
+        return self._secrets.scrub(line)
 
 
 class _SnapyardHandler(logging.StreamHandler[TextIO]):
     """Marks the handler setup_logging owns, so a second call replaces it."""
 
 
-def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+def setup_logging(
+    settings: LogSettings, stream: TextIO | None = None, secrets: Secrets | None = None
+) -> None:
     """Send every log record to ``stream``: JSON lines for machines, text for people.
 
+    Every line is scrubbed of the values in ``secrets`` (the app's); without
+    it nothing is scrubbed, which suits a CLI command that runs no job.
     Idempotent: calling it again replaces the handler it installed before.
     """
     stream = stream if stream is not None else sys.stderr
+    secrets = secrets if secrets is not None else Secrets()
     fmt = settings.format
     if fmt == "auto":
         isatty = getattr(stream, "isatty", None)
         fmt = "text" if callable(isatty) and isatty() else "json"
     handler = _SnapyardHandler(stream)
-    handler.setFormatter(_TextFormatter() if fmt == "text" else _JsonFormatter())
-    handler.addFilter(_ScrubFilter())
+    formatter = _TextFormatter(secrets) if fmt == "text" else _JsonFormatter(secrets)
+    handler.setFormatter(formatter)
+    handler.addFilter(_ScrubFilter(secrets))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _SnapyardHandler)]:
         root.removeHandler(old)
@@ -252,23 +260,23 @@ _ENV_KEYS = frozenset({"env", "environ", "environment_variables", "environment v
 _DEFAULT_TAGS = {"service": "snapyard"}
 
 
-def _scrub_event_value(value: Any) -> Any:
+def _scrub_event_value(secrets: Secrets, value: Any) -> Any:
     if isinstance(value, str):
-        return SECRETS.scrub(value)
+        return secrets.scrub(value)
     if isinstance(value, Mapping):
         return {
-            (SECRETS.scrub(k) if isinstance(k, str) else k): _scrub_event_value(v)
+            (secrets.scrub(k) if isinstance(k, str) else k): _scrub_event_value(secrets, v)
             for k, v in value.items()
             if not (isinstance(k, str) and k.lower() in _ENV_KEYS)
         }
     if isinstance(value, list | tuple):
-        return [_scrub_event_value(v) for v in value]
+        return [_scrub_event_value(secrets, v) for v in value]
     return value
 
 
-def _before_send(event: Any, hint: Any) -> Any:
+def _before_send(secrets: Secrets, event: Any, hint: Any) -> Any:
     """Scrub secrets anywhere in the event: message, exceptions, extras, breadcrumbs, locals."""
-    scrubbed = _scrub_event_value(event)
+    scrubbed = _scrub_event_value(secrets, event)
     tags = scrubbed.setdefault("tags", {})
     if isinstance(tags, dict):
         for key, value in _DEFAULT_TAGS.items():
@@ -276,9 +284,9 @@ def _before_send(event: Any, hint: Any) -> Any:
     return scrubbed
 
 
-def _before_breadcrumb(crumb: Any, hint: Any) -> Any:
+def _before_breadcrumb(secrets: Secrets, crumb: Any, hint: Any) -> Any:
     # Scrub now: by the time an event is sent the job may have been forgotten.
-    return _scrub_event_value(crumb)
+    return _scrub_event_value(secrets, crumb)
 
 
 class RecordingTransport(Transport):
@@ -299,13 +307,18 @@ class RecordingTransport(Transport):
                     self.events.append(dict(payload))
 
 
-def setup_sentry(settings: SentrySettings, transport: object | None = None) -> bool:
+def setup_sentry(
+    settings: SentrySettings, transport: object | None = None, secrets: Secrets | None = None
+) -> bool:
     """Start Sentry when a DSN is configured; returns whether it is on.
 
-    ``transport`` replaces the HTTP transport (tests pass a RecordingTransport).
+    Events and breadcrumbs are scrubbed of the values in ``secrets`` (the
+    app's; without it only env mappings are dropped). ``transport`` replaces
+    the HTTP transport (tests pass a RecordingTransport).
     """
     if not settings.dsn:
         return False
+    secrets = secrets if secrets is not None else Secrets()
     options: dict[str, Any] = {
         "dsn": settings.dsn,
         "environment": settings.environment,
@@ -313,8 +326,8 @@ def setup_sentry(settings: SentrySettings, transport: object | None = None) -> b
         # Frame locals may hold a job's env before it is remembered as secret
         # (a request that failed validation): never send them.
         "include_local_variables": False,
-        "before_send": _before_send,
-        "before_breadcrumb": _before_breadcrumb,
+        "before_send": functools.partial(_before_send, secrets),
+        "before_breadcrumb": functools.partial(_before_breadcrumb, secrets),
         # Log records become breadcrumbs only; errors reach Sentry through
         # capture_error, once, with their tags.
         "integrations": [LoggingIntegration(level=logging.INFO, event_level=None)],
@@ -363,233 +376,3 @@ def close_sentry(timeout_s: float = 2.0) -> None:
     if client.is_active():
         client.close(timeout=timeout_s)
     sentry_sdk.get_global_scope().set_client(None)
-
-
-# --- metrics ---------------------------------------------------------------
-
-Kind = Literal["counter", "gauge", "histogram"]
-DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    kind: Kind
-    help: str
-    labels: tuple[str, ...] = ()
-    buckets: tuple[float, ...] = DEFAULT_BUCKETS
-
-
-KNOWN_METRICS: dict[str, MetricSpec] = {
-    spec.name: spec
-    for spec in (
-        MetricSpec("snapyard_jobs", "gauge", "Jobs in the store, by state.", ("state",)),
-        MetricSpec(
-            "snapyard_spawn_seconds",
-            "histogram",
-            "Time from Spawn to a started container, retries included.",
-        ),
-        MetricSpec(
-            "snapyard_snapshot_hits_total", "counter", "Jobs started from a snapshot image."
-        ),
-        MetricSpec(
-            "snapyard_snapshot_misses_total",
-            "counter",
-            "Jobs started from the base image: no usable snapshot.",
-        ),
-        MetricSpec(
-            "snapyard_stale_snapshot_fallbacks_total",
-            "counter",
-            "Snapshot images found missing at create; the job fell back to the base image.",
-        ),
-        MetricSpec(
-            "snapyard_snapshot_evictions_total",
-            "counter",
-            "Snapshots evicted (TTL, count or size) with their images deleted.",
-        ),
-        MetricSpec("snapyard_running_workers", "gauge", "Worker containers running now."),
-        MetricSpec(
-            "snapyard_engine_errors_total", "counter", "Docker engine errors, by kind.", ("kind",)
-        ),
-    )
-}
-
-_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-Labels = tuple[tuple[str, str], ...]
-
-
-def _labels(labels: Mapping[str, object]) -> Labels:
-    for name in labels:
-        if not _LABEL.match(name) or name.startswith("__"):
-            raise ValueError(f"invalid metric label name {name!r}")
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
-
-
-def _counter_name(name: str) -> str:
-    return name if name.endswith("_total") else f"{name}_total"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _fmt_labels(labels: Iterable[tuple[str, str]]) -> str:
-    pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-    return f"{{{pairs}}}" if pairs else ""
-
-
-def _fmt_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if value != int(value) else str(int(value))
-
-
-def _fmt_le(bound: float) -> str:
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
-
-
-@dataclass
-class _Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int]
-    total: float = 0.0
-    count: int = 0
-
-
-class Metrics:
-    """A tiny thread-safe metrics registry that renders Prometheus text.
-
-    Names in ``KNOWN_METRICS`` get their declared type and help; any other
-    name works too, typed by the first call that uses it. Counters may be
-    named with or without ``_total``: both spellings are one counter.
-    """
-
-    def __init__(self, known: Mapping[str, MetricSpec] | None = None) -> None:
-        self._known = dict(KNOWN_METRICS if known is None else known)
-        self._lock = threading.Lock()
-        self._kinds: dict[str, Kind] = {}
-        self._counters: dict[tuple[str, Labels], float] = {}
-        self._gauges: dict[tuple[str, Labels], float] = {}
-        self._histograms: dict[tuple[str, Labels], _Histogram] = {}
-
-    def _declared(self, name: str) -> Kind | None:
-        spec = self._known.get(name)
-        return spec.kind if spec else self._kinds.get(name)
-
-    def _claim(self, name: str, wanted: Kind) -> None:
-        """Type ``name`` on first use; refuse to use one metric as two types."""
-        if not _NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        kind = self._declared(name) or self._kinds.setdefault(name, wanted)
-        if kind != wanted:
-            raise ValueError(f"metric {name} is a {kind}, not a {wanted}")
-
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        """Add to a counter; on a gauge, add (or with a negative amount, subtract)."""
-        key_labels = _labels(labels)
-        with self._lock:
-            if self._declared(name) == "gauge":
-                key = (name, key_labels)
-                self._gauges[key] = self._gauges.get(key, 0.0) + amount
-                return
-            counter = _counter_name(name)
-            self._claim(counter, "counter")
-            if amount < 0:
-                raise ValueError(f"counter {counter} cannot decrease (amount {amount})")
-            key = (counter, key_labels)
-            self._counters[key] = self._counters.get(key, 0.0) + amount
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        key_labels = _labels(labels)
-        with self._lock:
-            self._claim(name, "gauge")
-            self._gauges[(name, key_labels)] = float(value)
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        key_labels = _labels(labels)
-        with self._lock:
-            self._claim(name, "histogram")
-            spec = self._known.get(name)
-            buckets = spec.buckets if spec else DEFAULT_BUCKETS
-            key = (name, key_labels)
-            hist = self._histograms.get(key)
-            if hist is None:
-                hist = self._histograms[key] = _Histogram(buckets, [0] * len(buckets))
-            for i, bound in enumerate(hist.buckets):
-                if value <= bound:
-                    hist.counts[i] += 1
-                    break
-            hist.total += value
-            hist.count += 1
-
-    def value(self, name: str, **labels: str) -> float:
-        """A counter or gauge's current value (0 if never set); ``<hist>_count``/``_sum`` too."""
-        key_labels = _labels(labels)
-        with self._lock:
-            for candidate in (_counter_name(name), name):
-                if (candidate, key_labels) in self._counters:
-                    return self._counters[(candidate, key_labels)]
-            if (name, key_labels) in self._gauges:
-                return self._gauges[(name, key_labels)]
-            for suffix in ("_count", "_sum"):
-                if name.endswith(suffix):
-                    hist = self._histograms.get((name.removesuffix(suffix), key_labels))
-                    if hist is not None:
-                        return float(hist.count) if suffix == "_count" else hist.total
-            return 0.0
-
-    def reset(self) -> None:
-        """Forget every value: for tests, which share the process-wide METRICS."""
-        with self._lock:
-            self._kinds.clear()
-            self._counters.clear()
-            self._gauges.clear()
-            self._histograms.clear()
-
-    def render(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        with self._lock:
-            families: dict[str, Kind] = {name: spec.kind for name, spec in self._known.items()}
-            for name, kind in self._kinds.items():
-                families.setdefault(name, kind)
-            lines: list[str] = []
-            for name in sorted(families):
-                kind = families[name]
-                spec = self._known.get(name)
-                help_text = spec.help if spec else f"Snapyard metric {name}."
-                lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2)}")
-                lines.append(f"# TYPE {name} {kind}")
-                if kind == "histogram":
-                    lines.extend(self._render_histogram(name, spec))
-                    continue
-                store = self._counters if kind == "counter" else self._gauges
-                samples = sorted((lbl, v) for (n, lbl), v in store.items() if n == name)
-                if not samples and not (spec and spec.labels):
-                    samples = [((), 0.0)]
-                for lbl, v in samples:
-                    lines.append(f"{name}{_fmt_labels(lbl)} {_fmt_value(v)}")
-            return "\n".join(lines) + "\n"
-
-    def _render_histogram(self, name: str, spec: MetricSpec | None) -> list[str]:
-        series = sorted((lbl, h) for (n, lbl), h in self._histograms.items() if n == name)
-        if not series and not (spec and spec.labels):
-            buckets = spec.buckets if spec else DEFAULT_BUCKETS
-            series = [((), _Histogram(buckets, [0] * len(buckets)))]
-        lines: list[str] = []
-        for lbl, hist in series:
-            cumulative = 0
-            for bound, count in zip(hist.buckets, hist.counts, strict=True):
-                cumulative += count
-                lines.append(
-                    f"{name}_bucket{_fmt_labels((*lbl, ('le', _fmt_le(bound))))} {cumulative}"
-                )
-            lines.append(f"{name}_bucket{_fmt_labels((*lbl, ('le', '+Inf')))} {hist.count}")
-            lines.append(f"{name}_sum{_fmt_labels(lbl)} {_fmt_value(hist.total)}")
-            lines.append(f"{name}_count{_fmt_labels(lbl)} {hist.count}")
-        return lines
-
-
-METRICS = Metrics()

@@ -34,7 +34,6 @@ from actors.engine.memory import MemoryEngine
 from actors.labels import ENV_JOB_ID, ENV_SETUP_SECONDS, ENV_SNAPSHOT_REUSE
 from actors.model import Job, JobSpec, JobState, validate_spec
 from actors.settings import Settings, load_settings
-from actors.telemetry import METRICS
 from actors.worker_image import ensure_base_image
 from bench.model import Figure, ScenarioResult, median, percentile, rss_bytes
 
@@ -290,9 +289,9 @@ def stale_recovery(quick: bool) -> ScenarioResult:
             engine.remove_image(entry.image_id, force=True)
             if not any(s.image_id == entry.image_id for s in rig.app.snapshots()):
                 raise BenchError("the registry dropped the deleted snapshot: nothing stale to hit")
-            fallbacks = METRICS.value("snapyard_stale_snapshot_fallbacks_total")
+            fallbacks = rig.app.metrics.value("snapyard_stale_snapshot_fallbacks_total")
             second = run_job(rig.app, spec)
-            hit_404 = METRICS.value("snapyard_stale_snapshot_fallbacks_total") > fallbacks
+            hit_404 = rig.app.metrics.value("snapyard_stale_snapshot_fallbacks_total") > fallbacks
             if plain is None:
                 plain = run_job(rig.app, fresh)
             if second.from_snapshot or plain.from_snapshot:

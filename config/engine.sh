@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers on this machine, starting one if needed.
 #
-# A no-op when `docker info` already works. Otherwise, as root on Debian, it
-# installs docker.io and busybox-static, clears what a killed daemon left
-# behind (pid file, socket) and starts dockerd without networking of its own:
-# Snapyard's containers run with network "none", and no registry is ever used.
+# A no-op when `docker info` already works and the tools are there. Otherwise,
+# as root on Debian, it installs what is missing of docker.io, busybox-static
+# and prometheus (for promtool, which the tests run on /metrics), clears what a
+# killed daemon left behind (pid file, socket) and starts dockerd without
+# networking of its own: Snapyard's containers run with network "none", and no
+# registry is ever used.
 set -euo pipefail
 
 log=${SNAPYARD_DOCKERD_LOG:-/var/log/snapyard-dockerd.log}
@@ -18,13 +20,19 @@ need_packages() {
     command -v dockerd >/dev/null 2>&1 || echo docker.io
     # The dynamic busybox would not run FROM scratch; the image needs the static one.
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' || echo busybox-static
+    # Only for promtool: a test runs `promtool check metrics` on /metrics. Where
+    # systemd runs, the package also enables a Prometheus server (port 9090).
+    command -v promtool >/dev/null 2>&1 || echo prometheus
 }
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    if ! command -v promtool >/dev/null 2>&1; then
+        say "promtool is missing (the tests need it): sudo apt-get install prometheus"
+    fi
     if engine_answers; then exit 0; fi
     say "no Docker engine answers, and this script can only start one as root on Debian."
     say "Do it yourself: install Docker and Debian's busybox-static (for /bin/busybox), then start the daemon:"
-    say "  sudo apt-get install docker.io busybox-static"
+    say "  sudo apt-get install docker.io busybox-static prometheus"
     say "  sudo dockerd --bridge=none --iptables=false --ip-forward=false --ip-masq=false &"
     say "and make sure your user may use /var/run/docker.sock (e.g. the docker group)."
     exit 1

@@ -41,6 +41,7 @@ from actors.messages import (
     Started,
     SweepSnapshots,
 )
+from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot, SnapshotKey
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
@@ -122,6 +123,8 @@ class SpawnRig(Generic[E]):
     spawners: list[pykka.ActorRef[Any]] = field(default_factory=list)
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
     collector: pykka.ActorRef[Collector] | None = None
+    # The rig's own registry: a test reads exactly what its actors recorded.
+    metrics: Metrics = field(default_factory=Metrics.unscraped)
     _next: int = 0
 
     def start(
@@ -131,7 +134,9 @@ class SpawnRig(Generic[E]):
         prefix: str = "spawner",
         labels: Mapping[str, str] | None = None,
     ) -> SpawnRig[E]:
-        self.manager = SnapshotManager.start(self.engine, self.settings, self.clock)
+        self.manager = SnapshotManager.start(
+            self.engine, self.settings, self.clock, metrics=self.metrics
+        )
         self.collector = Collector.start(self.inbox)
         self.spawners = start_pool(
             spawners,
@@ -142,6 +147,7 @@ class SpawnRig(Generic[E]):
             self.collector,
             prefix=prefix,
             labels=labels,
+            metrics=self.metrics,
         )
         return self
 
@@ -157,7 +163,9 @@ class SpawnRig(Generic[E]):
     def restart_manager(self) -> None:
         assert self.manager is not None
         self.manager.stop()
-        self.manager = SnapshotManager.start(self.engine, self.settings, self.clock)
+        self.manager = SnapshotManager.start(
+            self.engine, self.settings, self.clock, metrics=self.metrics
+        )
 
     # --- SnapshotManager ---------------------------------------------------
 

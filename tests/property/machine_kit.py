@@ -61,6 +61,7 @@ from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
 from actors.store import JobStore
 from actors.supervisor import Supervisor
+from actors.telemetry import Secrets
 from actors.timers import Scheduler
 from actors.watcher import Watcher
 
@@ -350,9 +351,14 @@ def add_base(engine: MemoryEngine, tag: str = BASE_TAG) -> str:
 
 
 class Rig:
-    """One Snapyard process's actors on a shared engine and store path; restartable."""
+    """One Snapyard process's actors on a shared engine and store path; restartable.
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    ``secrets`` is what the test's log handler and Sentry scrub with: the
+    Supervisor remembers each job's env values there, as the app's does.
+    """
+
+    def __init__(self, settings: Settings | None = None, secrets: Secrets | None = None) -> None:
+        self.secrets = secrets if secrets is not None else Secrets()
         self.clock = FakeClock()
         self.settings = settings or machine_settings()
         self.engine = ChaosEngine(self.clock, self.settings)
@@ -379,7 +385,14 @@ class Rig:
 
         since = clock.now()
         sup = Supervisor.start(
-            engine, self.store, settings, clock, snapshots, factory, self.fatal.append
+            engine,
+            self.store,
+            settings,
+            clock,
+            snapshots,
+            factory,
+            self.fatal.append,
+            secrets=self.secrets,
         )
         self.snapshots, self.sup = snapshots, sup
         # The Watcher's reconnect backoff waits for the engine to come back

@@ -35,8 +35,8 @@ from actors.messages import Cancel, ListJobs, Submit, SweepSnapshots
 from actors.model import JobState, validate_spec
 from actors.settings import LogSettings, SentrySettings
 from actors.telemetry import (
-    SECRETS,
     RecordingTransport,
+    Secrets,
     close_sentry,
     flush_sentry,
     setup_logging,
@@ -69,6 +69,8 @@ class Capture:
     def __init__(self) -> None:
         self.stream = io.StringIO()
         self.transport = RecordingTransport()
+        # What the log handler and Sentry scrub with; every Rig remembers env values here.
+        self.secrets = Secrets()
 
     def reset(self) -> None:
         self.stream.seek(0)
@@ -93,8 +95,8 @@ class SupervisorMachine(RuleBasedStateMachine):
         super().__init__()
         assert CAPTURE is not None
         CAPTURE.reset()
-        SECRETS.clear()
-        self.rig = Rig()
+        CAPTURE.secrets.clear()
+        self.rig = Rig(secrets=CAPTURE.secrets)
         self.rig.start()
         self.jobs: dict[str, Expect] = {}
         self.base_present = True
@@ -356,13 +358,18 @@ class SupervisorMachine(RuleBasedStateMachine):
 def capture() -> Iterator[Capture]:
     global CAPTURE
     CAPTURE = Capture()
-    setup_logging(LogSettings(level="DEBUG", format="json"), stream=CAPTURE.stream)
-    setup_sentry(SentrySettings(dsn="https://public@127.0.0.1/1"), transport=CAPTURE.transport)
+    setup_logging(
+        LogSettings(level="DEBUG", format="json"), stream=CAPTURE.stream, secrets=CAPTURE.secrets
+    )
+    setup_sentry(
+        SentrySettings(dsn="https://public@127.0.0.1/1"),
+        transport=CAPTURE.transport,
+        secrets=CAPTURE.secrets,
+    )
     try:
         yield CAPTURE
     finally:
         close_sentry()  # the root logger is restored by tests/conftest.py
-        SECRETS.clear()
         CAPTURE = None
 
 

@@ -21,10 +21,12 @@ from urllib.parse import quote
 import pykka
 import pytest
 from api_kit import BASE_TAG, WAIT_S, Served, served
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from actors.api import ApiServer, check_bind_allowed, is_loopback
 from actors.api_routes import MAX_BODY_BYTES
 from actors.client import ApiClient, ApiError, ApiUnreachable
+from actors.metrics import Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import ApiSettings, SentrySettings, SettingsError
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
@@ -43,6 +45,7 @@ class FakeApp:
         self.raise_on_get: BaseException | None = None
         self.submitted: list[JobSpec] = []
         self.lock = threading.Lock()
+        self.metrics = Metrics.unscraped()
 
     def submit(self, spec: JobSpec) -> Job:
         with self.lock:
@@ -639,7 +642,7 @@ def test_metrics_exposes_the_documented_families(live: Served) -> None:
     finished(live, submit(live, project="p", work_item="m")["id"])
     status, headers, text = raw(live.server, "GET", "/metrics")
     assert status == 200
-    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert headers["content-type"] == CONTENT_TYPE_LATEST
     for family in (
         "snapyard_jobs",
         "snapyard_spawn_seconds",
@@ -653,6 +656,22 @@ def test_metrics_exposes_the_documented_families(live: Served) -> None:
         assert f"# TYPE {family} " in text
     assert 'snapyard_jobs{state="succeeded"} ' in text
     assert "snapyard_spawn_seconds_bucket{le=" in text
+    assert (
+        live.app.metrics.value("snapyard_api_requests_total", route="/metrics", method="GET") == 1
+    )
+
+
+def test_requests_are_counted_by_route_template_once_the_app_is_attached(fake: FakeApp) -> None:
+    with ApiServer(None, ApiSettings(host="127.0.0.1", port=0)) as server:
+        status, _, _ = raw(server, "GET", "/jobs")
+        assert status == 503  # still starting: no app, so no registry to count in
+        server.attach(fake)
+        for path in ("/jobs/a", "/jobs/b", "/nowhere"):
+            raw(server, "GET", path)
+    requests = "snapyard_api_requests_total"
+    assert fake.metrics.value(requests, route="/jobs/{id}", method="GET") == 2
+    assert fake.metrics.value(requests, route="?", method="GET") == 1
+    assert fake.metrics.value(requests, route="/jobs", method="GET") == 0
 
 
 def test_bearer_token_guards_every_endpoint_but_healthz(tmp_path: Path) -> None:
@@ -689,9 +708,10 @@ def test_sentry_gets_a_tagged_event_without_the_secret_when_the_base_image_is_go
     tmp_path: Path,
 ) -> None:
     transport = RecordingTransport()
-    setup_sentry(SentrySettings(dsn="https://public@127.0.0.1/1"), transport=transport)
     try:
         with served(tmp_path) as live:
+            sentry = SentrySettings(dsn="https://public@127.0.0.1/1")
+            setup_sentry(sentry, transport=transport, secrets=live.app.secrets)
             live.engine.delete_image_behind_back(BASE_TAG)
             job = submit(
                 live,

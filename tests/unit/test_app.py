@@ -18,6 +18,7 @@ from actors.model import JobState, SnapshotKey, validate_spec
 from actors.settings import Settings
 from actors.store import JobStore
 from actors.supervisor import SupervisorStopped
+from actors.telemetry import REDACTED
 
 WAIT_S = 10.0
 
@@ -128,6 +129,19 @@ def test_health_reports_a_supervisor_that_gave_up(
     with pytest.raises(SupervisorStopped):
         app.submit(validate_spec("p", "c"))
     app.stop()
+
+
+def test_the_app_scrubs_a_jobs_env_until_the_job_ends(
+    tmp_path: Path, engine: MemoryEngine, clock: FakeClock
+) -> None:
+    token = "tok-" + "z" * 16
+    with Snapyard(app_settings(tmp_path), engine=engine, clock=clock) as app:
+        job = app.submit(validate_spec("p", "w", env={"API_TOKEN": token}))
+        cid = _running_container(app, job.id)
+        assert app.secrets.scrub(f"worker said {token}") == f"worker said {REDACTED}"
+        engine.exit_container(cid, 0)
+        assert app.wait(job.id, WAIT_S).state is JobState.SUCCEEDED
+        assert app.secrets.scrub(token) == token
 
 
 def _running_container(app: Snapyard, job_id: str) -> str:

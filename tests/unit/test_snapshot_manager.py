@@ -16,7 +16,6 @@ from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseIma
 from actors.model import SnapshotKey
 from actors.settings import ProjectSettings
 from actors.snapshot_manager import SnapshotManager
-from actors.telemetry import METRICS
 
 KEY = SnapshotKey("proj", "item-1")
 OTHER = SnapshotKey("proj", "item-2")
@@ -32,16 +31,14 @@ def rig() -> Iterator[MemoryRig]:
 def test_lookup_hits_a_registered_snapshot_and_refreshes_last_used(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
-    hits = METRICS.value("snapyard_snapshot_hits_total")
-    misses = METRICS.value("snapyard_snapshot_misses_total")
     rig.clock.advance(60)
     found = rig.lookup(KEY)
     assert found is not None
     assert found.image_id == snap.image_id
     assert found.last_used_at == rig.clock.now()
     assert rig.lookup(OTHER) is None
-    assert METRICS.value("snapyard_snapshot_hits_total") == hits + 1
-    assert METRICS.value("snapyard_snapshot_misses_total") == misses + 1
+    assert rig.metrics.value("snapyard_snapshot_hits_total") == 1
+    assert rig.metrics.value("snapyard_snapshot_misses_total") == 1
 
 
 def test_register_replaces_the_entry_and_deletes_the_previous_image(rig: MemoryRig) -> None:
@@ -101,12 +98,12 @@ def test_image_deleted_drops_the_entry_whatever_the_id_spelling(rig: MemoryRig) 
 def test_ttl_expiry_evicts_and_deletes_the_image(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
-    evictions = METRICS.value("snapyard_snapshot_evictions_total")
     rig.clock.advance(rig.settings.snapshots.ttl_s + 1)
     rig.sweep()
     assert rig.snapshots() == []
     assert snap.image_id not in rig.image_ids()
-    assert METRICS.value("snapyard_snapshot_evictions_total") == evictions + 1
+    assert rig.metrics.value("snapyard_snapshot_evictions_total") == 1
+    assert rig.metrics.value("snapyard_snapshots") == 0
 
 
 def test_expired_snapshot_is_a_miss_on_lookup_and_its_image_is_deleted(rig: MemoryRig) -> None:

@@ -40,7 +40,6 @@ from actors.messages import (
 )
 from actors.model import JobSpec, SnapshotKey
 from actors.spawner import Spawner, start_pool
-from actors.telemetry import METRICS
 
 SECRET = "s3cr3t-value-never-in-an-image"
 SPEC = JobSpec(project="proj", work_item="item-1", agent_type="coder", env={"API_TOKEN": SECRET})
@@ -83,7 +82,6 @@ def commit_snapshot(rig: MemoryRig, job_id: str = "job-0") -> str:
 def test_404_on_snapshot_invalidates_and_the_base_retry_succeeds(rig: MemoryRig) -> None:
     stale = commit_snapshot(rig)
     rig.engine.delete_image_behind_back(stale)
-    fallbacks = METRICS.value("snapyard_stale_snapshot_fallbacks_total")
     rig.engine.calls.clear()
     started = rig.spawn("job-1", SPEC)
     assert isinstance(started, Started)
@@ -92,7 +90,8 @@ def test_404_on_snapshot_invalidates_and_the_base_retry_succeeds(rig: MemoryRig)
     assert started.image_id == rig.base_id
     assert started.attempts == 2
     assert not any(rig.clock.slept)  # a fallback is not a backoff
-    assert METRICS.value("snapyard_stale_snapshot_fallbacks_total") == fallbacks + 1
+    assert rig.metrics.value("snapyard_stale_snapshot_fallbacks_total") == 1
+    assert rig.metrics.value("snapyard_spawn_failures_total") == 0
     assert rig.snapshots() == []  # invalidated
     assert rig.engine.inspect_container(started.container_id).status == "exited"
 

@@ -38,7 +38,6 @@ from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
-from actors.telemetry import METRICS
 
 
 @pytest.fixture(autouse=True)
@@ -843,13 +842,14 @@ def test_metrics_count_jobs_by_state_and_running_workers(tmp_path: Path) -> None
     first = yard.running_job(yard.submit(work_item="a").id)
     yard.submit(work_item="b")
     yard.tick()
-    assert METRICS.value("snapyard_running_workers") == 1
-    assert METRICS.value("snapyard_jobs", state="running") == 1
-    assert METRICS.value("snapyard_jobs", state="queued") == 1
+    assert yard.metrics.value("snapyard_running_workers") == 1
+    assert yard.metrics.value("snapyard_jobs", state="running") == 1
+    assert yard.metrics.value("snapyard_jobs", state="queued") == 1
+    assert yard.metrics.value("snapyard_spawn_seconds_count") == 1  # the queued one waits
     yard.engine.exit_container(first.container_id or "", 0)
     yard.wait_state(first.id, JobState.SUCCEEDED)
     yard.tick()
-    assert METRICS.value("snapyard_jobs", state="succeeded") == 1
+    assert yard.metrics.value("snapyard_jobs", state="succeeded") == 1
 
 
 def test_container_removed_behind_our_back_fails_the_job_clearly(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Telemetry: what operators see in logs, Sentry and /metrics, and what they never see."""
+"""Telemetry: what operators see in logs and Sentry, and what they never see."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -16,11 +15,7 @@ import pytest
 from actors.model import Job, JobSpec, JobState
 from actors.settings import LogSettings, SentrySettings
 from actors.telemetry import (
-    KNOWN_METRICS,
-    METRICS,
     REDACTED,
-    SECRETS,
-    Metrics,
     RecordingTransport,
     Secrets,
     capture_error,
@@ -37,11 +32,9 @@ DSN = "https://public@127.0.0.1/1"  # never contacted: every test passes a trans
 
 
 @pytest.fixture(autouse=True)
-def _restore_global_state() -> Iterator[None]:
-    # The root logger is restored by tests/conftest.py; the rest is telemetry's.
+def _close_sentry() -> Iterator[None]:
+    # The root logger is restored by tests/conftest.py; Sentry's client is process-wide.
     yield
-    SECRETS.clear()
-    METRICS.reset()
     close_sentry()
 
 
@@ -118,8 +111,9 @@ def test_setup_logging_twice_installs_one_handler() -> None:
 
 def test_remembered_secrets_are_scrubbed_from_messages_args_and_tracebacks() -> None:
     stream = io.StringIO()
-    setup_logging(LogSettings(format="json"), stream=stream)
-    SECRETS.remember("j-1", [SECRET])
+    secrets = Secrets()
+    setup_logging(LogSettings(format="json"), stream=stream, secrets=secrets)
+    secrets.remember("j-1", [SECRET])
     log = logging.getLogger("actors.x")
     log.info(f"in the message {SECRET}")
     log.info("in the args %s", SECRET)
@@ -135,6 +129,21 @@ def test_remembered_secrets_are_scrubbed_from_messages_args_and_tracebacks() -> 
     assert lines[1]["message"] == f"in the args {REDACTED}"
     assert REDACTED in lines[2]["message"]
     assert f"worker said {REDACTED}" in lines[3]["exc"]
+
+
+def test_logs_are_scrubbed_with_the_secrets_they_were_given_and_no_others() -> None:
+    """There is no process-wide set: a value remembered elsewhere is not this log's secret."""
+    stream = io.StringIO()
+    mine, other = Secrets(), Secrets()
+    setup_logging(LogSettings(format="json"), stream=stream, secrets=mine)
+    other.remember("j-1", [SECRET])
+    log = logging.getLogger("actors.x")
+    log.info("before %s", SECRET)
+    mine.remember("j-1", [SECRET])
+    log.info("after %s", SECRET)
+    before, after = (json.loads(x)["message"] for x in stream.getvalue().splitlines())
+    assert before == f"before {SECRET}"
+    assert after == f"after {REDACTED}"
 
 
 def test_forgotten_secrets_are_no_longer_scrubbed_and_short_ones_never() -> None:
@@ -206,10 +215,11 @@ def _fail_with_secret(spec: JobSpec) -> None:
 
 def test_captured_errors_carry_tags_and_extras_and_no_secrets() -> None:
     transport = RecordingTransport()
+    secrets = Secrets()
     settings = SentrySettings(dsn=DSN, environment="staging", release="snapyard@test")
-    assert setup_sentry(settings, transport=transport) is True
+    assert setup_sentry(settings, transport=transport, secrets=secrets) is True
     job = _secret_job()
-    SECRETS.remember(job.id, job.spec.env.values())
+    secrets.remember(job.id, job.spec.env.values())
     logging.getLogger("actors.spawner").warning("a breadcrumb with %s", SECRET)
     try:
         _fail_with_secret(job.spec)
@@ -264,99 +274,3 @@ def test_close_sentry_stops_capturing() -> None:
     close_sentry()
     capture_error(RuntimeError("after close"), source="test")
     assert transport.events == []
-
-
-# --- metrics -----------------------------------------------------------------
-
-_SAMPLE = re.compile(
-    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-    r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*\})? '
-    r"(-?[0-9.e+-]+|[+-]Inf|NaN)$"
-)
-_COMMENT = re.compile(r"^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+$")
-
-
-def _parse(text: str) -> dict[str, float]:
-    assert text.endswith("\n")
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert _COMMENT.match(line), line
-            continue
-        match = _SAMPLE.match(line)
-        assert match, line
-        name_and_labels, value = line.rsplit(" ", 1)
-        samples[name_and_labels] = float(value)
-    return samples
-
-
-def test_prometheus_text_parses_and_declares_every_known_metric() -> None:
-    metrics = Metrics()
-    metrics.inc("snapyard_snapshot_hits_total")
-    metrics.inc("snapyard_snapshot_hits")  # the same counter, spelled without _total
-    metrics.set("snapyard_jobs", 3, state="queued")
-    metrics.inc("snapyard_engine_errors_total", kind='we"ird\\kind\nx')
-    metrics.inc("snapyard_running_workers")
-    metrics.inc("snapyard_running_workers")
-    metrics.inc("snapyard_running_workers", -1)
-    text = metrics.render()
-    samples = _parse(text)
-    for name, spec in KNOWN_METRICS.items():
-        assert f"# TYPE {name} {spec.kind}" in text
-        assert f"# HELP {name} " in text
-    assert samples["snapyard_snapshot_hits_total"] == 2
-    assert samples['snapyard_jobs{state="queued"}'] == 3
-    assert samples["snapyard_running_workers"] == 1
-    assert samples["snapyard_snapshot_misses_total"] == 0
-    assert samples['snapyard_engine_errors_total{kind="we\\"ird\\\\kind\\nx"}'] == 1
-    assert metrics.value("snapyard_snapshot_hits_total") == 2
-    assert metrics.value("snapyard_jobs", state="queued") == 3
-    assert metrics.value("snapyard_jobs", state="running") == 0
-
-
-def test_histogram_has_cumulative_buckets_sum_and_count() -> None:
-    metrics = Metrics()
-    for seconds in (0.01, 0.3, 0.3, 7.0, 10_000.0):
-        metrics.observe("snapyard_spawn_seconds", seconds)
-    samples = _parse(metrics.render())
-    assert samples['snapyard_spawn_seconds_bucket{le="0.05"}'] == 1
-    assert samples['snapyard_spawn_seconds_bucket{le="0.5"}'] == 3
-    assert samples['snapyard_spawn_seconds_bucket{le="10.0"}'] == 4
-    assert samples['snapyard_spawn_seconds_bucket{le="+Inf"}'] == 5
-    assert samples["snapyard_spawn_seconds_count"] == 5
-    assert samples["snapyard_spawn_seconds_sum"] == pytest.approx(10_007.61)
-    buckets = [v for k, v in samples.items() if k.startswith("snapyard_spawn_seconds_bucket")]
-    assert buckets == sorted(buckets)
-    assert metrics.value("snapyard_spawn_seconds_count") == 5
-
-
-def test_one_name_cannot_be_two_types() -> None:
-    metrics = Metrics()
-    with pytest.raises(ValueError, match="counter"):
-        metrics.set("snapyard_snapshot_hits_total", 1)
-    with pytest.raises(ValueError, match="histogram"):
-        metrics.set("snapyard_spawn_seconds", 1)
-    metrics.set("custom_gauge", 1)
-    with pytest.raises(ValueError, match="gauge"):
-        metrics.observe("custom_gauge", 1)
-    with pytest.raises(ValueError, match="decrease"):
-        metrics.inc("snapyard_snapshot_hits_total", -1)
-    with pytest.raises(ValueError, match="name"):
-        metrics.inc("bad name")
-
-
-def test_unknown_metrics_render_with_their_first_type() -> None:
-    metrics = Metrics()
-    metrics.inc("custom_events", project="p")
-    metrics.observe("custom_latency", 0.2)
-    samples = _parse(text := metrics.render())
-    assert "# TYPE custom_events_total counter" in text
-    assert "# TYPE custom_latency histogram" in text
-    assert samples['custom_events_total{project="p"}'] == 1
-    assert samples["custom_latency_count"] == 1
-
-
-def test_reset_forgets_values() -> None:
-    METRICS.inc("snapyard_snapshot_evictions_total", 4)
-    METRICS.reset()
-    assert METRICS.value("snapyard_snapshot_evictions_total") == 0

@@ -20,6 +20,7 @@ from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
 from actors.engine.memory import MemoryEngine
 from actors.labels import LABEL_JOB_ID, MANAGED_FILTER
 from actors.messages import GetJob, Reconcile, Submit, Tick
+from actors.metrics import Metrics
 from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
@@ -70,6 +71,7 @@ class Yard:
         self.store = store or JobStore(tmp_path / "jobs.db", self.clock)
         self.use_watcher = watcher
         self.fatal: list[str] = []
+        self.metrics = Metrics.unscraped()
         # The Watcher's backoff sleep: returns at once unless a test holds it.
         self.engine_back = threading.Event()
         self.engine_back.set()
@@ -79,15 +81,23 @@ class Yard:
 
     def start(self) -> Yard:
         engine, settings, clock = self.engine, self.settings, self.clock
-        self.snapshots = SnapshotManager.start(engine, settings, clock)
+        metrics = self.metrics
+        self.snapshots = SnapshotManager.start(engine, settings, clock, metrics=metrics)
         snapshots = self.snapshots
 
         def factory(name: str, sup: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(engine, snapshots, settings, clock, name, sup)
+            return Spawner.start(engine, snapshots, settings, clock, name, sup, metrics=metrics)
 
         since = clock.now()
         self.sup = Supervisor.start(
-            engine, self.store, settings, clock, snapshots, factory, self.fatal.append
+            engine,
+            self.store,
+            settings,
+            clock,
+            snapshots,
+            factory,
+            self.fatal.append,
+            metrics=metrics,
         )
         if self.use_watcher:
             self.watcher = Watcher(
