@@ -29,6 +29,7 @@ import docker
 import docker.errors
 import requests
 
+from actors.engine import squash
 from actors.engine.base import (
     SECRET_ENV_PATH,
     Conflict,
@@ -314,6 +315,38 @@ class DockerEngine:
             result = api.commit(container_id, repository=repository, tag=tag, conf=conf)
         return str(result["Id"])
 
+    def flatten_image(self, image: str, base: str, repository: str, tag: str) -> str:
+        # docker save, merge the layers above the base (actors.engine.squash), docker
+        # load: the daemon skips the base layers it has, so only the merged one travels.
+        with self._call(image=base) as api:
+            base_layers = list((api.inspect_image(base).get("RootFS") or {}).get("Layers") or ())
+            base_history_len = len(api.history(base))
+        with tempfile.TemporaryDirectory(prefix="snapyard-flatten-") as work:
+            saved = Path(work) / "saved.tar"
+            with self._call(image=image) as api, saved.open("wb") as out:
+                for chunk in api.get_image(image):
+                    out.write(chunk)
+            loading = Path(work) / "load.tar"
+            try:
+                flattened = squash.flatten_archive(
+                    saved,
+                    loading,
+                    base_layers,
+                    base_history_len,
+                    f"{repository}:{tag}",
+                    f"snapyard: flattened {image} above {base}",
+                )
+            except squash.SquashError as exc:
+                raise EngineError(f"cannot flatten {image} onto {base}: {exc}") from exc
+            saved.unlink()
+            with self._call(image=image) as api, loading.open("rb") as archive:
+                for message in api.load_image(archive):
+                    if "error" in message:
+                        raise EngineError(
+                            f"loading the flattened {image} failed: {message['error']}"
+                        )
+        return flattened.image_id
+
     def inspect_image(self, image: str) -> ImageInfo:
         with self._call(image=image) as api:
             raw = api.inspect_image(image)
@@ -456,6 +489,7 @@ def _image_info(raw: Mapping[str, Any]) -> ImageInfo:
         created_at=_parse_time(raw.get("Created")) or 0.0,
         env=tuple(config.get("Env") or ()),
         container_env=tuple((raw.get("ContainerConfig") or {}).get("Env") or ()),
+        parent_id=str(raw.get("Parent") or ""),
         cmd=None if cmd is None else tuple(cmd),
         entrypoint=None if entrypoint is None else tuple(entrypoint),
     )
