@@ -20,7 +20,7 @@ import pytest
 from session_labels import TEST_LABELS
 
 from actors.app import Snapyard
-from actors.engine.base import EngineError
+from actors.engine.base import ContainerSpec, EngineError, ImageConfig
 from actors.engine.docker import DockerEngine
 from actors.model import JobState, validate_spec
 from actors.settings import load_settings
@@ -90,3 +90,47 @@ def test_300_runs_of_one_work_item_keep_the_workspace_and_stay_under_the_cap(
     (snapshot,) = app.snapshots()
     assert snapshot.own_bytes is not None
     assert 0 < snapshot.own_bytes < snapshot.size_bytes
+
+
+def test_a_flattened_image_keeps_deletions_of_base_files_on_the_real_engine(
+    docker_engine: DockerEngine, base_image: str
+) -> None:
+    """Whiteouts in the merged layer must still hide the base's files: the memory
+    engine has no base files to delete, so this one runs on Docker only."""
+    repository = f"snapyard-test-flatten-{uuid.uuid4().hex[:8]}"
+    base_id = docker_engine.inspect_image(base_image).id
+    scripts = [
+        "rm /bin/vi; mkdir -p /opt/old; echo o > /opt/old/o; echo 1 > /workspace/f",
+        "rm -r /opt; mkdir -p /opt/new; rm -r /tmp; mkdir -m 1777 /tmp; echo 2 >> /workspace/f",
+    ]
+    show = "ls /bin/vi /opt/old 2>&1; ls /opt; ls /tmp | wc -l; ls -ld /tmp; cat /workspace/f"
+    made: list[str] = []
+
+    def run(image: str, script: str) -> str:
+        spec = ContainerSpec(image=image, command=["sh", "-c", script], labels=TEST_LABELS)
+        container = docker_engine.create_container(spec)
+        docker_engine.start_container(container)
+        assert docker_engine.wait_container(container, timeout_s=JOB_S) == 0
+        return container
+
+    try:
+        image = base_id
+        for script in scripts:
+            container = run(image, script)
+            image = docker_engine.commit_container(container, repository, "deep", ImageConfig())
+            made.append(image)
+            docker_engine.remove_container(container)
+        made.append(docker_engine.flatten_image(image, base_id, repository, "flat"))
+        container = run(made[-1], show)
+        lines = docker_engine.container_logs(container).lines()
+        docker_engine.remove_container(container)
+        assert "ls: /bin/vi: No such file or directory" in lines
+        assert "ls: /opt/old: No such file or directory" in lines
+        # /opt holds only what the last run made; /tmp is re-created, empty, sticky.
+        assert lines[-5:-3] == ["new", "0"]
+        assert lines[-3].startswith("drwxrwxrwt")
+        assert lines[-2:] == ["1", "2"]
+    finally:
+        for leftover in reversed(made):  # children before parents
+            with contextlib.suppress(EngineError):
+                docker_engine.remove_image(leftover, force=True)
