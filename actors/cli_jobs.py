@@ -289,7 +289,17 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-_SNAPSHOT_HEADERS = ("PROJECT", "WORK ITEM", "IMAGE", "SIZE", "LAYERS", "CREATED", "LAST USED")
+# OWN is what the snapshot adds (what max_total_bytes counts); SIZE its whole image.
+_SNAPSHOT_HEADERS = (
+    "PROJECT",
+    "WORK ITEM",
+    "IMAGE",
+    "OWN",
+    "SIZE",
+    "LAYERS",
+    "CREATED",
+    "LAST USED",
+)
 
 
 def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
@@ -298,6 +308,7 @@ def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
             s["project"],
             s["work_item"],
             short_id(s["image_id"]),
+            "-" if s.get("own_bytes") is None else _size(s["own_bytes"]),
             _size(s["size_bytes"]),
             s["layers"],
             _when(s["created_at"]),

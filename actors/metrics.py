@@ -262,6 +262,10 @@ class MeteredEngine:
         with self._counted():
             return self.inner.commit_container(container_id, repository, tag, config)
 
+    def flatten_image(self, image: str, base: str, repository: str, tag: str) -> str:
+        with self._counted():
+            return self.inner.flatten_image(image, base, repository, tag)
+
     def inspect_image(self, image: str) -> ImageInfo:
         with self._counted():
             return self.inner.inspect_image(image)

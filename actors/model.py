@@ -80,6 +80,14 @@ class Snapshot:
     last_used_at: float
     size_bytes: int
     layers: int
+    # What this snapshot adds over its parent (its own layer); None when not known.
+    own_bytes: int | None = None
+
+    @property
+    def charged_bytes(self) -> int:
+        """What ``snapshots.max_total_bytes`` counts: the snapshot's own bytes when known,
+        else its whole image (an over-count evicts early; an under-count fills the disk)."""
+        return self.size_bytes if self.own_bytes is None else self.own_bytes
 
 
 @dataclass(frozen=True)

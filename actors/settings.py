@@ -23,6 +23,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Union
 
+from actors.layers import ENGINE_MAX_LAYERS, MIN_MAX_LAYERS
+
 __all__ = [
     "AgentTypeSettings",
     "ApiSettings",
@@ -114,8 +116,17 @@ class SnapshotSettings:
     ttl_s: float = field(default=7 * 86400.0, metadata=_min(1))
     max_count: int = field(default=100, metadata=_min(1))
     max_total_bytes: int = field(default=20 * 1024**3, metadata=_min(1))
-    # Docker refuses images past ~125 layers; every snapshot of a snapshot adds one.
-    max_layers: int = field(default=64, metadata=_min(2))
+    # Layers above the base image: the commit that reaches it is flattened to one.
+    # Docker refuses a chain past 125 layers, base included, so above 124 no cap is met.
+    max_layers: int = field(
+        default=64,
+        metadata={
+            "min": MIN_MAX_LAYERS,
+            "max": ENGINE_MAX_LAYERS - 1,
+            "why": "layers a snapshot may have above its base image before it is flattened; "
+            f"Docker refuses more than {ENGINE_MAX_LAYERS} in all",
+        },
+    )
     sweep_interval_s: float = field(default=300.0, metadata=_min(1))
 
 
@@ -293,10 +304,11 @@ def _coerce(key: str, raw: object, hint: Any, meta: Mapping[str, Any]) -> object
     else:  # pragma: no cover - a programming error in this module
         raise TypeError(f"unsupported setting type {hint!r} for {key}")
     if isinstance(value, int | float) and not isinstance(value, bool):
+        why = f" ({meta['why']})" if "why" in meta else ""
         if "min" in meta and value < meta["min"]:
-            raise SettingsError(key, raw, f"must be >= {meta['min']}")
+            raise SettingsError(key, raw, f"must be >= {meta['min']}{why}")
         if "max" in meta and value > meta["max"]:
-            raise SettingsError(key, raw, f"must be <= {meta['max']}")
+            raise SettingsError(key, raw, f"must be <= {meta['max']}{why}")
     if "pattern" in meta and not (
         isinstance(value, str)
         and len(value) <= meta["max_length"]

@@ -34,6 +34,7 @@ from actors.labels import (
     LABEL_WORK_ITEM,
     ROLE_SNAPSHOT,
 )
+from actors.layers import own_bytes
 from actors.messages import (
     ActorCrashed,
     ImageDeleted,
@@ -209,17 +210,8 @@ class SnapshotManager(pykka.ThreadingActor):
         if entry is None:
             self._metrics.snapshot_misses.inc()
             return None
-        if entry.layers >= self._settings.snapshots.max_layers:
-            # Keep the entry: the base-image run this forces commits a shallow
-            # snapshot whose Register replaces (and deletes) the deep chain.
-            log.info(
-                "snapshot %s has %d layers (cap %d): starting from the base image",
-                key,
-                entry.layers,
-                self._settings.snapshots.max_layers,
-            )
-            self._metrics.snapshot_misses.inc()
-            return None
+        # No depth check here: the commit that reaches snapshots.max_layers is
+        # flattened (Spawner), so a deep entry is still a hit and keeps its state.
         entry = dataclasses.replace(entry, last_used_at=self._clock.now())
         self._registry[key] = entry
         self._metrics.snapshot_hits.inc()
@@ -309,14 +301,14 @@ class SnapshotManager(pykka.ThreadingActor):
         by_lru = sorted(self._registry.values(), key=lambda s: (s.last_used_at, s.created_at))
         while len(by_lru) > self._settings.snapshots.max_count:
             self._evict(by_lru.pop(0), "over snapshots.max_count")
-        total = sum(s.size_bytes for s in by_lru)
+        total = sum(s.charged_bytes for s in by_lru)
         while by_lru and total > self._settings.snapshots.max_total_bytes:
             victim = by_lru.pop(0)
-            total -= victim.size_bytes
+            total -= victim.charged_bytes
             self._evict(victim, "over snapshots.max_total_bytes")
         self._delete_pending(skip=None if full else queued_before)
         self._metrics.snapshots.set(len(self._registry))
-        self._metrics.snapshot_bytes.set(sum(s.size_bytes for s in by_lru))
+        self._metrics.snapshot_bytes.set(sum(s.charged_bytes for s in by_lru))
         self._metrics.snapshot_pending_deletions.set(len(self._pending))
 
     def _drop_gone(self) -> None:
@@ -420,6 +412,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 bare_image_id(s.image_id) for s in self._registry.values()
             }:
                 continue
+            snapshot = dataclasses.replace(snapshot, own_bytes=self._own_bytes(info, snapshot))
             self._register(snapshot)
             adopted += 1
         for entry in list(self._registry.values()):
@@ -427,6 +420,18 @@ class SnapshotManager(pykka.ThreadingActor):
             if reason is not None:
                 self._evict(entry, reason)
         log.info("registry rebuilt: %d snapshot images, %d kept", adopted, len(self._registry))
+
+    def _own_bytes(self, info: ImageInfo, snapshot: Snapshot) -> int | None:
+        """What an adopted image adds over its parent (its base, when flattened).
+
+        Unknown (None, charged at full size) when the parent cannot be inspected.
+        """
+        try:
+            parent = self._engine.inspect_image(info.parent_id or snapshot.base_image_id)
+        except EngineError as exc:
+            log.warning("size of %s over its parent unknown: %s", info.id, exc)
+            return None
+        return own_bytes(info, parent)
 
     def _list_snapshot_images(self) -> list[ImageInfo] | None:
         try:

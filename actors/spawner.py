@@ -39,6 +39,7 @@ from actors.engine.base import (
     EngineError,
     EngineUnavailable,
     ImageConfig,
+    ImageInfo,
     ImageMissing,
 )
 from actors.labels import (
@@ -60,6 +61,7 @@ from actors.labels import (
     LABEL_WORK_ITEM,
     ROLE_SNAPSHOT,
 )
+from actors.layers import depth_above, must_flatten, own_bytes
 from actors.masking import mask_secrets
 from actors.messages import (
     ActorCrashed,
@@ -458,6 +460,8 @@ class Spawner(pykka.ThreadingActor):
             self._discard_failed_commit(config.labels)
             raise
         info = self._patiently(self._engine.inspect_image, image_id)
+        if must_flatten(depth_above(info, base), self._settings.snapshots.max_layers, base.layers):
+            info = self._flatten(info, base, repository, tag, config.labels)
         self._tell(
             self._snapshots,
             Register(
@@ -470,10 +474,56 @@ class Spawner(pykka.ThreadingActor):
                     last_used_at=now,
                     size_bytes=info.size_bytes,
                     layers=info.layers,
+                    own_bytes=self._own_bytes(info, base),
                 )
             ),
         )
         return info.id
+
+    def _flatten(
+        self,
+        deep: ImageInfo,
+        base: ImageInfo,
+        repository: str,
+        tag: str,
+        labels: Mapping[str, str],
+    ) -> ImageInfo:
+        """Squash a commit that reached the layer cap into one layer on the base.
+
+        The run's state lives on in the flattened image; the deep commit is
+        deleted. A flatten that fails leaves no image behind, as a failed
+        commit does: the previous snapshot stays the key's entry.
+        """
+        began = self._clock.now()
+        try:
+            flat_id = self._patiently(self._engine.flatten_image, deep.id, base.id, repository, tag)
+            flat = self._patiently(self._engine.inspect_image, flat_id)
+        except EngineError:
+            self._discard_failed_commit(labels)
+            raise
+        try:
+            self._engine.remove_image(deep.id)
+        except EngineError as exc:
+            # Labelled as a snapshot and owned by no entry: the orphan sweep deletes it.
+            log.warning("could not delete %s after flattening it: %s", deep.id, exc)
+        log.info(
+            "flattened %s (%d layers above the base) into %s in %.2fs",
+            deep.id,
+            depth_above(deep, base),
+            flat.id,
+            self._clock.now() - began,
+        )
+        return flat
+
+    def _own_bytes(self, info: ImageInfo, base: ImageInfo) -> int | None:
+        """Bytes the snapshot adds over its parent (the base, for a flattened one)."""
+        if not info.parent_id or same_image(info.parent_id, base.id):
+            return own_bytes(info, base)
+        try:
+            return own_bytes(info, self._patiently(self._engine.inspect_image, info.parent_id))
+        except EngineError as exc:
+            log.warning("size of %s over its parent unknown: %s", info.id, exc)
+            return None
 
     def _discard_failed_commit(self, labels: Mapping[str, str]) -> None:
         """Delete the image a failed commit may have left behind.

@@ -49,6 +49,7 @@ SNAPSHOT_FIELDS = (
     "tag",
     "base_image_id",
     "size_bytes",
+    "own_bytes",
     "layers",
     "created_at",
     "last_used_at",
@@ -107,6 +108,8 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
         "tag": snapshot.tag,
         "base_image_id": snapshot.base_image_id,
         "size_bytes": snapshot.size_bytes,
+        # What the snapshot adds over its parent: what snapshots.max_total_bytes counts.
+        "own_bytes": snapshot.own_bytes,
         "layers": snapshot.layers,
         "created_at": iso_time(snapshot.created_at),
         "last_used_at": iso_time(snapshot.last_used_at),

@@ -582,6 +582,12 @@ def memory_1000_jobs(quick: bool) -> ScenarioResult:
     )
 
 
+def _flatten_vs_commit(quick: bool) -> ScenarioResult:
+    from bench.flatten import flatten_vs_commit  # its own module, built on this one
+
+    return flatten_vs_commit(quick)
+
+
 Scenario = Callable[[bool], ScenarioResult]
 
 # Name -> (function, runs in its own process).
@@ -590,4 +596,5 @@ SCENARIOS: dict[str, tuple[Scenario, bool]] = {
     "stale_recovery": (stale_recovery, False),
     "latency_100_queued": (latency_100_queued, False),
     "memory_1000_jobs": (memory_1000_jobs, True),
+    "flatten_vs_commit": (_flatten_vs_commit, False),
 }

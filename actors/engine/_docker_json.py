@@ -106,6 +106,7 @@ def image_info(raw: Mapping[str, Any]) -> ImageInfo:
         created_at=parse_time(raw.get("Created")) or 0.0,
         env=tuple(config.get("Env") or ()),
         container_env=tuple((raw.get("ContainerConfig") or {}).get("Env") or ()),
+        parent_id=str(raw.get("Parent") or ""),
         cmd=None if cmd is None else tuple(cmd),
         entrypoint=None if entrypoint is None else tuple(entrypoint),
     )

@@ -11,6 +11,7 @@ from actors.clock import Clock
 from actors.engine._memory_build import build
 from actors.engine._memory_events import EventLog
 from actors.engine._memory_records import (
+    COMMIT_OVERHEAD_BYTES,
     HEX,
     MIN_PREFIX,
     MemoryContainer,
@@ -19,7 +20,7 @@ from actors.engine._memory_records import (
     normalize_tag,
     short_id,
 )
-from actors.engine.base import Conflict, ImageInfo, ImageMissing
+from actors.engine.base import Conflict, EngineError, ImageInfo, ImageMissing
 
 __all__ = ["ImageStore"]
 
@@ -68,6 +69,57 @@ class ImageStore(EventLog):
             return bool(self._children(image_id))
 
     # Engine: images
+
+    def flatten_image(self, image: str, base: str, repository: str, tag: str) -> str:
+        """Docker's save, squash and load: the same files and config, ``base``'s depth + 1.
+
+        As on Docker the result has no parent (a loaded image), its ID depends
+        only on what it holds (flattening twice gives one image), and the
+        image flattened is left as it was.
+        """
+        self._enter("flatten_image", image, base, repository, tag)
+        with self._lock:
+            source = self._find_image(image)
+            under = self._find_image(base)
+            if source.id == under.id or not self._built_on(source, under.id):
+                raise EngineError(
+                    f"cannot flatten {image} onto {base}: the image is not built on the given "
+                    "base, or has no layer above it"
+                )
+            flat_id = "sha256:" + hashlib.sha256(f"{source.id} on {under.id}".encode()).hexdigest()
+            flat = self._images.get(flat_id)
+            if flat is None:
+                written = sum(
+                    len(content.encode())
+                    for path, content in source.files.items()
+                    if under.files.get(path) != content
+                )
+                flat = MemoryImage(
+                    id=flat_id,
+                    tags=[],
+                    labels=dict(source.labels),
+                    layers=under.layers + 1,
+                    size_bytes=under.size_bytes + COMMIT_OVERHEAD_BYTES + written,
+                    created_at=source.created_at,
+                    env=source.env,
+                    cmd=source.cmd,
+                    entrypoint=source.entrypoint,
+                    working_dir=source.working_dir,
+                    files=dict(source.files),
+                    container_env=source.container_env,
+                    flattened_onto=under.id,
+                )
+                self._images[flat.id] = flat
+            self._set_tag(flat, normalize_tag(f"{repository}:{tag}"))
+            return flat.id
+
+    def _built_on(self, image: MemoryImage, base_id: str) -> bool:
+        node: MemoryImage | None = image
+        while node is not None:
+            if base_id in (node.id, node.flattened_onto):
+                return True
+            node = self._images.get(node.parent) if node.parent else None
+        return False
 
     def inspect_image(self, image: str) -> ImageInfo:
         self._enter("inspect_image", image)

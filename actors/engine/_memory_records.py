@@ -81,6 +81,8 @@ class MemoryImage:
     files: dict[str, str] = field(default_factory=dict)
     parent: str | None = None
     container_env: tuple[str, ...] = ()
+    # A flattened image has no parent (as a loaded one on Docker) but sits on this base.
+    flattened_onto: str | None = None
 
     def info(self) -> ImageInfo:
         return ImageInfo(
@@ -94,6 +96,7 @@ class MemoryImage:
             cmd=self.cmd,
             entrypoint=self.entrypoint,
             container_env=self.container_env,
+            parent_id=self.parent or "",
         )
 
 

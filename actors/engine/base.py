@@ -186,6 +186,9 @@ class ImageInfo:
     entrypoint: tuple[str, ...] | None = None
     # For a committed image: the env of the container it was committed from.
     container_env: tuple[str, ...] = ()
+    # The image it was committed or built on; "" for a loaded (or flattened) one.
+    # ``size_bytes`` minus the parent's is what this image itself adds.
+    parent_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,16 @@ class Engine(Protocol):
         config: ImageConfig,
     ) -> str:
         """Commit the container's filesystem to a new image; return the image ID."""
+
+    def flatten_image(self, image: str, base: str, repository: str, tag: str) -> str:
+        """Squash ``image``'s layers above ``base`` into one; tag it; return the new ID.
+
+        A chain of snapshots grows a layer per run until the engine refuses
+        more; the flattened image holds the same files (deletions included)
+        and config (env, entrypoint, cmd, workdir, labels) at ``base``'s depth
+        + 1. ``image`` is left as it is. ImageMissing when either is gone;
+        EngineError when ``image`` is not built on ``base``.
+        """
 
     def inspect_image(self, image: str) -> ImageInfo:
         """By ID or by tag. ImageMissing when it does not exist."""

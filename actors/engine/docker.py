@@ -28,6 +28,7 @@ import docker
 import docker.errors
 import requests
 
+from actors.engine import squash
 from actors.engine._docker_json import (
     EVENT_ACTIONS,
     container_state,
@@ -290,6 +291,38 @@ class DockerEngine:
         with self._call(container=container_id) as api:
             result = api.commit(container_id, repository=repository, tag=tag, conf=conf)
         return str(result["Id"])
+
+    def flatten_image(self, image: str, base: str, repository: str, tag: str) -> str:
+        # docker save, merge the layers above the base (actors.engine.squash), docker
+        # load: the daemon skips the base layers it has, so only the merged one travels.
+        with self._call(image=base) as api:
+            base_layers = list((api.inspect_image(base).get("RootFS") or {}).get("Layers") or ())
+            base_history_len = len(api.history(base))
+        with tempfile.TemporaryDirectory(prefix="snapyard-flatten-") as work:
+            saved = Path(work) / "saved.tar"
+            with self._call(image=image) as api, saved.open("wb") as out:
+                for chunk in api.get_image(image):
+                    out.write(chunk)
+            loading = Path(work) / "load.tar"
+            try:
+                flattened = squash.flatten_archive(
+                    saved,
+                    loading,
+                    base_layers,
+                    base_history_len,
+                    f"{repository}:{tag}",
+                    f"snapyard: flattened {image} above {base}",
+                )
+            except squash.SquashError as exc:
+                raise EngineError(f"cannot flatten {image} onto {base}: {exc}") from exc
+            saved.unlink()
+            with self._call(image=image) as api, loading.open("rb") as archive:
+                for message in api.load_image(archive):
+                    if "error" in message:
+                        raise EngineError(
+                            f"loading the flattened {image} failed: {message['error']}"
+                        )
+        return flattened.image_id
 
     def inspect_image(self, image: str) -> ImageInfo:
         with self._call(image=image) as api:

@@ -57,6 +57,10 @@ SHOW_TOKEN = ("sh", "-c", 'echo "token=[$API_TOKEN]"')
 # The pauses are the worker's, not the test's: lines written to two pipes in
 # the same instant may be logged in either order by the daemon.
 INTERLEAVED = ("sh", "-c", "echo out1; sleep 0.5; echo err1 >&2; sleep 0.5; echo out2")
+OTHER_FILE = "/workspace/other-file"
+# Deletes what WRITE wrote and writes another file: a flatten must keep both changes.
+REWRITE = ("sh", "-c", f"rm {JOB_FILE}; echo more > {OTHER_FILE}")
+SHOW = ("sh", "-c", f"test -e {JOB_FILE} && echo present || echo absent; cat {OTHER_FILE}; pwd")
 TOKEN = "s3cret value with spaces=and équals"
 DIGEST_LINE = re.compile(r'printf %s "\$(\w+)" \| sha256sum')
 
@@ -89,6 +93,15 @@ def play(container: MemoryContainer) -> int | None:
         return 0
     if command == READ:
         engine.append_logs(container.id, stdout=container.files.get(JOB_FILE, ""))
+        return 0
+    if command == REWRITE:
+        engine.container(container.id).files.pop(JOB_FILE, None)
+        engine.write_file(container.id, OTHER_FILE, "more\n")
+        return 0
+    if command == SHOW:
+        present = "present" if JOB_FILE in container.files else "absent"
+        shown = f"{present}\n{container.files.get(OTHER_FILE, '')}{container.working_dir}\n"
+        engine.append_logs(container.id, stdout=shown)
         return 0
     if command == INTERLEAVED:
         engine.print_output(container.id, ("stdout", "out1\n"), ("stderr", "err1\n"))
@@ -454,6 +467,83 @@ def test_commit_of_a_snapshot_adds_one_more_layer(rig: Rig) -> None:
     second = rig.snapshot("second", image=first)
     layers = [rig.engine.inspect_image(i).layers for i in (rig.base_id, first, second)]
     assert layers == [layers[0], layers[0] + 1, layers[0] + 2]
+
+
+def test_a_commit_adds_its_own_bytes_over_its_parent(rig: Rig) -> None:
+    """What a snapshot costs on disk is its own layer, not the base's (issue 11, item 3)."""
+    first = rig.snapshot("first")
+    second = rig.snapshot("second", image=first)
+    base, one, two = (rig.engine.inspect_image(i) for i in (rig.base_id, first, second))
+    assert (one.parent_id, two.parent_id) == (rig.base_id, first)
+    for image, parent in ((one, base), (two, one)):
+        assert 0 < image.size_bytes - parent.size_bytes < 1_000_000
+
+
+# --- flatten ---------------------------------------------------------------------
+
+
+def flatten_chain(rig: Rig) -> tuple[str, str]:
+    """Two snapshots (a file written, then deleted and another written), and their flattening."""
+    first = rig.snapshot("first")
+    container_id, code = rig.run(REWRITE, image=first)
+    assert code == 0
+    config = ImageConfig(
+        env=["PATH=/usr/local/bin:/bin", "MODE=flat"],
+        labels={"snapyard.role": "snapshot", "snapyard.project": "p"},
+    )
+    deep = rig.engine.commit_container(container_id, rig.repo, "deep", config)
+    rig.engine.remove_container(container_id)
+    return deep, rig.engine.flatten_image(deep, rig.base_id, rig.repo, "flat")
+
+
+def test_flatten_keeps_files_deletions_and_config_one_layer_above_the_base(rig: Rig) -> None:
+    deep, flat = flatten_chain(rig)
+    base, before, after = (rig.engine.inspect_image(i) for i in (rig.base_id, deep, flat))
+    assert before.layers == base.layers + 2
+    assert after.layers == base.layers + 1
+    assert after.id != before.id
+    assert f"{rig.repo}:flat" in after.tags
+    assert (after.env, after.entrypoint, after.cmd) == (before.env, before.entrypoint, before.cmd)
+    assert after.labels == before.labels
+    assert "MODE=flat" in after.env
+    # A loaded image has no parent; what it adds is its size over the base's.
+    assert after.parent_id == ""
+    assert 0 < after.size_bytes - base.size_bytes < 1_000_000
+    container_id, code = rig.run(SHOW, image=flat)
+    assert code == 0
+    logs = rig.engine.container_logs(container_id).lines()
+    assert logs[-3:] == ["absent", "more", "/workspace"]
+    assert any("setup skipped" in line for line in logs)
+
+
+def test_a_flattened_image_is_a_parent_like_any_other(rig: Rig) -> None:
+    _deep, flat = flatten_chain(rig)
+    on_top = rig.snapshot("on-top", image=flat)
+    info = rig.engine.inspect_image(on_top)
+    assert info.parent_id == flat
+    assert info.layers == rig.engine.inspect_image(rig.base_id).layers + 2
+    again = rig.engine.flatten_image(on_top, rig.base_id, rig.repo, "again")
+    assert rig.engine.inspect_image(again).layers == info.layers - 1
+
+
+def test_flatten_leaves_the_flattened_image_as_it_was(rig: Rig) -> None:
+    deep, _flat = flatten_chain(rig)
+    container_id, code = rig.run(SHOW, image=deep)
+    assert code == 0
+    assert rig.engine.container_logs(container_id).lines()[-3:] == ["absent", "more", "/workspace"]
+
+
+def test_flatten_onto_an_image_it_is_not_built_on_is_refused(rig: Rig) -> None:
+    first = rig.snapshot("first")
+    with pytest.raises(EngineError, match="cannot flatten"):
+        rig.engine.flatten_image(rig.base_id, first, rig.repo, "wrong-way")
+    with pytest.raises(EngineError, match="cannot flatten"):
+        rig.engine.flatten_image(rig.base_id, rig.base_id, rig.repo, "nothing-above")
+
+
+def test_flatten_of_a_missing_image_is_image_missing(rig: Rig) -> None:
+    with pytest.raises(ImageMissing):
+        rig.engine.flatten_image("sha256:" + "0" * 64, rig.base_id, rig.repo, "gone")
 
 
 # --- image removal ---------------------------------------------------------------

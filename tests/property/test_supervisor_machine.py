@@ -333,7 +333,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         self._check_registry_exists()
         snaps = rig.settings.snapshots
         assert len(registry) <= snaps.max_count
-        assert sum(s.size_bytes for s in registry) <= snaps.max_total_bytes
+        assert sum(s.charged_bytes for s in registry) <= snaps.max_total_bytes
         self._check_no_secret_shown()
         states = sorted({j.state.value for j in jobs.values()})
         event(f"final states: {states}")

@@ -7,6 +7,7 @@ small fake facade covers what the real one cannot be made to do on demand
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import threading
@@ -105,6 +106,7 @@ def make_snapshot(project: str = "p", work_item: str = "w") -> Snapshot:
         last_used_at=T0 + 60,
         size_bytes=1234,
         layers=3,
+        own_bytes=234,
     )
 
 
@@ -186,6 +188,11 @@ def test_job_json_has_the_stable_fields_and_never_env() -> None:
     assert "env" not in body
 
 
+def test_snapshot_json_says_null_when_its_own_bytes_are_unknown() -> None:
+    unknown = dataclasses.replace(make_snapshot(), own_bytes=None)
+    assert snapshot_json(unknown)["own_bytes"] is None
+
+
 def test_snapshot_json_has_the_stable_fields() -> None:
     body = snapshot_json(make_snapshot())
     assert tuple(body) == SNAPSHOT_FIELDS
@@ -195,6 +202,7 @@ def test_snapshot_json_has_the_stable_fields() -> None:
     assert body["tag"] == "snapyard-snapshot/p.w:k123"
     assert body["base_image_id"] == "sha256:" + "b" * 64
     assert body["size_bytes"] == 1234
+    assert body["own_bytes"] == 234
     assert body["layers"] == 3
     assert body["created_at"] == "2023-11-14T22:13:20.000Z"
     assert body["last_used_at"] == "2023-11-14T22:14:20.000Z"

@@ -251,6 +251,8 @@ def test_snapshots_list_rm_and_prune(live: Served) -> None:
     assert snap["base_image_id"] == live.engine.inspect_image(BASE_TAG).id
     assert snap["layers"] >= 1
     assert snap["size_bytes"] > 0
+    # Its own layer, not the 5 MB base every snapshot shares.
+    assert 0 < snap["own_bytes"] < 100_000 < snap["size_bytes"]
     table = cli("snapshots")
     assert table.code == 0
     assert table.out.splitlines()[0].split() == [
@@ -258,6 +260,7 @@ def test_snapshots_list_rm_and_prune(live: Served) -> None:
         "WORK",
         "ITEM",
         "IMAGE",
+        "OWN",
         "SIZE",
         "LAYERS",
         "CREATED",

@@ -193,6 +193,9 @@ def _error(tmp_path: Path, text: str = "", env: dict[str, str] | None = None) ->
         ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "-a"}, "snapshots.repository", "-a", "Docker"),
         ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "a:1"}, "snapshots.repository", "a:1", "Docker"),
         ("", {"SNAPYARD_SNAPSHOTS__REPOSITORY": "a" * 129}, "snapshots.repository", None, "128"),
+        # A cap of 1 flattens every commit; past 124 Docker refuses the chain first.
+        ("[snapshots]\nmax_layers = 1\n", {}, "snapshots.max_layers", 1, ">= 2 (layers"),
+        ("", {"SNAPYARD_SNAPSHOTS__MAX_LAYERS": "125"}, "snapshots.max_layers", "125", "<= 124"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(

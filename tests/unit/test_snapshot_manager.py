@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from actor_kit import MemoryRig, make_rig, spawn_settings
 from actors.engine.base import EngineUnavailable
 from actors.labels import LABEL_ROLE
 from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseImage, SweepSnapshots
-from actors.model import SnapshotKey
+from actors.model import JobSpec, SnapshotKey
 from actors.settings import ProjectSettings
 from actors.snapshot_manager import SnapshotManager
 
@@ -170,6 +171,39 @@ def test_max_total_bytes_evicts_least_recently_used_until_it_fits() -> None:
         pykka.ActorRegistry.stop_all()
 
 
+def test_three_tiny_snapshots_fit_in_5_mb() -> None:
+    """Regression (issue 11, item 3): each snapshot was charged its whole image, the
+    shared base included, so with 5 MB only one of three tiny snapshots was kept."""
+    rig = make_rig(spawn_settings(snapshots={"max_total_bytes": 5 * 1024 * 1024})).start()
+    try:
+        for item in ("a", "b", "c"):
+            rig.clock.advance(1)
+            rig.run(f"job-{item}", JobSpec(project="p", work_item=item))
+        rig.sweep()
+        snaps = rig.snapshots()
+        assert [s.key.work_item for s in snaps] == ["a", "b", "c"]
+        assert all(s.size_bytes > 5_000_000 for s in snaps)  # the base alone is 5 MB
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
+def test_max_total_bytes_counts_the_whole_image_when_its_own_bytes_are_unknown() -> None:
+    rig = make_rig(spawn_settings(snapshots={"max_total_bytes": 2500})).start(spawners=0)
+    try:
+        big = rig.add_snapshot(SnapshotKey("p", "a"), size_bytes=2000)
+        rig.register(big)
+        rig.clock.advance(1)
+        small = rig.add_snapshot(SnapshotKey("p", "b"), size_bytes=2000)
+        rig.register(dataclasses.replace(small, own_bytes=100))
+        assert {s.key for s in rig.snapshots()} == {big.key, small.key}
+        rig.clock.advance(1)
+        third = rig.add_snapshot(SnapshotKey("p", "c"), size_bytes=2000)
+        rig.register(third)
+        assert {s.key for s in rig.snapshots()} == {small.key, third.key}
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
 def test_image_in_use_survives_a_sweep_and_is_deleted_on_the_next(rig: MemoryRig) -> None:
     from actors.engine.base import ContainerSpec
 
@@ -264,16 +298,31 @@ def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: M
     assert late.image_id not in rig.image_ids()
 
 
-def test_snapshot_at_the_layer_cap_is_a_miss_but_stays_registered(rig: MemoryRig) -> None:
+def test_a_snapshot_at_the_layer_cap_is_still_a_hit(rig: MemoryRig) -> None:
+    """Regression (issue 11, item 2): at the cap the next run started from the base
+    image with an empty workspace. The Spawner flattens such a commit now."""
     cap = rig.settings.snapshots.max_layers
-    snap = rig.add_snapshot(KEY, layers=cap)
+    snap = rig.add_snapshot(KEY, layers=cap + 3)
     rig.register(snap)
-    assert rig.lookup(KEY) is None
-    assert [s.image_id for s in rig.snapshots()] == [snap.image_id]
-    shallow = rig.add_snapshot(KEY, created_at=rig.clock.now() + 1, layers=4)
-    rig.register(shallow)
-    assert rig.lookup(KEY) is not None
-    assert snap.image_id not in rig.image_ids()
+    found = rig.lookup(KEY)
+    assert found is not None
+    assert found.image_id == snap.image_id
+
+
+def test_a_rebuilt_registry_charges_each_snapshot_its_own_bytes() -> None:
+    rig = make_rig(spawn_settings(snapshots={"max_total_bytes": 5 * 1024 * 1024})).start()
+    try:
+        for item in ("a", "b", "c"):
+            rig.run(f"job-{item}", JobSpec(project="p", work_item=item))
+        rig.restart_manager()
+        rig.sweep()
+        snaps = rig.snapshots()
+        assert len(snaps) == 3
+        for snap in snaps:
+            assert snap.own_bytes is not None
+            assert 0 < snap.own_bytes < 100_000 < snap.size_bytes
+    finally:
+        pykka.ActorRegistry.stop_all()
 
 
 def test_remove_snapshot_drops_the_entry_and_deletes_the_image(rig: MemoryRig) -> None:

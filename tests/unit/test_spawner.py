@@ -16,6 +16,7 @@ from actor_kit import BASE_TAG, Collector, MemoryRig, make_rig, spawn_settings
 
 from actors import spawner as spawner_module
 from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, ImageMissing
+from actors.engine.memory import MemoryContainer
 from actors.labels import (
     LABEL_AGENT_TYPE,
     LABEL_BASE_IMAGE_ID,
@@ -27,6 +28,7 @@ from actors.labels import (
     LABEL_ROLE,
     LABEL_SNAPSHOT_ENABLED,
     LABEL_WORK_ITEM,
+    ROLE_SNAPSHOT,
 )
 from actors.messages import (
     ActorCrashed,
@@ -468,16 +470,81 @@ def test_base_image_rebuilt_invalidates_older_snapshots(rig: MemoryRig) -> None:
     assert [s.base_image_id for s in rig.snapshots()] == [new_base]
 
 
-def test_layer_cap_starts_from_base_and_its_commit_replaces_the_deep_chain() -> None:
-    rig = make_rig(spawn_settings(snapshots={"max_layers": 6})).start()
+LOG = "/workspace/log"
+
+
+def append_a_line(rig: MemoryRig) -> None:
+    """Each run appends a line to /workspace/log, as a job growing its workspace does."""
+
+    def policy(container: MemoryContainer) -> int:
+        rig.engine.write_file(container.id, LOG, container.files.get(LOG, "") + "run\n")
+        return 0
+
+    rig.engine.exit_policy = policy
+
+
+def test_at_the_layer_cap_the_commit_is_flattened_and_the_state_kept() -> None:
+    """Regression (issue 11, item 2): at snapshots.max_layers the next run started
+    from the base image, with an empty workspace."""
+    rig = make_rig(spawn_settings(snapshots={"max_layers": 3})).start()
     try:
-        sources = []
-        for n in range(6):
-            started, _ = rig.run(f"job-{n}", SPEC)
+        append_a_line(rig)
+        base_layers = rig.engine.inspect_image(rig.base_id).layers
+        sources, depths = [], []
+        for n in range(7):
+            started, finished = rig.run(f"job-{n}", SPEC)
+            assert finished.error is None
             sources.append(started.from_snapshot)
-        # base (3 layers) -> 4 -> 5 -> 6 = cap -> base -> 4 ...
-        assert sources == [False, True, True, False, True, True]
-        assert len(rig.snapshots()) == 1
+            (snap,) = rig.snapshots()
+            depths.append(snap.layers - base_layers)
+            assert rig.engine.image_files(snap.image_id)[LOG] == "run\n" * (n + 1)
+        assert sources == [False] + [True] * 6
+        # 1, 2, then the commit at depth 3 = cap is flattened to 1.
+        assert depths == [1, 2, 1, 2, 1, 2, 1]
+        assert len(rig.engine.calls_of("flatten_image")) == 3
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
+def test_a_flattened_snapshot_keeps_its_config_and_lineage() -> None:
+    rig = make_rig(spawn_settings(snapshots={"max_layers": 2})).start()
+    try:
+        rig.run("job-1", SPEC)
+        _started, finished = rig.run("job-2", SPEC)
+        assert finished.snapshot_image_id is not None
+        (snap,) = rig.snapshots()
+        assert snap.image_id == finished.snapshot_image_id
+        flat = rig.engine.inspect_image(snap.image_id)
+        base = rig.engine.inspect_image(rig.base_id)
+        assert flat.layers == base.layers + 1
+        assert flat.entrypoint == base.entrypoint
+        assert flat.labels[LABEL_BASE_IMAGE_ID] == rig.base_id
+        assert flat.labels[LABEL_ROLE] == ROLE_SNAPSHOT
+        assert f"API_TOKEN={SECRET}" not in flat.env
+        assert snap.tag in flat.tags
+        assert snap.own_bytes is not None
+        assert snap.own_bytes == flat.size_bytes - base.size_bytes
+    finally:
+        pykka.ActorRegistry.stop_all()
+
+
+def test_a_flatten_that_fails_leaves_no_image_and_the_previous_snapshot() -> None:
+    rig = make_rig(spawn_settings(snapshots={"max_layers": 2})).start()
+    try:
+        _started, first = rig.run("job-1", SPEC)
+        rig.engine.fail_next("flatten_image", error=EngineError("no space left on device"))
+        started, finished = rig.run("job-2", SPEC)
+        assert started.from_snapshot
+        assert finished.snapshot_image_id is None
+        assert finished.error is not None
+        assert "no space left on device" in finished.error
+        assert [s.image_id for s in rig.snapshots()] == [first.snapshot_image_id]
+        leftovers = rig.engine.list_images({LABEL_ROLE: ROLE_SNAPSHOT})
+        assert [i.id for i in leftovers] == [first.snapshot_image_id]
+        # The next run starts from the previous snapshot and flattens as it should.
+        started, finished = rig.run("job-3", SPEC)
+        assert started.image_id == first.snapshot_image_id
+        assert finished.error is None
     finally:
         pykka.ActorRegistry.stop_all()
 
@@ -492,7 +559,8 @@ def test_300_runs_of_one_work_item_in_a_row_keep_working() -> None:
         rig.sweep()
         (snap,) = rig.snapshots()
         assert snap.image_id == finished.snapshot_image_id
-        assert snap.layers <= rig.settings.snapshots.max_layers
+        base_layers = rig.engine.inspect_image(rig.base_id).layers
+        assert snap.layers - base_layers < rig.settings.snapshots.max_layers
         # Replaced chains are pruned, not leaked: at most one chain of layers is left.
         snapshot_images = [
             i for i in rig.engine.list_images({LABEL_ROLE: "snapshot"}) if i.id != snap.image_id
