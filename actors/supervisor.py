@@ -328,7 +328,10 @@ class Supervisor(pykka.ThreadingActor):
         if slot is None:  # queued
             self._queue.remove(job_id)
             self._retry_at.pop(job_id, None)
-            return self._finish_job(job, JobState.CANCELLED, error="cancelled before it started")
+            job = self._finish_job(job, JobState.CANCELLED, error="cancelled before it started")
+            # A job backing off holds its key's later jobs: they may start now, not at a Tick.
+            self._dispatch()
+            return job
         if slot.phase in ("finishing", "recovering") or slot.kill_state is not None:
             # Already exited, already being stopped, or not yet re-adopted (the
             # engine is unreachable): nothing to stop yet, so nothing changes.

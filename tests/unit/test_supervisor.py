@@ -663,6 +663,28 @@ def test_status_says_when_a_refused_start_and_a_running_job_are_due(tmp_path: Pa
     assert status.busy_keys == {SnapshotKey("p", "a")}
 
 
+def test_cancelling_a_job_backing_off_starts_the_next_of_its_key_at_once(tmp_path: Path) -> None:
+    """Issue 16's queue invariant found a job waiting with its key and a place free.
+
+    Minimal example: the engine refuses A's start, so A backs off and B (same
+    key) waits behind it; the engine is back; A is cancelled. B must start
+    then, not at the next Tick (this Yard sends none).
+    """
+    yard = Yard(tmp_path).start()
+    yard.engine.set_unavailable(True)
+    first = yard.submit()
+    eventually(
+        lambda: [note for _, _, note in yard.store.history(first.id)],
+        lambda notes: any(n and n.startswith("will retry") for n in notes),
+        "a retryable spawn failure",
+    )
+    second = yard.submit()
+    yard.engine.set_unavailable(False)
+    assert yard.job(second.id).state is JobState.QUEUED  # behind the first's backoff
+    assert yard.sup.ask(Cancel(first.id), timeout=10).state is JobState.CANCELLED
+    yard.running_job(second.id)
+
+
 def test_reconcile_sees_an_exit_the_events_missed(tmp_path: Path) -> None:
     yard = Yard(tmp_path, watcher=False).start()
     job = yard.running_job(yard.submit().id)
