@@ -21,7 +21,7 @@ import pytest
 from budget import budget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from machine_kit import eventually
+from waiting import eventually
 
 from actors.api import ApiServer
 from actors.app import Snapyard
