@@ -10,7 +10,8 @@ end the rig drains all work and checks what must be true of a quiet system.
 
 The drain has no budget of its own (issue 16): it moves the clock from one of
 the system's own deadlines to the next, so a slow history is never called
-stuck. A job is stuck when it is unfinished with no deadline left to reach.
+stuck. A job is stuck when it is unfinished with no deadline left to reach;
+the invariants catch that after every step, not only at the end.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from actors.messages import (
     SweepSnapshots,
     Tick,
 )
-from actors.model import Job, JobState, validate_spec
+from actors.model import Job, JobState, SnapshotKey, validate_spec
 from actors.settings import LogSettings, SentrySettings
+from actors.supervisor import job_timeout
 from actors.telemetry import (
     SECRETS,
     RecordingTransport,
@@ -272,6 +274,57 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.clean = True
 
     @invariant()
+    def every_running_job_has_an_armed_deadline(self) -> None:
+        """A running job the Supervisor holds no deadline for would run forever: stuck.
+
+        The bound is the job's own timeout plus the stop grace, measured from
+        when it started. The one slack: once that deadline has passed, the
+        Supervisor can only act on a Tick and through the engine, so the next
+        act on a job being stopped (a retried stop, a re-listing while the
+        engine is away) is armed at most a grace after now.
+        """
+        self.clean = False
+        rig = self.rig
+        status = rig.status()
+        due = dict(status.due)
+        now = rig.clock.now()
+        grace = rig.settings.supervisor.stop_grace_s
+        for job in rig.store.list(state=JobState.RUNNING, limit=10_000):
+            assert job.id in due, f"running job {job.id} has no armed deadline: {status}"
+            assert job.started_at is not None, job
+            own = job.started_at + job_timeout(rig.settings, job.spec)
+            assert due[job.id] <= max(own, now) + grace, (
+                f"job {job.id} started at {job.started_at} with a deadline of {own}, "
+                f"armed for {due[job.id]} (now {now}, grace {grace})"
+            )
+        self.clean = True
+
+    @invariant()
+    def no_job_waits_while_its_key_and_a_place_are_free(self) -> None:
+        """The oldest queued job of a free key starts as soon as a worker place is free.
+
+        Only its backoff may hold it back (a start the engine refused waits
+        out its delay), read from the Supervisor's own due times; later jobs
+        of the key wait behind it, so a key's jobs run in submission order.
+        """
+        self.clean = False
+        rig = self.rig
+        status = rig.status()
+        if status.dispatching:
+            places = rig.settings.supervisor.max_workers - status.in_flight - status.leftovers
+            backing_off = dict(status.due)  # a queued job is due only at its backoff's end
+            for key, job in _oldest_queued_by_key(rig.store.unfinished()).items():
+                # The machine sets no project or agent caps; with caps this would count them.
+                assert rig.settings.project(key.project).max_concurrent is None
+                assert rig.settings.agent_type(job.spec.agent_type).max_concurrent is None
+                if places > 0 and key not in status.busy_keys:
+                    assert job.id in backing_off, (
+                        f"job {job.id} of {key} waits with its key free and {places} "
+                        f"place(s) free, not backing off: {status}"
+                    )
+        self.clean = True
+
+    @invariant()
     def registry_never_goes_back_in_time(self) -> None:
         self.clean = False
         for entry in self.rig.registry():
@@ -411,6 +464,15 @@ def _describe(jobs: list[Job]) -> list[tuple[str, str, tuple[str, ...] | None, s
     return [(j.id, j.state.value, j.spec.command, j.error) for j in jobs]
 
 
+def _oldest_queued_by_key(jobs: list[Job]) -> dict[SnapshotKey, Job]:
+    """Each key's first queued job in the Supervisor's order, (created_at, id)."""
+    heads: dict[SnapshotKey, Job] = {}
+    for job in sorted(jobs, key=lambda j: (j.created_at, j.id)):
+        if job.state is JobState.QUEUED:
+            heads.setdefault(job.key, job)
+    return heads
+
+
 @pytest.fixture
 def capture() -> Iterator[Capture]:
     global CAPTURE
@@ -481,4 +543,6 @@ def _check_invariants(state: SupervisorMachine) -> None:
     """What hypothesis checks after every step, for tests that drive the rules by hand."""
     state.nothing_lost_and_one_terminal_state()
     state.limits_and_snapshot_choice_hold()
+    state.every_running_job_has_an_armed_deadline()
+    state.no_job_waits_while_its_key_and_a_place_are_free()
     state.registry_never_goes_back_in_time()
