@@ -647,7 +647,8 @@ def test_engine_outage_jobs_wait_then_run(tmp_path: Path) -> None:
 
 def test_status_says_when_a_refused_start_and_a_running_job_are_due(tmp_path: Path) -> None:
     """A drain waits for the Supervisor's own deadlines: its status must tell them."""
-    yard = Yard(tmp_path).start()
+    # No Watcher: one left reconnecting to a down engine would log into later tests.
+    yard = Yard(tmp_path, watcher=False).start()
     running = yard.running_job(yard.submit(work_item="a", timeout_s=60).id)
     yard.engine.set_unavailable(True)
     refused = yard.submit(work_item="b")
@@ -670,7 +671,7 @@ def test_cancelling_a_job_backing_off_starts_the_next_of_its_key_at_once(tmp_pat
     key) waits behind it; the engine is back; A is cancelled. B must start
     then, not at the next Tick (this Yard sends none).
     """
-    yard = Yard(tmp_path).start()
+    yard = Yard(tmp_path, watcher=False).start()
     yard.engine.set_unavailable(True)
     first = yard.submit()
     eventually(
