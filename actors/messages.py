@@ -271,6 +271,13 @@ class SupervisorStatus:
     pending_ops: int
     spawners: int
     dispatching: bool
+    # Read-only views, so a drain or a check can wait for the Supervisor's own
+    # deadlines instead of guessing them: (job ID, when the next Tick at or
+    # after it acts on that job by itself), sorted by job ID; a job that only
+    # awaits a reply is absent. Then what holds keys and worker places.
+    due: tuple[tuple[str, float], ...] = ()
+    busy_keys: frozenset[SnapshotKey] = frozenset()
+    leftovers: int = 0
 
 
 # --- Reaper (the Supervisor's hands for listing and removing containers) ----

@@ -337,7 +337,10 @@ class Supervisor(pykka.ThreadingActor):
         if slot is None:  # queued
             self._queue.remove(job_id)
             self._retry_at.pop(job_id, None)
-            return self._finish_job(job, JobState.CANCELLED, error="cancelled before it started")
+            job = self._finish_job(job, JobState.CANCELLED, error="cancelled before it started")
+            # A job backing off holds its key's later jobs: they may start now, not at a Tick.
+            self._dispatch()
+            return job
         if slot.phase in ("finishing", "recovering") or slot.kill_state is not None:
             # Already exited, already being stopped, or not yet re-adopted (the
             # engine is unreachable): nothing to stop yet, so nothing changes.
@@ -1002,7 +1005,28 @@ class Supervisor(pykka.ThreadingActor):
             pending_ops=self._pool.load(),
             spawners=len(self._pool.refs),
             dispatching=self._dispatching,
+            due=self._due(),
+            busy_keys=frozenset(s.spec.key for s in self._slots.values())
+            | frozenset(self._leftovers.values()),
+            leftovers=len(self._leftovers),
         )
+
+    def _due(self) -> tuple[tuple[str, float], ...]:
+        """When a Tick next acts on each job by itself: the times ``_on_tick`` compares."""
+        now = self._clock.now()
+        # A backoff that has ended no longer delays anything: the job waits for a place.
+        due = {job_id: at for job_id, at in self._retry_at.items() if at > now}
+        for job_id, slot in self._slots.items():
+            if slot.phase == "recovering" and self._reconcile_requested:
+                due[job_id] = now  # the next Tick lists the containers again
+            elif slot.phase != "running" or slot.terminate_sent:
+                continue  # a Spawner or the Reaper owes a reply
+            elif slot.kill_state is None and slot.deadline is not None:
+                due[job_id] = slot.deadline
+            elif slot.kill_state is not None:
+                # The last stop did not end it: a Tick past the grace stops it again.
+                due[job_id] = slot.terminated_at + self._sup.stop_grace_s
+        return tuple(sorted(due.items()))
 
     def _log(self, job: Job) -> logging.LoggerAdapter[logging.Logger]:
         return job_log(

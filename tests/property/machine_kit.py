@@ -4,25 +4,27 @@
 says how it ends), checks the limits at the one moment they matter (a start)
 and lets a test read its state without recording a call. ``Rig`` starts and
 restarts the actors the way the application does and knows when they are
-quiet: ``settle()`` waits on futures and on the Watcher's event count, never
-on a sleep.
+quiet: ``settle()`` waits on futures and on the Watcher's event count (a
+condition, notified as events are pushed and handled), never on a sleep.
+Time passes only by ``advance``/``advance_to``, and a drain reads where to go
+from the timers themselves (``timer_due``), so nothing here is a fixed budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pykka
 from actor_kit import kit_settings
 from pykka.messages import ProxyGetAttr
-from waiting import eventually
 
 from actors.clock import FakeClock
 from actors.engine.base import (
@@ -110,32 +112,42 @@ def machine_settings(**overrides: Any) -> Settings:
 
 @dataclass
 class _Tracked:
-    """One event stream as the Watcher sees it: events pushed vs. events handled."""
+    """One event stream as the Watcher sees it: events pushed vs. events handled.
+
+    The counts change under ``changed``, the engine's one condition for all
+    its streams, so a test waits for the Watcher to catch up instead of polling.
+    """
 
     inner: Any
+    changed: threading.Condition
     pushed: int = 0
     handled: int = 0
     done: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __iter__(self) -> Iterator[EngineEvent]:
         try:
             for event in self.inner:
                 yield event
                 # The Watcher asks for the next event only after handling this one.
-                with self.lock:
+                with self.changed:
                     self.handled += 1
+                    self.changed.notify_all()
         finally:
-            self.done = True
+            self._finish()
 
     def close(self) -> None:
-        self.done = True  # closed before (or while) iterating: nothing more is owed
+        self._finish()  # closed before (or while) iterating: nothing more is owed
         self.inner.close()
+
+    def _finish(self) -> None:
+        with self.changed:
+            self.done = True
+            self.changed.notify_all()
 
     @property
     def quiet(self) -> bool:
-        with self.lock:
-            return self.done or self.pushed == self.handled
+        """Call with ``changed`` held."""
+        return self.done or self.pushed == self.handled
 
 
 class ChaosEngine(MemoryEngine):
@@ -145,6 +157,9 @@ class ChaosEngine(MemoryEngine):
         super().__init__(clock=clock, exit_policy=self._worker)
         self.settings = settings
         self.violations: list[str] = []
+        # Guards ``streams`` and their counts. Taken inside the engine lock
+        # (events are pushed under it), never the other way round.
+        self._watched = threading.Condition()
         self.streams: list[_Tracked] = []
         self.started_jobs: dict[str, list[str]] = {}  # job id -> container ids
         self.snapshot_starts: list[tuple[str, str]] = []  # (job id, image id)
@@ -242,27 +257,51 @@ class ChaosEngine(MemoryEngine):
     def events(self, since: float | None = None) -> Any:
         with self._lock:
             stream = super().events(since)
-            tracked = _Tracked(stream, pushed=stream._queue.qsize())
+            tracked = _Tracked(stream, self._watched, pushed=stream._queue.qsize())
             push = stream.push
 
             def counting_push(item: object) -> None:
-                if isinstance(item, EngineEvent):
-                    with tracked.lock:
-                        tracked.pushed += 1
+                # Counted before it is queued: a waiter never sees "quiet" with it in
+                # flight. An outage notice counts too: until the Watcher reads it, it
+                # still believes it is connected.
+                with self._watched:
+                    tracked.pushed += 1
                 push(item)  # type: ignore[arg-type]
 
             stream.push = counting_push  # type: ignore[method-assign]
-            self.streams.append(tracked)
+            with self._watched:
+                self.streams.append(tracked)
+                self._watched.notify_all()  # a waiter may be waiting for the Watcher to reconnect
             return tracked
 
     # --- reading state without recording a call ----------------------------
 
-    def watcher_quiet(self) -> bool:
-        with self._lock:
-            return all(s.quiet for s in self.streams)
+    def _quiet(self, live: bool) -> bool:
+        if not all(s.quiet for s in self.streams):
+            return False
+        # With the engine up, a Watcher between two streams has events to replay.
+        return not live or (bool(self.streams) and not self.streams[-1].done)
+
+    def watcher_quiet(self, live: bool) -> bool:
+        with self._watched:
+            return self._quiet(live)
+
+    def wait_watcher_quiet(self, live: bool, timeout_s: float) -> None:
+        """Wait until the Watcher has handled every event pushed to it.
+
+        ``live``: the engine is up, so the Watcher must also be on an open
+        stream; one that is reconnecting replays what happened meanwhile.
+        """
+        with self._watched:
+            if not self._watched.wait_for(lambda: self._quiet(live), timeout_s):
+                counts = [(s.pushed, s.handled, s.done) for s in self.streams]
+                raise AssertionError(
+                    f"the Watcher did not forward every event in {timeout_s}s: {counts}"
+                )
 
     def events_pushed(self) -> int:
-        return sum(s.pushed for s in self.streams)
+        with self._watched:
+            return sum(s.pushed for s in self.streams)
 
     def base_id(self) -> str | None:
         with self._lock:
@@ -460,8 +499,7 @@ class Rig:
             self.engine.set_unavailable(False)
             self._wake.set()
             if self.watcher is not None:
-                watcher = self.watcher
-                eventually(watcher.connected.is_set, bool, "the Watcher to reconnect")
+                assert self.watcher.connected.wait(SETTLE_S), "the Watcher did not reconnect"
         else:
             self._wake.clear()
             self.engine.set_unavailable(True)
@@ -477,10 +515,30 @@ class Rig:
         found: list[Snapshot] = self.snapshots.ask(ListSnapshots(), timeout=ASK_S)
         return found
 
+    def status(self) -> SupervisorStatus:
+        status: SupervisorStatus = self.ask_sup(GetStatus())
+        return status
+
     def advance(self, seconds: float) -> None:
         """Time passes; every timer that falls due fires, as the scheduler thread would."""
         self.clock.advance(seconds)
         self.scheduler.run_due()
+
+    def advance_to(self, when: float) -> None:
+        """Time passes up to ``when`` (never back); the timers due by then fire."""
+        self.advance(max(0.0, when - self.clock.now()))
+
+    def timer_due(self, message: Callable[[float], object], at_or_after: float) -> float:
+        """When the timer that sends ``message`` next fires at or after ``at_or_after``.
+
+        Read from the scheduler itself: a timer fires at its due time and every
+        interval after it (``run_due`` sends a late one once, at the time reached).
+        """
+        (timer,) = [t for t in self.scheduler.timers if t.message_factory is message]
+        if at_or_after <= timer.due:
+            return timer.due
+        periods = math.ceil((at_or_after - timer.due) / timer.interval_s)
+        return timer.due + periods * timer.interval_s
 
     def settle(self) -> SupervisorStatus:
         """Wait until every actor has handled everything in flight (a fixpoint of futures).
@@ -495,7 +553,8 @@ class Rig:
         deadline = time.monotonic() + SETTLE_S
         previous: object = None
         while True:
-            eventually(self.engine.watcher_quiet, bool, "the Watcher to forward every event")
+            live = self.available and self.watcher is not None
+            self.engine.wait_watcher_quiet(live, SETTLE_S)
             for cls in (Spawner, Reaper):
                 for ref in pykka.ActorRegistry.get_by_class(cls):
                     with contextlib.suppress(pykka.ActorDeadError):
@@ -505,7 +564,7 @@ class Rig:
             with self.engine._lock:
                 calls = len(self.engine.calls)
             current = (calls, self.engine.events_pushed(), status, registry)
-            if current == previous and status.pending_ops == 0 and self.engine.watcher_quiet():
+            if current == previous and status.pending_ops == 0 and self.engine.watcher_quiet(live):
                 return status
             previous = current
             if time.monotonic() > deadline:

@@ -22,7 +22,7 @@ from actor_kit import kit_settings
 from budget import budget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from machine_kit import eventually
+from waiting import eventually
 
 from actors.api import ApiServer
 from actors.app import Snapyard

@@ -7,6 +7,11 @@ Spawners, Reaper, Watcher, SQLite store, the timers of ``actors.timers``) on
 a ChaosEngine with a FakeClock. After every step the actors are settled by
 waiting on futures (``Rig.settle``), then the invariants are checked; at the
 end the rig drains all work and checks what must be true of a quiet system.
+
+The drain has no budget of its own (issue 16): it moves the clock from one of
+the system's own deadlines to the next, so a slow history is never called
+stuck. A job is stuck when it is unfinished with no deadline left to reach;
+the invariants catch that after every step, not only at the end.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 from budget import budget
-from hypothesis import event, settings
+from hypothesis import currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -31,9 +37,17 @@ from hypothesis.stateful import (
 from machine_kit import BASE_TAG, HANG, OOM, Key, Rig, add_base, outcome_command
 
 from actors.engine.base import EngineError
-from actors.messages import Cancel, ListJobs, Submit, SweepSnapshots
-from actors.model import JobState, validate_spec
+from actors.messages import (
+    Cancel,
+    ListJobs,
+    Submit,
+    SweepOrphans,
+    SweepSnapshots,
+    Tick,
+)
+from actors.model import Job, JobState, SnapshotKey, validate_spec
 from actors.settings import LogSettings, SentrySettings
+from actors.supervisor import job_timeout
 from actors.telemetry import (
     RecordingTransport,
     Secrets,
@@ -49,7 +63,13 @@ SECRET_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), m
 OUTCOMES: tuple[int | str, ...] = (0, 0, 1, 3, HANG, OOM)
 # The steps of a job's run where a snapshot deletion hurts most.
 DELETE_AT = ("create", "start", "commit", "register")
-DRAIN_ROUNDS = 40
+# Deadlines in a row the drain may reach with no job changing. Reaching a due
+# makes the Supervisor act on that Tick, or on the next one when its rule is
+# "more than" (a retried stop) or when the act is a re-listing that re-adopts
+# a job unchanged; a sweep may find an orphan still in its grace and take it
+# on the next sweep. So a live system changes a job within three; more means
+# it keeps re-arming a deadline without ever acting: a livelock, not slowness.
+QUIET_DUES = 3
 
 
 @dataclass
@@ -91,8 +111,12 @@ CAPTURE: Capture | None = None
 
 
 class SupervisorMachine(RuleBasedStateMachine):
+    # Examples run in this process, so a run can report how many it checked.
+    runs: ClassVar[int] = 0
+
     def __init__(self) -> None:
         super().__init__()
+        SupervisorMachine.runs += 1
         assert CAPTURE is not None
         CAPTURE.reset()
         CAPTURE.secrets.clear()
@@ -252,6 +276,57 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.clean = True
 
     @invariant()
+    def every_running_job_has_an_armed_deadline(self) -> None:
+        """A running job the Supervisor holds no deadline for would run forever: stuck.
+
+        The bound is the job's own timeout plus the stop grace, measured from
+        when it started. The one slack: once that deadline has passed, the
+        Supervisor can only act on a Tick and through the engine, so the next
+        act on a job being stopped (a retried stop, a re-listing while the
+        engine is away) is armed at most a grace after now.
+        """
+        self.clean = False
+        rig = self.rig
+        status = rig.status()
+        due = dict(status.due)
+        now = rig.clock.now()
+        grace = rig.settings.supervisor.stop_grace_s
+        for job in rig.store.list(state=JobState.RUNNING, limit=10_000):
+            assert job.id in due, f"running job {job.id} has no armed deadline: {status}"
+            assert job.started_at is not None, job
+            own = job.started_at + job_timeout(rig.settings, job.spec)
+            assert due[job.id] <= max(own, now) + grace, (
+                f"job {job.id} started at {job.started_at} with a deadline of {own}, "
+                f"armed for {due[job.id]} (now {now}, grace {grace})"
+            )
+        self.clean = True
+
+    @invariant()
+    def no_job_waits_while_its_key_and_a_place_are_free(self) -> None:
+        """The oldest queued job of a free key starts as soon as a worker place is free.
+
+        Only its backoff may hold it back (a start the engine refused waits
+        out its delay), read from the Supervisor's own due times; later jobs
+        of the key wait behind it, so a key's jobs run in submission order.
+        """
+        self.clean = False
+        rig = self.rig
+        status = rig.status()
+        if status.dispatching:
+            places = rig.settings.supervisor.max_workers - status.in_flight - status.leftovers
+            backing_off = dict(status.due)  # a queued job is due only at its backoff's end
+            for key, job in _oldest_queued_by_key(rig.store.unfinished()).items():
+                # The machine sets no project or agent caps; with caps this would count them.
+                assert rig.settings.project(key.project).max_concurrent is None
+                assert rig.settings.agent_type(job.spec.agent_type).max_concurrent is None
+                if places > 0 and key not in status.busy_keys:
+                    assert job.id in backing_off, (
+                        f"job {job.id} of {key} waits with its key free and {places} "
+                        f"place(s) free, not backing off: {status}"
+                    )
+        self.clean = True
+
+    @invariant()
     def registry_never_goes_back_in_time(self) -> None:
         self.clean = False
         for entry in self.rig.registry():
@@ -291,24 +366,56 @@ class SupervisorMachine(RuleBasedStateMachine):
         if not self.base_present:
             add_base(rig.engine)
             self.base_present = True
-        rig.settle()
-        for _ in range(DRAIN_ROUNDS):
-            unfinished = rig.store.unfinished()
-            if not unfinished:
-                break
-            rig.advance(50.0)
-            rig.settle()
-        else:
-            stuck = [(j.id, j.state, j.spec.command, j.error) for j in rig.store.unfinished()]
-            raise AssertionError(f"jobs stuck after draining: {stuck}")
-        # Past the orphan grace, twice, so an orphan sweep runs after the last finish.
-        for _ in range(3):
-            rig.advance(rig.settings.supervisor.orphan_sweep_interval_s)
-            rig.settle()
+        self._drain()
+        self._sweep_orphans()
         assert rig.snapshots is not None
         rig.snapshots.ask(SweepSnapshots(), timeout=10)
         rig.settle()
         self._check_final()
+
+    def _drain(self) -> None:
+        """Move the clock from one of the system's own deadlines to the next until all is done.
+
+        Each round goes to the earliest time the Supervisor says it will act
+        on a job (a run's timeout, a retried stop, a backoff's end, a
+        re-listing), or to the orphan sweep while leftover containers hold
+        keys; the Tick that delivers it is read from the scheduler. It fails
+        on a job left unfinished with no deadline to reach, on a deadline the
+        Supervisor passed without acting, and on one re-armed without end.
+        """
+        rig = self.rig
+        status = rig.settle()
+        quiet = 0
+        while True:
+            unfinished = rig.store.unfinished()
+            # A job cancelled while running is final, but holds its slot until stopped.
+            if not unfinished and status.in_flight == 0:
+                return
+            dues = [at for _, at in status.due]
+            if status.leftovers:
+                dues.append(rig.timer_due(SweepOrphans, rig.clock.now()))
+            if not dues:
+                raise AssertionError(f"jobs stuck, no deadline left: {_describe(unfinished)}")
+            tick = rig.timer_due(Tick, min(dues))
+            before = (_describe(unfinished), status.in_flight, status.leftovers)
+            rig.advance_to(tick)
+            passed = {job_id: at for job_id, at in status.due if at < tick}
+            status = rig.settle()
+            ignored = [(job_id, at) for job_id, at in status.due if passed.get(job_id) == at]
+            assert not ignored, f"deadlines passed at {tick} without action: {ignored}"
+            after = (_describe(rig.store.unfinished()), status.in_flight, status.leftovers)
+            quiet = quiet + 1 if after == before else 0
+            assert quiet <= QUIET_DUES, f"deadlines re-armed without end: {status}; {after}"
+
+    def _sweep_orphans(self) -> None:
+        """Reach the orphan sweep that finds every container left past its grace, and run it."""
+        rig = self.rig
+        left = rig.engine.managed_containers()
+        if not left:
+            return
+        grace = rig.settings.supervisor.orphan_grace_s
+        rig.advance_to(rig.timer_due(SweepOrphans, max(c.created_at for c in left) + grace))
+        rig.settle()
 
     def _check_final(self) -> None:
         rig, engine = self.rig, self.rig.engine
@@ -321,7 +428,7 @@ class SupervisorMachine(RuleBasedStateMachine):
                 if expect.base_outage and job.state is JobState.FAILED:
                     assert "base image" in (job.error or ""), job
                 else:
-                    assert job.state is JobState.SUCCEEDED, (job, expect)
+                    assert job.state is JobState.SUCCEEDED, (job, expect, rig.store.history(job_id))
             if expect.outcome != 0 and job.state is JobState.SUCCEEDED:
                 raise AssertionError(f"a worker that did not exit 0 succeeded: {job}")
         leaked = [(c.id, c.status, c.labels) for c in engine.managed_containers()]
@@ -335,9 +442,10 @@ class SupervisorMachine(RuleBasedStateMachine):
         assert len(registry) <= snaps.max_count
         assert sum(s.charged_bytes for s in registry) <= snaps.max_total_bytes
         self._check_no_secret_shown()
-        states = sorted({j.state.value for j in jobs.values()})
-        event(f"final states: {states}")
-        event(f"snapshot starts: {min(len(engine.snapshot_starts), 3)}+")
+        if currently_in_test_context():  # not when a plain test drives the rules
+            states = sorted({j.state.value for j in jobs.values()})
+            event(f"final states: {states}")
+            event(f"snapshot starts: {min(len(engine.snapshot_starts), 3)}+")
 
     def _check_no_secret_shown(self) -> None:
         assert CAPTURE is not None
@@ -352,6 +460,19 @@ class SupervisorMachine(RuleBasedStateMachine):
         for job_id, expect in self.jobs.items():
             assert expect.secret not in shown, f"job {job_id}'s env value in a log or event"
             assert expect.secret not in configs, f"job {job_id}'s env value in an image"
+
+
+def _describe(jobs: list[Job]) -> list[tuple[str, str, tuple[str, ...] | None, str | None]]:
+    return [(j.id, j.state.value, j.spec.command, j.error) for j in jobs]
+
+
+def _oldest_queued_by_key(jobs: list[Job]) -> dict[SnapshotKey, Job]:
+    """Each key's first queued job in the Supervisor's order, (created_at, id)."""
+    heads: dict[SnapshotKey, Job] = {}
+    for job in sorted(jobs, key=lambda j: (j.created_at, j.id)):
+        if job.state is JobState.QUEUED:
+            heads.setdefault(job.key, job)
+    return heads
 
 
 @pytest.fixture
@@ -375,6 +496,7 @@ def capture() -> Iterator[Capture]:
 
 @pytest.mark.slow
 def test_supervisor_survives_any_interleaving(capture: Capture) -> None:
+    before = SupervisorMachine.runs
     run_state_machine_as_test(
         SupervisorMachine,
         settings=settings(
@@ -382,3 +504,52 @@ def test_supervisor_survives_any_interleaving(capture: Capture) -> None:
             stateful_step_count=budget().machine_steps,
         ),
     )
+    # Shown with -rP: the one place a run says how many examples it checked.
+    print(f"state machine: {SupervisorMachine.runs - before} examples run")
+
+
+# The hanging jobs of issue 16, in submission order: seven hang, the rest exit 0.
+_ISSUE_16_OUTCOMES: tuple[int | str, ...] = (
+    *(0, 0, 0, 0, 0, 0, HANG, 0, 0, HANG, 0, 0, 0, 0, 0, HANG, HANG),
+    *(0, 0, 0, 0, HANG, HANG, 0, 0, HANG),
+)
+
+
+def test_seven_serial_hangs_of_one_key_are_slow_not_stuck(capture: Capture) -> None:
+    """Issue 16: a legal slow history was called "jobs stuck after draining".
+
+    Minimal example (the shrunk failure, replayed from the example database)::
+
+        state = SupervisorMachine()
+        state.submit_racing_a_deletion(delete_at='create', key=('p1', 'w1'), outcome=0, secret='0000')
+        ... 26 submits of ('p1', 'w1'), each racing a deletion at create;
+        ... outcomes 0 except 'hang' at submits 7, 10, 16, 17, 22, 23, 26
+        state.teardown()
+
+    One key runs its jobs one after another, so the seven hangs wait out their
+    300 s timeout in series: about 2,100 s of clock. A drain with a fixed
+    budget (40 x 50 s) stopped short and called the last hang stuck.
+    """
+    state = SupervisorMachine()
+    began = state.rig.clock.now()
+    try:
+        _check_invariants(state)
+        for outcome in _ISSUE_16_OUTCOMES:
+            state.submit_racing_a_deletion(
+                delete_at="create", key=("p1", "w1"), outcome=outcome, secret="0000"
+            )
+            _check_invariants(state)
+    finally:
+        state.teardown()
+    # The drain really waited the hangs out, one after another.
+    timeout = state.rig.settings.supervisor.default_timeout_s
+    assert state.rig.clock.now() - began >= _ISSUE_16_OUTCOMES.count(HANG) * timeout
+
+
+def _check_invariants(state: SupervisorMachine) -> None:
+    """What hypothesis checks after every step, for tests that drive the rules by hand."""
+    state.nothing_lost_and_one_terminal_state()
+    state.limits_and_snapshot_choice_hold()
+    state.every_running_job_has_an_armed_deadline()
+    state.no_job_waits_while_its_key_and_a_place_are_free()
+    state.registry_never_goes_back_in_time()

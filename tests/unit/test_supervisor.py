@@ -645,6 +645,47 @@ def test_engine_outage_jobs_wait_then_run(tmp_path: Path) -> None:
     assert yard.wait_state(job.id, JobState.SUCCEEDED).snapshot_committed
 
 
+def test_status_says_when_a_refused_start_and_a_running_job_are_due(tmp_path: Path) -> None:
+    """A drain waits for the Supervisor's own deadlines: its status must tell them."""
+    # No Watcher: one left reconnecting to a down engine would log into later tests.
+    yard = Yard(tmp_path, watcher=False).start()
+    running = yard.running_job(yard.submit(work_item="a", timeout_s=60).id)
+    yard.engine.set_unavailable(True)
+    refused = yard.submit(work_item="b")
+    eventually(
+        lambda: [note for _, _, note in yard.store.history(refused.id)],
+        lambda notes: any(n and n.startswith("will retry") for n in notes),
+        "a retryable spawn failure",
+    )
+    status: SupervisorStatus = yard.sup.ask(GetStatus(), timeout=10)
+    due = dict(status.due)
+    assert due[running.id] == running.deadline
+    assert due[refused.id] > yard.clock.now()  # its backoff, not a guess
+    assert status.busy_keys == {SnapshotKey("p", "a")}
+
+
+def test_cancelling_a_job_backing_off_starts_the_next_of_its_key_at_once(tmp_path: Path) -> None:
+    """Issue 16's queue invariant found a job waiting with its key and a place free.
+
+    Minimal example: the engine refuses A's start, so A backs off and B (same
+    key) waits behind it; the engine is back; A is cancelled. B must start
+    then, not at the next Tick (this Yard sends none).
+    """
+    yard = Yard(tmp_path, watcher=False).start()
+    yard.engine.set_unavailable(True)
+    first = yard.submit()
+    eventually(
+        lambda: [note for _, _, note in yard.store.history(first.id)],
+        lambda notes: any(n and n.startswith("will retry") for n in notes),
+        "a retryable spawn failure",
+    )
+    second = yard.submit()
+    yard.engine.set_unavailable(False)
+    assert yard.job(second.id).state is JobState.QUEUED  # behind the first's backoff
+    assert yard.sup.ask(Cancel(first.id), timeout=10).state is JobState.CANCELLED
+    yard.running_job(second.id)
+
+
 def test_reconcile_sees_an_exit_the_events_missed(tmp_path: Path) -> None:
     yard = Yard(tmp_path, watcher=False).start()
     job = yard.running_job(yard.submit().id)
