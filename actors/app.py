@@ -44,7 +44,7 @@ from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
-from actors.store import JobStore
+from actors.store import JobStore, SqliteStore
 from actors.supervisor import Supervisor, SupervisorStopped
 from actors.telemetry import (
     flush_sentry,
@@ -145,7 +145,7 @@ class Snapyard:
         if built:
             log.info("built the worker image %s (%s)", settings.worker.image, self.base_image_id)
         if self._store is None:
-            self._store = JobStore(settings.data_dir / "snapyard.db", self.clock)
+            self._store = SqliteStore(settings.data_dir / "snapyard.db", self.clock)
         try:
             self._start_actors(engine, self._store)
         except BaseException:

@@ -30,7 +30,7 @@ from actors.settings import (
     config_path_from_env,
     load_settings,
 )
-from actors.store import JobStore
+from actors.store import SqliteStore
 from actors.telemetry import setup_logging
 from actors.worker_image import DIGEST_LABEL, WorkerImageError, build_context, ensure_base_image
 
@@ -518,7 +518,7 @@ def _check_store(settings: Settings) -> _Check:
     path = settings.data_dir / "snapyard.db"
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with JobStore(path) as store:
+        with SqliteStore(path) as store:
             counts = store.count_by_state()
     except Exception as exc:
         return (

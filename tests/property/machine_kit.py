@@ -56,7 +56,7 @@ from actors.snapshot_manager import (
     SnapshotManager,
 )
 from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
-from actors.store import JobStore
+from actors.store import SqliteStore
 from actors.supervisor import Supervisor
 from actors.timers import Scheduler
 from actors.watcher import Watcher
@@ -356,7 +356,7 @@ class Rig:
         add_base(self.engine)
         self._dir = tempfile.TemporaryDirectory(prefix="snapyard-machine-")
         self.store_path = Path(self._dir.name) / "jobs.db"
-        self.store = JobStore(self.store_path, self.clock)
+        self.store = SqliteStore(self.store_path, self.clock)
         self.scheduler = Scheduler(self.clock)
         self.available = True
         self._wake = threading.Event()
@@ -424,7 +424,7 @@ class Rig:
     def restart(self, graceful: bool = True) -> None:
         self.stop(graceful)
         self.store.close()
-        self.store = JobStore(self.store_path, self.clock)
+        self.store = SqliteStore(self.store_path, self.clock)
         self.start()
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
 from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
-from actors.store import JobStore
+from actors.store import JobStore, SqliteStore
 from actors.supervisor import Supervisor
 from actors.watcher import Watcher
 
@@ -68,7 +68,7 @@ class Yard:
         self.clock = clock or FakeClock()
         self.engine = engine or new_engine(self.clock)
         self.settings = settings or yard_settings()
-        self.store = store or JobStore(tmp_path / "jobs.db", self.clock)
+        self.store = store or SqliteStore(tmp_path / "jobs.db", self.clock)
         self.use_watcher = watcher
         self.fatal: list[str] = []
         # The Watcher's backoff sleep: returns at once unless a test holds it.
