@@ -59,7 +59,7 @@ from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.snapshot_manager import LABEL_PROJECT, LABEL_WORK_ITEM
 from actors.spawner import LABEL_JOB_ID
-from actors.store import JobStore, new_job_id
+from actors.store import Caps, JobStore, new_job_id
 from actors.telemetry import METRICS, SECRETS, capture_error, job_log
 
 __all__ = ["JOB_LABELS", "SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
@@ -179,11 +179,10 @@ class Supervisor(pykka.ThreadingActor):
         self._on_fatal = on_fatal
         self._pool = _Pool()
         self._reaper: pykka.ActorRef[Any] | None = None
-        self._jobs: dict[str, Job] = {}  # every unfinished job we hold
-        self._queue: list[str] = []  # queued job IDs, FIFO by (created_at, id)
+        self._caps = Caps.from_settings(settings)
+        self._jobs: dict[str, Job] = {}  # every job in flight (holding a slot)
         self._slots: dict[str, _Slot] = {}
         self._by_container: dict[str, str] = {}
-        self._retry_at: dict[str, float] = {}
         self._retries: dict[str, int] = {}
         self._crashes: dict[str, int] = collections.Counter()
         # Starts the daemon answered with a 5xx, in a row, per job.
@@ -220,11 +219,12 @@ class Supervisor(pykka.ThreadingActor):
         except EngineError as exc:
             log.warning("engine unreachable at start-up (%s); recovery waits for it", exc)
             containers = None
-        self._recover(self._store.unfinished(), containers)
-        if containers is not None:
-            self._note_leftovers(containers)
-        self._publish_metrics()
-        self._dispatch()
+        with self._store.batch():
+            self._recover(self._store.unfinished(), containers)
+            if containers is not None:
+                self._note_leftovers(containers)
+            self._publish_metrics()
+            self._dispatch()
 
     def on_stop(self) -> None:
         # Detach, do not kill: running containers keep running and are
@@ -244,7 +244,10 @@ class Supervisor(pykka.ThreadingActor):
                 raise SupervisorStopped(self._fatal)
             return None
         try:
-            return self._handle(message)
+            # One transaction per message: its state writes share one fsync,
+            # and it commits before an ask's reply leaves this handler.
+            with self._store.batch():
+                return self._handle(message)
         except InvalidJob:
             raise
         except Exception as exc:
@@ -313,8 +316,6 @@ class Supervisor(pykka.ThreadingActor):
         self._count(None, JobState.QUEUED)
         if spec.env:
             SECRETS.remember(job.id, spec.env.values())
-        self._jobs[job.id] = job
-        self._queue.append(job.id)
         self._log(job).info("job queued")
         self._dispatch()
         self._publish_metrics()
@@ -322,13 +323,13 @@ class Supervisor(pykka.ThreadingActor):
 
     def _cancel(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
-        if job is None:
-            return self._store.get(job_id)  # unknown (None) or already finished
         slot = self._slots.get(job_id)
-        if slot is None:  # queued
-            self._queue.remove(job_id)
-            self._retry_at.pop(job_id, None)
-            return self._finish_job(job, JobState.CANCELLED, error="cancelled before it started")
+        if job is None or slot is None:
+            stored = self._store.get(job_id)
+            if stored is None or stored.state is not JobState.QUEUED:
+                return stored  # unknown (None) or already finished
+            self._jobs[job_id] = stored  # counted from QUEUED by _save
+            return self._finish_job(stored, JobState.CANCELLED, error="cancelled before it started")
         if slot.phase in ("finishing", "recovering") or slot.kill_state is not None:
             # Already exited, already being stopped, or not yet re-adopted (the
             # engine is unreachable): nothing to stop yet, so nothing changes.
@@ -348,58 +349,40 @@ class Supervisor(pykka.ThreadingActor):
     # --- dispatch ----------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Start every queued job the limits allow, oldest first.
+        """Ask the store for as many jobs as there are free worker places, and start them.
 
-        A job that must wait (its key is busy, its project or agent type is at
-        its cap, it is backing off) is skipped, not blocking later unrelated
-        jobs; later jobs of the *same key* wait behind it, so a key's jobs
-        still run in submission order.
+        The store applies the admission rules (see ``JobStore.claim``); the
+        Supervisor adds only what it alone knows: its free places, and the
+        keys of running containers no job owns (leftovers of a previous run).
         """
-        if not self._dispatching or not self._queue:
+        if not self._dispatching or not self._pool.refs:
             return
-        now = self._clock.now()
-        busy_keys = {slot.spec.key for slot in self._slots.values()}
-        busy_keys.update(self._leftovers.values())
-        projects = collections.Counter(slot.spec.project for slot in self._slots.values())
-        agents = collections.Counter(slot.spec.agent_type for slot in self._slots.values())
-        waiting_keys: set[SnapshotKey] = set()
-        for job_id in list(self._queue):
-            if len(self._slots) + len(self._leftovers) >= self._sup.max_workers:
-                break
-            job = self._jobs[job_id]
-            spec = job.spec
-            if spec.key in busy_keys or spec.key in waiting_keys:
-                continue
-            if self._retry_at.get(job_id, 0.0) > now:
-                waiting_keys.add(spec.key)
-                continue
-            project_cap = self._settings.project(spec.project).max_concurrent
-            if project_cap is not None and projects[spec.project] >= project_cap:
-                waiting_keys.add(spec.key)
-                continue
-            agent_cap = self._settings.agent_type(spec.agent_type).max_concurrent
-            if agent_cap is not None and agents[spec.agent_type] >= agent_cap:
-                waiting_keys.add(spec.key)
-                continue
+        free = self._sup.max_workers - len(self._slots) - len(self._leftovers)
+        if free <= 0:
+            return
+        claimed = self._store.claim(
+            free,
+            self._clock.now(),
+            self._caps,
+            blocked=set(self._leftovers.values()),
+            note="claimed",
+        )
+        for job in claimed:
             name = self._pool.least_busy()
-            if name is None:
-                return
-            self._queue.remove(job_id)
-            self._retry_at.pop(job_id, None)
-            slot = _Slot(job_id, spec, "starting")
-            self._slots[job_id] = slot
-            busy_keys.add(spec.key)
-            projects[spec.project] += 1
-            agents[spec.agent_type] += 1
-            job = self._save(dataclasses.replace(job, state=JobState.STARTING), note=name)
+            assert name is not None
+            self._count(JobState.QUEUED, JobState.STARTING)
+            if job.spec.env:
+                SECRETS.remember(job.id, job.spec.env.values())
+            self._slots[job.id] = _Slot(job.id, job.spec, "starting")
+            self._jobs[job.id] = job
             self._send(
                 name,
-                job_id,
+                job.id,
                 "spawn",
                 Spawn(
-                    job_id,
-                    spec,
-                    self._settings.snapshots_enabled_for(spec.project),
+                    job.id,
+                    job.spec,
+                    self._settings.snapshots_enabled_for(job.spec.project),
                     self.actor_ref,
                 ),
             )
@@ -747,17 +730,17 @@ class Supervisor(pykka.ThreadingActor):
                 # Ended (cancelled, say) while its Spawner was being recovered:
                 # its state stands; a container it left is stopped, not adopted.
                 self._slots.pop(job.id, None)
+                self._jobs.setdefault(job.id, job)
                 leftover = by_job.get(job.id)
                 if leftover is not None and self._reaper is not None:
                     self._reaper.tell(RemoveContainer(leftover.id, self._sup.stop_grace_s, "ended"))
                 self._finish_job(job, job.state, error=job.error)
                 continue
+            if job.state is JobState.QUEUED:
+                continue  # the store is the queue: it is claimed like any other
             self._jobs[job.id] = job
             if job.spec.env:
                 SECRETS.remember(job.id, job.spec.env.values())
-            if job.state is JobState.QUEUED:
-                self._enqueue(job.id)
-                continue
             if containers is None:
                 self._slots[job.id] = _Slot(
                     job.id, job.spec, "recovering", recover_seq=self._list_seq
@@ -926,20 +909,20 @@ class Supervisor(pykka.ThreadingActor):
 
     # --- helpers -----------------------------------------------------------
 
-    def _enqueue(self, job_id: str) -> None:
-        self._queue.append(job_id)
-        self._queue.sort(key=lambda j: (self._jobs[j].created_at, j))
-
     def _requeue(self, job: Job, note: str, *, backoff: bool) -> None:
+        """Back to the store's queue; with ``backoff`` it is not claimed before its retry_at."""
+        retry_at = None
         if backoff:
             n = self._retries.get(job.id, 0)
             self._retries[job.id] = n + 1
             retry = self._settings.retry
             # Capped exponent: days of outage must not overflow a float.
             delay = min(retry.backoff_max_s, retry.backoff_initial_s * (2 ** min(n, 32)))
-            self._retry_at[job.id] = self._clock.now() + delay
-        self._save(dataclasses.replace(job, state=JobState.QUEUED, container_id=None), note=note)
-        self._enqueue(job.id)
+            retry_at = self._clock.now() + delay
+        self._save(
+            dataclasses.replace(job, state=JobState.QUEUED, container_id=None, retry_at=retry_at),
+            note=note,
+        )
 
     def _release(self, slot: _Slot) -> None:
         self._slots.pop(slot.job_id, None)
@@ -952,7 +935,6 @@ class Supervisor(pykka.ThreadingActor):
             note=changes.get("error"),
         )
         self._jobs.pop(job.id, None)
-        self._retry_at.pop(job.id, None)
         self._retries.pop(job.id, None)
         self._crashes.pop(job.id, None)
         self._refusals.pop(job.id, None)
@@ -962,14 +944,20 @@ class Supervisor(pykka.ThreadingActor):
         return job
 
     def _save(self, job: Job, note: str | None = None) -> Job:
+        """Write the job; it holds its key in the store exactly as long as it holds a slot.
+
+        A job cancelled while it runs is final for its caller, but its key is
+        taken until the container is gone.
+        """
         previous = self._jobs.get(job.id)
-        self._store.update(job, note=note)
+        in_flight = job.id in self._slots
+        self._store.update(job, note=note, holds_key=in_flight)
         if previous is not None:
             self._count(previous.state, job.state)
-        if not job.state.terminal:
+        if in_flight:
             self._jobs[job.id] = job
-        elif job.id in self._slots:
-            self._jobs[job.id] = job  # still holds its slot until the container is gone
+        else:
+            self._jobs.pop(job.id, None)
         return job
 
     def _count(self, old: JobState | None, new: JobState) -> None:
@@ -987,7 +975,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _status(self) -> SupervisorStatus:
         return SupervisorStatus(
-            queued=len(self._queue),
+            queued=self._state_counts.get(JobState.QUEUED, 0),
             in_flight=len(self._slots),
             running=sum(1 for s in self._slots.values() if s.phase == "running"),
             pending_ops=self._pool.load(),
