@@ -12,7 +12,9 @@ which is what makes a restart lossless (see ``actors.recovery``).
 
 One job, in the order of this file: ``_submit`` -> ``_dispatch`` (claim) ->
 Spawn -> ``_on_started`` -> ``_on_exited`` (the commit decision,
-``flight.on_exit``) -> Finish -> ``_on_finished`` -> ``_complete``.
+``flight.on_exit``) -> Finish -> ``_on_finished`` -> ``_complete``. What
+listings and crashed Spawners tell it is handled in ``actors.reconcile``;
+each state write goes through ``actors.ledger``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pykka
 
-from actors import recovery
-from actors.backoff import backoff, delay_after
+from actors.backoff import backoff
 from actors.clock import Clock
 from actors.engine.base import ContainerState, Engine, EngineError
-from actors.flight import Flight, Flights, Kill, Strikes, job_timeout, on_exit, outcome
+from actors.flight import Flight, Flights, Kill, job_timeout, on_exit, outcome
+from actors.ledger import Ledger, job_logger
 from actors.messages import (
     ActorCrashed,
     Cancel,
@@ -40,11 +42,8 @@ from actors.messages import (
     Finished,
     GetJob,
     GetStatus,
-    ListContainers,
     ListJobs,
-    ListSnapshots,
     Reconcile,
-    RemoveContainer,
     Spawn,
     SpawnFailed,
     Started,
@@ -56,26 +55,22 @@ from actors.messages import (
     Terminated,
     Tick,
 )
-from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
 from actors.pool import OpKind, SpawnerFactory, SpawnerPool
 from actors.reaper import MANAGED_LABELS, Reaper
+from actors.reconcile import Reconciling
 from actors.recovery import JOB_LABELS
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.store import Caps, JobStore, new_job_id
-from actors.telemetry import METRICS, SECRETS, capture_error, job_log
+from actors.telemetry import METRICS, capture_error
 
 __all__ = ["JOB_LABELS", "SpawnerFactory", "Supervisor", "SupervisorStopped", "job_timeout"]
 
 log = logging.getLogger(__name__)
 
-# A job that crashed its Spawner this many times is failed, not retried: a
-# poison job must not burn the restart intensity of the whole supervisor.
-MAX_CRASHES_PER_JOB = 2
 # Re-queues of a job whose start the daemon answered with a 5xx each time.
 MAX_REFUSED_STARTS = 10
-# The registry is in memory: a slower answer means the SnapshotManager is wedged.
-SNAPSHOTS_ASK_S = 10.0
 # How long an exit of a not-yet-known container is kept: the Watcher can see
 # an exit before the Spawner's Started reaches us.
 EARLY_EXIT_TTL_S = 600.0
@@ -91,7 +86,7 @@ class SupervisorStopped(pykka.ActorDeadError):
     "unavailable, retry later" (the HTTP API answers 503) need no new case."""
 
 
-class Supervisor(pykka.ThreadingActor):
+class Supervisor(Reconciling, pykka.ThreadingActor):
     """Runs queued jobs within the limits, one per (project, work item) at a time."""
 
     def __init__(
@@ -113,11 +108,10 @@ class Supervisor(pykka.ThreadingActor):
         self._snapshots = snapshots
         self._on_fatal = on_fatal
         self._caps = Caps.from_settings(settings)
-        self._backoff = backoff(settings.retry)
         self._pool = SpawnerPool(spawner_factory, self._sup.spawners)
         self._reaper: pykka.ActorRef[Any] | None = None
         self._flights = Flights()
-        self._strikes: dict[str, Strikes] = {}
+        self._ledger = Ledger(store, clock, self._flights, backoff(settings.retry))
         # Running containers labelled ours that no job in flight owns, e.g. a
         # cancel whose stop never reached a down engine, then a restart. Until
         # they are gone they hold their key and a worker place.
@@ -128,14 +122,13 @@ class Supervisor(pykka.ThreadingActor):
         self._reconcile_requested = False
         self._dispatching = True
         self._fatal: str | None = None
-        self._state_counts: dict[JobState, int] = {}
 
     # --- life cycle --------------------------------------------------------
 
     def on_start(self) -> None:
         self._pool.start(self.actor_ref)
         self._reaper = Reaper.start(self._engine)
-        self._state_counts = dict(self._store.count_by_state())
+        self._ledger.load()
         # Start-up reconciliation may list containers before the first message
         # (the one Docker call the Supervisor makes itself): recovery must see
         # the engine's truth before it dispatches anything.
@@ -237,11 +230,8 @@ class Supervisor(pykka.ThreadingActor):
             )
         job = Job(id=new_job_id(), spec=spec, state=JobState.QUEUED, created_at=self._clock.now())
         # Persist first: a job we replied to is a job that survives a crash.
-        self._store.add(job, note="submitted")
-        self._count(None, JobState.QUEUED)
-        if spec.env:
-            SECRETS.remember(job.id, spec.env.values())
-        self._log(job).info("job queued")
+        self._ledger.added(job, note="submitted")
+        job_logger(job).info("job queued")
         self._after_change()
         return job
 
@@ -260,9 +250,7 @@ class Supervisor(pykka.ThreadingActor):
         blocked = set(self._leftovers.values())
         now = self._clock.now()
         for job in self._store.claim(free, now, self._caps, blocked=blocked, note="claimed"):
-            self._count(JobState.QUEUED, JobState.STARTING)
-            if job.spec.env:
-                SECRETS.remember(job.id, job.spec.env.values())
+            self._ledger.claimed(job)
             self._flights.add(Flight(job, "starting"))
             snapshots_on = self._settings.snapshots_enabled_for(job.spec.project)
             self._send(job.id, "spawn", Spawn(job.id, job.spec, snapshots_on, self.actor_ref))
@@ -279,10 +267,10 @@ class Supervisor(pykka.ThreadingActor):
         flight.phase, flight.seq = "running", self._list_seq
         flight.deadline = now + job_timeout(self._settings, flight.spec)
         self._flights.attach(flight, msg.container_id)
-        self._strikes_of(msg.job_id).requeues = 0
+        self._ledger.strikes(msg.job_id).requeues = 0
         cancelled = flight.kill is not None and flight.kill.state is JobState.CANCELLED
         job = flight.job
-        job = self._save(
+        job = self._ledger.save(
             dataclasses.replace(
                 job,
                 state=JobState.CANCELLED if cancelled else JobState.RUNNING,
@@ -296,13 +284,13 @@ class Supervisor(pykka.ThreadingActor):
             ),
             note=f"{msg.spawner}; from {'snapshot' if msg.from_snapshot else 'base image'}",
         )
-        self._log(job).info("job running")
+        job_logger(job).info("job running")
         if flight.kill is not None:
             self._terminate(flight)
         early = self._early_exits.pop(msg.container_id, None)
         if early is not None:
             self._on_exited(early[0])
-        self._publish_metrics()
+        self._ledger.publish()
 
     def _on_spawn_failed(self, msg: SpawnFailed) -> None:
         self._pool.done(msg.spawner, msg.job_id, "spawn")
@@ -310,20 +298,20 @@ class Supervisor(pykka.ThreadingActor):
         if flight is None or flight.phase != "starting":
             return
         self._flights.remove(msg.job_id)
-        job, strikes = flight.job, self._strikes_of(msg.job_id)
+        job, strikes = flight.job, self._ledger.strikes(msg.job_id)
         if flight.kill is not None and flight.kill.state is JobState.CANCELLED:
-            self._finish_job(job, JobState.CANCELLED, error=job.error)
+            self._ledger.finish(job, JobState.CANCELLED, error=job.error)
         elif msg.retryable and msg.answered and strikes.refusals >= MAX_REFUSED_STARTS:
             # Unreachable, a job waits for as long as it takes; a daemon that
             # answers but keeps refusing this start would otherwise hold it forever.
             error = f"the engine refused to start it {MAX_REFUSED_STARTS + 1} times: {msg.error}"
-            self._finish_job(job, JobState.FAILED, error=error)
+            self._ledger.finish(job, JobState.FAILED, error=error)
         elif msg.retryable:
             # Only refusals in a row count: an unreachable daemon resets them.
             strikes.refusals = strikes.refusals + 1 if msg.answered else 0
-            self._requeue(job, f"will retry: {msg.error}", backoff=True)
+            self._ledger.requeue(job, f"will retry: {msg.error}", backoff=True)
         else:
-            self._finish_job(job, JobState.FAILED, error=msg.error)
+            self._ledger.finish(job, JobState.FAILED, error=msg.error)
         self._after_change()
 
     def _on_exited(self, msg: ContainerExited) -> None:
@@ -361,7 +349,7 @@ class Supervisor(pykka.ThreadingActor):
         """The container is gone: record the outcome, free the place, start the next."""
         state, error = outcome(flight, exit_code, error)
         self._flights.remove(flight.id)
-        self._finish_job(
+        self._ledger.finish(
             flight.job,
             state,
             error=error,
@@ -379,7 +367,9 @@ class Supervisor(pykka.ThreadingActor):
             stored = self._store.get(job_id)
             if stored is None or stored.state is not JobState.QUEUED:
                 return stored  # unknown (None) or already finished
-            return self._finish_job(stored, JobState.CANCELLED, error="cancelled before it started")
+            return self._ledger.finish(
+                stored, JobState.CANCELLED, error="cancelled before it started"
+            )
         if flight.phase in ("finishing", "recovering") or flight.kill is not None:
             # Already exited, already being stopped, or not yet re-adopted (the
             # engine is unreachable): nothing to stop yet, so nothing changes.
@@ -387,7 +377,7 @@ class Supervisor(pykka.ThreadingActor):
         flight.kill = Kill(JobState.CANCELLED, "cancelled while running")
         # Cancelled is final from the caller's point of view; the place stays
         # taken until the container is stopped and removed.
-        job = self._save(
+        job = self._ledger.save(
             dataclasses.replace(flight.job, state=JobState.CANCELLED, error=flight.kill.note),
             note="cancel requested",
         )
@@ -401,7 +391,7 @@ class Supervisor(pykka.ThreadingActor):
             if flight.kill is None and deadline is not None and deadline <= now:
                 limit = job_timeout(self._settings, flight.spec)
                 flight.kill = Kill(JobState.TIMED_OUT, f"timed out after {limit:g}s")
-                self._log(flight.job).warning("job timed out; stopping its container")
+                job_logger(flight.job).warning("job timed out; stopping its container")
                 self._terminate(flight)
             elif (
                 flight.kill is not None
@@ -435,152 +425,6 @@ class Supervisor(pykka.ThreadingActor):
             flight.stopped_at = self._clock.now()
             self._request_listing("terminated")
 
-    # --- engine listings: reconcile, recover, sweep ------------------------
-
-    def _request_listing(self, reason: str) -> None:
-        if self._reaper is None:
-            return
-        self._list_seq += 1
-        if reason == "recover":
-            self._reconcile_requested = False
-        self._reaper.tell(ListContainers(reason, self._list_seq, self.actor_ref))
-
-    def _on_listed(self, msg: ContainersListed) -> None:
-        if msg.error is not None:
-            log.warning("listing containers (%s) failed: %s", msg.reason, msg.error)
-            if msg.reason == "recover" or self._flights.in_phase("recovering"):
-                self._reconcile_requested = True
-            return
-        settled = [f for f in self._flights.in_phase("recovering") if f.seq < msg.seq]
-        for flight in settled:
-            self._flights.remove(flight.id)
-        notes = {f.id: f.recover_note for f in settled if f.recover_note is not None}
-        self._recover([f.job for f in settled], list(msg.containers), notes)
-        by_id = {c.id: c for c in msg.containers}
-        for flight in self._flights.in_phase("running"):
-            if flight.seq >= msg.seq or flight.container_id is None:
-                continue
-            container = by_id.get(flight.container_id)
-            if container is None:
-                self._container_vanished(flight)
-            elif recovery.has_exited(container):
-                self._on_exited(recovery.exit_of(container))
-        if msg.reason == "sweep":
-            owned = self._flights.containers()
-            starting = {f.id for f in self._flights.in_phase("starting", "recovering")}
-            grace = self._sup.orphan_grace_s
-            for cid, job_id in recovery.orphans(
-                msg.containers, owned, starting, self._clock.now(), grace
-            ):
-                log.info("removing orphan container %s (job %s)", cid, job_id or "?")
-                self._remove_container(cid, self._sup.stop_grace_s, "orphan")
-        self._note_leftovers(msg.containers)
-        self._after_change()
-
-    def _container_vanished(self, flight: Flight) -> None:
-        note = "its container disappeared (removed outside Snapyard?); the exit code is unknown"
-        if flight.kill is None:
-            flight.kill = Kill(JobState.FAILED, note)
-        self._log(flight.job).warning("job's container vanished")
-        self._complete(flight, None, "", None, note)
-
-    def _note_leftovers(self, containers: Iterable[ContainerState]) -> None:
-        """Count running containers no job in flight owns; stop those of finished jobs.
-
-        One whose job is already terminal is stopped now; one of an unknown job
-        is left to the orphan sweep (after its grace) but holds its key until then.
-        """
-        found = recovery.unowned_running(
-            containers, self._flights.containers(), {f.id for f in self._flights}
-        )
-        for cid, (_key, job_id) in found.items():
-            stored = self._store.get(job_id) if job_id is not None else None
-            if stored is not None and stored.state.terminal:
-                log.warning(
-                    "container %s of %s job %s is still running; stopping it",
-                    cid,
-                    stored.state.value,
-                    job_id,
-                )
-                self._remove_container(cid, self._sup.stop_grace_s, "job already finished")
-        self._leftovers = {cid: key for cid, (key, _job) in found.items()}
-
-    def _recover(
-        self,
-        jobs: list[Job],
-        containers: list[ContainerState] | None,
-        notes: dict[str, str] | None = None,
-    ) -> None:
-        """Carry out ``recovery.plan`` for the unfinished jobs of a previous run (or crash)."""
-        now = self._clock.now()
-        for decision in recovery.plan(jobs, containers, notes):
-            job = decision.job
-            if job.spec.env:
-                SECRETS.remember(job.id, job.spec.env.values())
-            match decision:
-                case recovery.Ended(leftover=leftover):
-                    if leftover is not None:
-                        self._remove_container(leftover, self._sup.stop_grace_s, "ended")
-                    self._finish_job(job, job.state, error=job.error)
-                case recovery.AwaitListing():
-                    self._flights.add(Flight(job, "recovering", seq=self._list_seq))
-                    self._reconcile_requested = True
-                case recovery.Requeue(note=note, remove=remove):
-                    if remove is not None:
-                        self._remove_container(remove, 0.0, "never started")
-                    self._requeue(job, note, backoff=False)
-                case recovery.Vanished():
-                    self._finish_vanished(job)
-                case recovery.Adopt(container=container):
-                    self._adopt(job, container, now)
-
-    def _finish_vanished(self, job: Job) -> None:
-        if recovery.committed_before_restart(job, self._registered_snapshots()):
-            self._finish_job(
-                job, JobState.SUCCEEDED, exit_code=0, snapshot_committed=True, error=None
-            )
-            self._log(job).info("recovered: it exited 0 and committed before the restart")
-            return
-        error = "its container disappeared while Snapyard was down; the exit code is unknown"
-        self._finish_job(job, JobState.FAILED, error=error)
-
-    def _registered_snapshots(self) -> list[Snapshot]:
-        # Safe to ask: the SnapshotManager never asks anyone, so it cannot wait on us.
-        try:
-            found = self._snapshots.ask(ListSnapshots(), timeout=SNAPSHOTS_ASK_S)
-        except (pykka.ActorDeadError, pykka.Timeout):
-            return []
-        return list(found) if isinstance(found, list) else []
-
-    def _adopt(self, job: Job, container: ContainerState, now: float) -> None:
-        flight = self._flights.add(Flight(job, "running", seq=self._list_seq))
-        self._flights.attach(flight, container.id)
-        started_at = job.started_at or container.started_at or now
-        flight.deadline = job.deadline or started_at + job_timeout(self._settings, job.spec)
-        job = self._save(
-            dataclasses.replace(
-                job,
-                state=JobState.RUNNING,
-                container_id=container.id,
-                image_id=job.image_id or container.image_id,
-                started_at=started_at,
-                deadline=flight.deadline,
-            ),
-            note="re-adopted after restart",
-        )
-        self._log(job).info("re-adopted container")
-        if recovery.has_exited(container):
-            # Judged by when it exited, not when we came back to look.
-            exited_at = container.finished_at if container.finished_at is not None else now
-            if flight.deadline <= exited_at:
-                limit = job_timeout(self._settings, job.spec)
-                flight.kill = Kill(
-                    JobState.TIMED_OUT,
-                    f"timed out after {limit:g}s "
-                    "(it exited while Snapyard was down, past its deadline)",
-                )
-            self._on_exited(recovery.exit_of(container))
-
     # --- supervision of the Spawners ---------------------------------------
 
     def _send(self, job_id: str, kind: OpKind, message: Any) -> None:
@@ -596,66 +440,6 @@ class Supervisor(pykka.ThreadingActor):
                 ActorCrashed(name, "the spawner is not running", None, urn=dead_urn)
             )
 
-    def _on_crashed(self, msg: ActorCrashed) -> None:
-        if not self._pool.knows(msg.name):
-            log.warning("crash report from unknown child %s: %s", msg.name, msg.error)
-            return
-        if not self._pool.is_current(msg.name, msg.urn):
-            log.info("%s: a second report of a crash already handled", msg.name)
-            return
-        error = RuntimeError(f"{msg.name} crashed: {msg.error}")
-        capture_error(
-            error, source="supervisor", extras={"spawner": msg.name, "job_id": msg.job_id}
-        )
-        log.error("%s crashed (%s); restarting it", msg.name, msg.error)
-        if not self._restarts.record(self._clock.now()):
-            self._give_up(
-                f"Spawners crashed {self._restarts.describe()}; "
-                f"the last one: {msg.name}: {msg.error}"
-            )
-            return
-        try:
-            lost = self._pool.restart(msg.name, self.actor_ref)
-        except Exception as exc:
-            self._give_up(f"could not restart {msg.name}: {exc}")
-            return
-        for (job_id, kind), message in lost.items():
-            self._recover_lost_op(job_id, kind, message, msg)
-        self._after_change()
-
-    def _recover_lost_op(
-        self, job_id: str, kind: OpKind, message: Any, crash: ActorCrashed
-    ) -> None:
-        """A crashed Spawner's inbox is gone: redo, re-queue or fail what it held."""
-        flight = self._flights.get(job_id)
-        if flight is None:
-            return
-        strikes = self._strikes_of(job_id)
-        guilty = crash.job_id == job_id or crash.job_id is None
-        if guilty:
-            strikes.crashes += 1
-        reason = f"{crash.name} crashed while handling it: {crash.error}"
-        if guilty and strikes.crashes >= MAX_CRASHES_PER_JOB:
-            if kind == "spawn":
-                self._flights.remove(job_id)
-                # A cancel (or timeout) decided before the crash still stands.
-                kill = flight.kill or Kill(JobState.FAILED, reason)
-                self._finish_job(flight.job, kill.state, error=kill.note)
-            else:
-                code = None if flight.exit is None else flight.exit.exit_code
-                self._complete(flight, code, "", None, reason)
-            return
-        if kind == "spawn":
-            # The Spawner may have started the container before it died: recover
-            # the job as after a restart (adopt a container labelled with it,
-            # else re-queue), so the work never runs twice.
-            log.warning("job %s: %s; looking for its container", job_id, reason)
-            flight.phase, flight.seq = "recovering", self._list_seq
-            flight.recover_note = f"retrying: {reason}"
-            self._request_listing("recover")
-        else:
-            self._send(job_id, kind, message)
-
     def _give_up(self, reason: str) -> None:
         self._fatal = reason
         log.critical("supervisor stopping: %s", reason)
@@ -669,80 +453,17 @@ class Supervisor(pykka.ThreadingActor):
 
     # --- helpers -----------------------------------------------------------
 
-    def _strikes_of(self, job_id: str) -> Strikes:
-        return self._strikes.setdefault(job_id, Strikes())
-
-    def _requeue(self, job: Job, note: str, *, backoff: bool) -> None:
-        """Back to the store's queue; with ``backoff`` not claimed before its retry_at."""
-        retry_at = None
-        if backoff:
-            strikes = self._strikes_of(job.id)
-            strikes.requeues += 1
-            retry_at = self._clock.now() + delay_after(self._backoff, strikes.requeues)
-        requeued = dataclasses.replace(
-            job, state=JobState.QUEUED, container_id=None, retry_at=retry_at
-        )
-        self._save(requeued, note=note, was=job.state)
-
-    def _remove_container(self, container_id: str, grace_s: float, reason: str) -> None:
-        if self._reaper is not None:
-            self._reaper.tell(RemoveContainer(container_id, grace_s, reason))
-
-    def _finish_job(self, job: Job, state: JobState, **changes: Any) -> Job:
-        job = self._save(
-            dataclasses.replace(job, state=state, finished_at=self._clock.now(), **changes),
-            note=changes.get("error"),
-            was=job.state,
-        )
-        self._strikes.pop(job.id, None)
-        SECRETS.forget(job.id)
-        self._log(job).info("job %s", state.value)
-        return job
-
-    def _save(self, job: Job, note: str | None = None, *, was: JobState | None = None) -> Job:
-        """Write the job; it holds its key in the store exactly as long as it is in flight.
-
-        A job cancelled while it runs is final for its caller, but its key is
-        taken until the container is gone. ``was``: its state before, when
-        it is not (or no longer) in flight.
-        """
-        flight = self._flights.get(job.id)
-        previous = flight.job.state if flight is not None else was
-        self._store.update(job, note=note, holds_key=flight is not None)
-        self._count(previous, job.state)
-        if flight is not None:
-            flight.job = job
-        return job
-
-    def _count(self, old: JobState | None, new: JobState) -> None:
-        if old == new:
-            return
-        if old is not None:
-            self._state_counts[old] = self._state_counts.get(old, 0) - 1
-        self._state_counts[new] = self._state_counts.get(new, 0) + 1
-
     def _after_change(self) -> None:
         """Places may have freed up: claim more work; then publish the gauges."""
         self._dispatch()
-        self._publish_metrics()
-
-    def _publish_metrics(self) -> None:
-        for state in JobState:
-            METRICS.set("snapyard_jobs", self._state_counts.get(state, 0), state=state.value)
-        running = sum(1 for f in self._flights if f.container_id is not None)
-        METRICS.set("snapyard_running_workers", running)
+        self._ledger.publish()
 
     def _status(self) -> SupervisorStatus:
         return SupervisorStatus(
-            queued=self._state_counts.get(JobState.QUEUED, 0),
+            queued=self._ledger.queued,
             in_flight=len(self._flights),
             running=len(self._flights.in_phase("running")),
             pending_ops=self._pool.load(),
             spawners=len(self._pool.refs),
             dispatching=self._dispatching,
-        )
-
-    def _log(self, job: Job) -> logging.LoggerAdapter[logging.Logger]:
-        return job_log(
-            log, job.id, job.spec.project, job.spec.work_item, job.container_id, job.image_id
         )

@@ -670,7 +670,7 @@ def test_spawner_crash_mid_job_restarts_it_and_retries_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     captured: list[BaseException] = []
-    monkeypatch.setattr("actors.supervisor.capture_error", lambda exc, **_kw: captured.append(exc))
+    monkeypatch.setattr("actors.reconcile.capture_error", lambda exc, **_kw: captured.append(exc))
     yard = Yard(tmp_path, yard_settings(spawners=1)).start()
 
     def boom() -> None:
@@ -757,7 +757,7 @@ def test_one_spawner_crash_is_handled_once_when_a_dispatch_also_finds_it_dead(
     stopping the healthy replacement) and charging an innocent job."""
     captured: list[str] = []
     monkeypatch.setattr(
-        "actors.supervisor.capture_error", lambda exc, **_kw: captured.append(str(exc))
+        "actors.reconcile.capture_error", lambda exc, **_kw: captured.append(str(exc))
     )
     gate = threading.Event()
     original = Spawner.on_failure
