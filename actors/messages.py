@@ -42,6 +42,7 @@ __all__ = [
     "Started",
     "StopDispatching",
     "Submit",
+    "Supervise",
     "SupervisorStatus",
     "SweepOrphans",
     "SweepSnapshots",
@@ -244,6 +245,14 @@ class ActorCrashed:
     job_id: str | None = None
     # Which incarnation died: a report about one already replaced is stale.
     urn: str | None = None
+
+
+@dataclass(frozen=True)
+class Supervise:
+    """To a parent: this child is yours; its crash reports (ActorCrashed) name it."""
+
+    name: str
+    ref: Ref
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from actors.messages import (
 )
 from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
 from actors.pool import OpKind, SpawnerFactory, SpawnerPool
-from actors.reaper import MANAGED_LABELS, Reaper
+from actors.reaper import MANAGED_LABELS
 from actors.reconcile import Reconciling
 from actors.recovery import JOB_LABELS
 from actors.restarts import RestartIntensity
@@ -96,9 +96,12 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         settings: Settings,
         clock: Clock,
         snapshots: pykka.ActorRef[Any],
+        reaper: pykka.ActorRef[Any],
         spawner_factory: SpawnerFactory,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
+        """The Spawners are its children (it restarts them); the SnapshotManager
+        and the Reaper are its siblings, started before it (``actors.wiring``)."""
         super().__init__()
         self._engine = engine
         self._store = store
@@ -109,7 +112,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         self._on_fatal = on_fatal
         self._caps = Caps.from_settings(settings)
         self._pool = SpawnerPool(spawner_factory, self._sup.spawners)
-        self._reaper: pykka.ActorRef[Any] | None = None
+        self._reaper: pykka.ActorRef[Any] | None = reaper
         self._flights = Flights()
         self._ledger = Ledger(store, clock, self._flights, backoff(settings.retry))
         # Running containers labelled ours that no job in flight owns, e.g. a
@@ -127,7 +130,6 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._pool.start(self.actor_ref)
-        self._reaper = Reaper.start(self._engine)
         self._ledger.load()
         # Start-up reconciliation may list containers before the first message
         # (the one Docker call the Supervisor makes itself): recovery must see
@@ -148,8 +150,6 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         # Detach, do not kill: running containers keep running and are
         # re-adopted by the next start. Children stop after their inboxes.
         futures = self._pool.stop()
-        if self._reaper is not None:
-            futures.append(self._reaper.stop(block=False))
         deadline = time.monotonic() + self._sup.shutdown_timeout_s
         for future in futures:
             with contextlib.suppress(pykka.Timeout, pykka.ActorDeadError):

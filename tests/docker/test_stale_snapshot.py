@@ -28,8 +28,7 @@ from actors.engine.base import Engine, EngineError
 from actors.messages import Finish, Finished, ListSnapshots, Spawn, SpawnFailed, Started
 from actors.model import JobSpec, Snapshot
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
-from actors.spawner import start_pool
+from actors.wiring import spawner_factory, start_root, start_snapshots
 
 pytestmark = pytest.mark.docker
 
@@ -66,11 +65,14 @@ class Yard:
         self.settings = settings
         self.inbox: queue.Queue[Any] = queue.Queue()
         clock = SystemClock()
-        self.manager = SnapshotManager.start(engine, settings, clock)
+        # The application's wiring for these parts: the manager under a Root,
+        # Spawners from the same factory, reporting to the collector.
+        self.fatal: list[str] = []
+        root = start_root(settings, clock, self.fatal.append)
+        self.manager = start_snapshots(engine, settings, clock, root)
         self.collector = Collector.start(self.inbox)
-        self.spawners = start_pool(
-            2, engine, self.manager, settings, clock, prefix="it-spawner", labels=TEST_LABELS
-        )
+        factory = spawner_factory(engine, self.manager, settings, clock, TEST_LABELS)
+        self.spawners = [factory(f"it-spawner-{i}", self.collector) for i in (1, 2)]
         self._next = 0
 
     def reply(self) -> Any:

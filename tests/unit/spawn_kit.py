@@ -32,6 +32,7 @@ from actors.naming import snapshot_image_name
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
+from actors.wiring import spawner_factory, start_root, start_snapshots
 
 BASE_TAG = "snapyard-worker:test"
 REPLY_TIMEOUT_S = 10.0
@@ -82,20 +83,25 @@ class Rig:
     spawner: pykka.ActorRef[Spawner] | None = None
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
     collector: pykka.ActorRef[Collector] | None = None
+    root: pykka.ActorRef[Any] | None = None
+    fatal: list[str] = field(default_factory=list)
 
     def start(self, spawner: bool = True) -> Rig:
-        self.manager = SnapshotManager.start(self.engine, self.settings, self.clock)
+        """The application's wiring for these two: the manager under a Root,
+        the Spawner from the same factory, reporting to a Collector."""
+        self.root = start_root(self.settings, self.clock, self.fatal.append)
+        self.manager = start_snapshots(self.engine, self.settings, self.clock, self.root)
         self.collector = Collector.start(self.inbox)
         if spawner:
-            self.spawner = Spawner.start(
-                self.engine, self.manager, self.settings, self.clock, "spawner-1", self.collector
-            )
+            factory = spawner_factory(self.engine, self.manager, self.settings, self.clock)
+            self.spawner = factory("spawner-1", self.collector)
         return self
 
     def restart_manager(self) -> None:
         assert self.manager is not None
+        assert self.root is not None
         self.manager.stop()
-        self.manager = SnapshotManager.start(self.engine, self.settings, self.clock)
+        self.manager = start_snapshots(self.engine, self.settings, self.clock, self.root)
 
     # --- SnapshotManager ---------------------------------------------------
 

@@ -33,11 +33,11 @@ from actors.messages import (
 )
 from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
 from actors.settings import AgentTypeSettings, ProjectSettings
-from actors.snapshot_manager import SnapshotManager
 from actors.spawner import LABEL_JOB_ID, Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
 from actors.telemetry import METRICS
+from actors.wiring import spawner_factory, start_root, start_snapshots
 
 
 @pytest.fixture(autouse=True)
@@ -472,14 +472,15 @@ def test_restart_after_a_commit_whose_outcome_was_not_recorded_is_succeeded(
     yard.stop()
     yard.engine.exit_container(container_id, 0)
     inbox: queue.Queue[Any] = queue.Queue()
-    manager = SnapshotManager.start(yard.engine, yard.settings, yard.clock)
-    spawner = Spawner.start(yard.engine, manager, yard.settings, yard.clock, "spawner-x")
+    root = start_root(yard.settings, yard.clock, None)
+    manager = start_snapshots(yard.engine, yard.settings, yard.clock, root)
+    spawner = spawner_factory(yard.engine, manager, yard.settings, yard.clock)("spawner-x", root)
     collector = Collector.start(inbox)
     spawner.tell(Finish(job.id, job.spec, container_id, 0, True, collector))
     finished = inbox.get(timeout=10)
     assert isinstance(finished, Finished)
     assert finished.snapshot_image_id is not None
-    for ref in (spawner, manager, collector):
+    for ref in (spawner, manager, collector, root):
         ref.stop()
     assert not yard.exists(container_id)
 

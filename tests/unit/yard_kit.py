@@ -20,11 +20,10 @@ from actors.engine.memory import MemoryEngine
 from actors.messages import GetJob, Reconcile, Submit, Tick
 from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
-from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED, Spawner
+from actors.spawner import LABEL_JOB_ID, LABEL_MANAGED
 from actors.store import JobStore, SqliteStore
-from actors.supervisor import Supervisor
 from actors.watcher import Watcher
+from actors.wiring import Actors, Wiring, start_actors
 
 BASE_TAG = "snapyard-worker:test"
 MANAGED = {LABEL_MANAGED: "true"}
@@ -77,37 +76,31 @@ class Yard:
         self.watcher: Watcher | None = None
         self.sup: pykka.ActorRef[Any]
         self.snapshots: pykka.ActorRef[Any]
+        self.actors: Actors
 
     def start(self) -> Yard:
-        engine, settings, clock = self.engine, self.settings, self.clock
-        self.snapshots = SnapshotManager.start(engine, settings, clock)
-        snapshots = self.snapshots
-
-        def factory(name: str, sup: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(engine, snapshots, settings, clock, name, sup)
-
-        since = clock.now()
-        self.sup = Supervisor.start(
-            engine, self.store, settings, clock, snapshots, factory, self.fatal.append
-        )
-        if self.use_watcher:
-            self.watcher = Watcher(
-                engine,
-                self.sup,
-                snapshots,
-                clock,
-                since=since,
-                sleep=lambda _s: self.engine_back.wait(EVENTUALLY_S),
+        """The application's wiring, with the timers left to the test (``tick``)."""
+        self.actors = start_actors(
+            Wiring(
+                self.engine,
+                self.store,
+                self.settings,
+                self.clock,
+                on_fatal=self.fatal.append,
+                watcher=self.use_watcher,
+                watcher_sleep=lambda _s: self.engine_back.wait(EVENTUALLY_S),
+                run_timers=False,
             )
-            self.watcher.start()
+        )
+        assert self.actors.supervisor is not None
+        assert self.actors.snapshots is not None
+        self.sup, self.snapshots = self.actors.supervisor, self.actors.snapshots
+        self.watcher = self.actors.watcher
         return self
 
     def stop(self) -> None:
         """Like a supervisor process going away: containers keep running."""
-        if self.watcher is not None:
-            self.watcher.stop()
-        self.sup.stop(timeout=ASK_S)
-        self.snapshots.stop(timeout=ASK_S)
+        self.actors.stop(ASK_S)
 
     # --- asking ------------------------------------------------------------
 
