@@ -3,8 +3,8 @@
 A mixin of ``Supervisor`` (kept apart so that supervisor.py reads as one
 job's life): it carries out the decisions of ``actors.recovery`` on start-up,
 on each listing the Reaper sends back, and for the operations a crashed
-Spawner took down with its inbox. The attributes and the three methods
-declared below are the Supervisor's.
+Spawner took down with its inbox. The attributes and the unimplemented
+methods declared at the top of the class are the Supervisor's.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ SNAPSHOTS_ASK_S = 10.0
 
 
 class Reconciling:
+    """Listings, recovery and crashed Spawners; mixed into ``Supervisor``."""
+
     actor_ref: pykka.ActorRef[Any]
     _settings: Settings
     _sup: SupervisorSettings

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 from actors.clock import Clock
-from actors.store.base import LOGS_TAIL_LINES, Caps, JobStore, KeyHeld, StoreError
-from actors.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, new_job_id
+from actors.store.base import LOGS_TAIL_LINES, Caps, JobStore, KeyHeld, StoreError, new_job_id
+from actors.store.schema import MIGRATIONS, SCHEMA_VERSION
+from actors.store.sqlite import SqliteStore
 
 __all__ = [
     "LOGS_TAIL_LINES",

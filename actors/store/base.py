@@ -16,6 +16,9 @@ a unique index over the holders refuses a second one (``KeyHeld``).
 from __future__ import annotations
 
 import builtins
+import secrets
+import threading
+import time
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from typing import Protocol, runtime_checkable
 from actors.model import Job, JobState, SnapshotKey
 from actors.settings import Settings
 
-__all__ = ["LOGS_TAIL_LINES", "Caps", "JobStore", "KeyHeld", "StoreError"]
+__all__ = ["LOGS_TAIL_LINES", "Caps", "JobStore", "KeyHeld", "StoreError", "new_job_id"]
 
 LOGS_TAIL_LINES = 200
 
@@ -132,3 +135,40 @@ def tail(text: str, lines: int = LOGS_TAIL_LINES) -> str:
     """The last ``lines`` lines: a store keeps a job's log tail, never the whole log."""
     parts = text.splitlines(keepends=True)
     return "".join(parts[-lines:]) if len(parts) > lines else text
+
+
+# --- job IDs: the same in every store ---------------------------------------
+
+_RANDOM_BITS = 80
+
+
+class _JobIds:
+    """Like UUIDv7, but monotonic within this process: two IDs made in the same
+    millisecond (or after the wall clock stepped back) still sort in the order
+    they were made, so listing by ID is listing by submission.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = (0, 0)
+
+    def next(self) -> str:
+        with self._lock:
+            millis = time.time_ns() // 1_000_000
+            last_millis, last_rand = self._last
+            if millis <= last_millis:
+                millis, rand = last_millis, last_rand + 1
+                if rand >= 1 << _RANDOM_BITS:  # pragma: no cover - 2**80 IDs in one ms
+                    millis, rand = last_millis + 1, 0
+            else:
+                rand = secrets.randbits(_RANDOM_BITS - 1)  # headroom to increment
+            self._last = (millis, rand)
+        return f"j-{millis:012x}{rand:020x}"
+
+
+_JOB_IDS = _JobIds()
+
+
+def new_job_id() -> str:
+    """A job ID that sorts by creation time: ``j-`` + 48-bit ms time + 80 random bits."""
+    return _JOB_IDS.next()
