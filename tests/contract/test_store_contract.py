@@ -270,3 +270,27 @@ def test_a_refused_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
     assert store.get(held.id) == held
     assert store.get(other.id) == other
     assert store.count_by_state()[JobState.RUNNING] == 1
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def test_list_is_newest_first_and_filters(store: JobStore) -> None:
+    a, b, c = queue(store, job("a"), job("b", project="q"), job("c"))
+    store.update(dataclasses.replace(c, state=JobState.FAILED, finished_at=NOW))
+    assert ids(store.list()) == [c.id, b.id, a.id]
+    assert ids(store.list(limit=2)) == [c.id, b.id]
+    assert ids(store.list(project="q")) == [b.id]
+    assert ids(store.list(state=JobState.QUEUED, project="p")) == [a.id]
+    with pytest.raises(ValueError, match="limit"):
+        store.list(limit=-1)
+
+
+def test_counts_cover_every_state_and_ids_every_job(store: JobStore) -> None:
+    jobs = queue(store, job("a"), job("b", state=JobState.RUNNING))
+    counts = store.count_by_state()
+    assert set(counts) == set(JobState)
+    assert counts[JobState.QUEUED] == 1
+    assert counts[JobState.RUNNING] == 1
+    assert sum(counts.values()) == 2
+    assert store.job_ids() == {j.id for j in jobs}
