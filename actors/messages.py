@@ -238,13 +238,15 @@ class Reconcile:
 
 @dataclass(frozen=True)
 class ActorCrashed:
-    """A child actor died; its parent decides whether to restart it."""
+    """A child actor crashed; its parent decides whether to restart it."""
 
     name: str
     error: str
     job_id: str | None = None
     # Which incarnation died: a report about one already replaced is stale.
     urn: str | None = None
+    # It restarted itself in place (its address lives on); else it is dead.
+    restarted: bool = False
 
 
 @dataclass(frozen=True)

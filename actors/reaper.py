@@ -57,7 +57,12 @@ class Reaper(pykka.ThreadingActor):
             if self._parent is not None:
                 with contextlib.suppress(pykka.ActorDeadError):
                     self._parent.tell(
-                        ActorCrashed(self._name, f"{type(exc).__name__}: {exc}", urn=self.actor_urn)
+                        ActorCrashed(
+                            self._name,
+                            f"{type(exc).__name__}: {exc}",
+                            urn=self.actor_urn,
+                            restarted=True,
+                        )
                     )
         return None
 

@@ -52,7 +52,8 @@ class Root(pykka.ThreadingActor):
     valid for everyone holding them) and reports the crash here, as every
     child reports to its parent. This parent counts the crashes against one
     bounded intensity, as an OTP supervisor does; past it, it says why
-    (``on_fatal``) and stops the child, and the application stops.
+    (``on_fatal``) and stops the child, and the application stops. A child
+    that died outside a message (its start failed) is fatal at once.
     The Spawners' parent is the Supervisor, with the same policy.
     """
 
@@ -81,14 +82,20 @@ class Root(pykka.ThreadingActor):
 
     def _on_crashed(self, crash: ActorCrashed) -> None:
         # Counted even before its Supervise arrives: a crash in on_start races it.
-        log.error("%s crashed (%s); it restarted in place", crash.name, crash.error)
         if self.failed is not None:
             return
-        if self._intensity.record(self._clock.now()):
-            return
-        self.failed = (
-            f"the {crash.name} failed {self._intensity.describe()}; the last error: {crash.error}"
-        )
+        if crash.restarted:
+            log.error("%s crashed (%s); it restarted in place", crash.name, crash.error)
+            if self._intensity.record(self._clock.now()):
+                return
+            self.failed = (
+                f"the {crash.name} failed {self._intensity.describe()}; "
+                f"the last error: {crash.error}"
+            )
+        else:
+            # Dead outside a message (its start failed): everyone holds its
+            # address, so a new incarnation would reach no one. Stop, and say why.
+            self.failed = f"the {crash.name} died and cannot be restarted: {crash.error}"
         log.critical("%s; stopping it", self.failed)
         if self._on_fatal is not None:
             try:

@@ -113,9 +113,15 @@ class SnapshotManager(pykka.ThreadingActor):
     # --- life cycle --------------------------------------------------------
 
     def on_start(self) -> None:
-        self._resolve_base()
-        self._rebuild()
-        self._delete_pending()
+        try:
+            self._resolve_base()
+            self._rebuild()
+            self._delete_pending()
+        except Exception as exc:
+            # pykka calls no on_failure when on_start fails: report it here.
+            capture_error(exc, source="snapshot_manager")
+            self._report(f"{type(exc).__name__}: {exc}")
+            raise
 
     def on_failure(
         self,
@@ -144,7 +150,7 @@ class SnapshotManager(pykka.ThreadingActor):
         the parent, which stops us past its restart budget.
         """
         capture_error(exc, source="snapshot_manager", extras={"message": type(message).__name__})
-        self._report(f"{type(exc).__name__}: {exc}")
+        self._report(f"{type(exc).__name__}: {exc}", restarted=True)
         log.exception(
             "%s failed on %s; rebuilding the registry", self._name, type(message).__name__
         )
@@ -158,11 +164,12 @@ class SnapshotManager(pykka.ThreadingActor):
             raise exc  # the asker gets the error; the actor lives on
         return None
 
-    def _report(self, error: str) -> None:
+    def _report(self, error: str, *, restarted: bool = False) -> None:
         if self._parent is None:
             return
         try:
-            self._parent.tell(ActorCrashed(self._name, error, urn=self.actor_urn))
+            crash = ActorCrashed(self._name, error, urn=self.actor_urn, restarted=restarted)
+            self._parent.tell(crash)
         except pykka.ActorDeadError:
             log.warning("%s: its parent is gone; the crash is only logged", self._name)
 

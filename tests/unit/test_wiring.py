@@ -69,3 +69,16 @@ def test_a_snapshot_manager_crash_reaches_the_root_which_counts_it(tmp_path: Pat
     assert "snapshot-manager failed 3 times within 60s (restart_max = 2)" in fatal[0]
     yard.snapshots.actor_stopped.wait(10)
     assert not yard.snapshots.is_alive()
+
+
+def test_a_snapshot_manager_that_dies_at_start_stops_snapyard_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A child dead outside a message cannot be restarted in place (everyone holds
+    its address): before, Snapyard ran on without a registry and nobody knew."""
+    yard = Yard(tmp_path)
+    yard.engine.before("list_images", _bug, once=True)  # its first rebuild, in on_start
+    yard.start()
+    fatal = eventually(lambda: list(yard.fatal), bool, "the Root to give up")
+    assert "snapshot-manager died and cannot be restarted" in fatal[0]
+    assert "injected bug" in fatal[0]
