@@ -17,7 +17,17 @@ from actors.messages import ContainerExited
 from actors.model import Job, JobSpec, JobState
 from actors.settings import Settings
 
-__all__ = ["Flight", "Flights", "Kill", "Phase", "Strikes", "job_timeout", "on_exit", "outcome"]
+__all__ = [
+    "Flight",
+    "Flights",
+    "Kill",
+    "Phase",
+    "Strikes",
+    "commit_decision",
+    "job_timeout",
+    "on_exit",
+    "outcome",
+]
 
 Phase = Literal["recovering", "starting", "running", "finishing"]
 
@@ -129,16 +139,18 @@ def job_timeout(settings: Settings, spec: JobSpec) -> float:
     return settings.supervisor.default_timeout_s
 
 
-def on_exit(flight: Flight, exit: ContainerExited, snapshots_on: bool) -> bool:
-    """Record the exit; True when the run is to be committed to a snapshot.
+def commit_decision(exit_code: int, kill: Kill | None, snapshots_on: bool) -> bool:
+    """Commit only a clean exit we did not cause: a kill (cancel, timeout) wins
+    over the exit it causes, so a killed or failed run never becomes a snapshot."""
+    return kill is None and exit_code == 0 and snapshots_on
 
-    Commit only a clean exit we did not cause: a kill (cancel, timeout) wins
-    over the exit it causes, so a killed run never becomes a snapshot.
-    """
+
+def on_exit(flight: Flight, exit: ContainerExited, snapshots_on: bool) -> bool:
+    """Record the exit; True when the run is to be committed (``commit_decision``)."""
     flight.phase = "finishing"
     oom = exit.oom or (flight.exit is not None and flight.exit.oom)
     flight.exit = ContainerExited(exit.container_id, exit.exit_code, oom)
-    flight.commit = flight.kill is None and exit.exit_code == 0 and snapshots_on
+    flight.commit = commit_decision(exit.exit_code, flight.kill, snapshots_on)
     return flight.commit
 
 

@@ -408,7 +408,8 @@ class Spawner(pykka.ThreadingActor):
             errors.append(f"could not read logs: {exc}")
             self._capture(exc, spec, msg.job_id, msg.container_id)
         snapshot_id: str | None = None
-        if msg.commit and msg.exit_code == 0:
+        # Whether to commit was decided once, by the Supervisor (flight.on_exit).
+        if msg.commit:
             try:
                 snapshot_id = self._commit(msg)
             except EngineError as exc:

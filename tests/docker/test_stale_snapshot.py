@@ -25,6 +25,7 @@ import pytest
 
 from actors.clock import SystemClock
 from actors.engine.base import Engine, EngineError
+from actors.flight import commit_decision
 from actors.messages import Finish, Finished, ListSnapshots, Spawn, SpawnFailed, Started
 from actors.model import JobSpec, Snapshot
 from actors.settings import Settings
@@ -94,7 +95,8 @@ class Yard:
         start_s = time.monotonic() - began
         code = self.engine.wait_container(started.container_id, timeout_s=WAIT_S)
         spawner = next(r for r in self.spawners if r.proxy().name.get() == started.spawner)
-        spawner.tell(Finish(job_id, spec, started.container_id, code, snapshots, self.collector))
+        commit = commit_decision(code, None, snapshots)  # as the Supervisor decides it
+        spawner.tell(Finish(job_id, spec, started.container_id, code, commit, self.collector))
         finished = self.reply()
         assert isinstance(finished, Finished), finished
         return Run(started, finished, start_s, time.monotonic() - began)

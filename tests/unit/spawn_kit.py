@@ -16,6 +16,7 @@ import pykka
 
 from actors.clock import FakeClock
 from actors.engine.memory import MemoryEngine
+from actors.flight import commit_decision
 from actors.messages import (
     Finish,
     Finished,
@@ -174,7 +175,9 @@ class Rig:
     def finish(self, job_id: str, spec: JobSpec, container_id: str, exit_code: int) -> Finished:
         assert self.spawner is not None
         assert self.collector is not None
-        self.spawner.tell(Finish(job_id, spec, container_id, exit_code, True, self.collector))
+        # As the Supervisor decides it: commit a clean exit only.
+        commit = commit_decision(exit_code, None, snapshots_on=True)
+        self.spawner.tell(Finish(job_id, spec, container_id, exit_code, commit, self.collector))
         reply = self.reply()
         assert isinstance(reply, Finished), reply
         self.settle()
