@@ -2,10 +2,11 @@
 and stops them in reverse (as Mopidy does), and offers one small facade that
 the HTTP API and the CLI use.
 
-Start order: engine check -> job store -> SnapshotManager -> Supervisor (which
-starts and owns the Spawner pool and the Reaper, and recovers unfinished jobs)
--> Watcher -> timers. Stop order is the reverse. Stopping never kills a running
-worker: its container keeps running and the next start re-adopts it.
+Start order: engine check -> worker image -> job store -> the actors, started
+by ``actors.wiring.start_actors`` (Root -> SnapshotManager -> Reaper ->
+Supervisor -> Watcher -> timers). Stop order is the reverse. Stopping never
+kills a running worker: its container keeps running and the next start
+re-adopts it.
 """
 
 from __future__ import annotations
@@ -33,22 +34,17 @@ from actors.messages import (
     ListJobs,
     ListSnapshots,
     RemoveSnapshot,
-    SetBaseImage,
     StopDispatching,
     Submit,
     SupervisorStatus,
-    SweepOrphans,
     SweepSnapshots,
-    Tick,
 )
 from actors.metrics import MeteredEngine, Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.private_files import loose_permissions
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
-from actors.spawner import Spawner
-from actors.store import JobStore
-from actors.supervisor import Supervisor, SupervisorStopped
+from actors.store import JobStore, SqliteStore
+from actors.supervisor import SupervisorStopped
 from actors.telemetry import (
     Secrets,
     flush_sentry,
@@ -56,8 +52,8 @@ from actors.telemetry import (
     setup_logging,
     setup_sentry,
 )
-from actors.timers import Scheduler
 from actors.watcher import Watcher
+from actors.wiring import Actors, Wiring, start_actors
 from actors.worker_image import WorkerImageError, ensure_base_image
 
 __all__ = ["Snapyard", "SnapyardError", "run_forever"]
@@ -87,10 +83,7 @@ class Snapyard:
     ) -> None:
         """``engine``/``clock``/``store`` default to Docker, real time and the
         store under ``settings.data_dir``; ``container_labels`` are stamped on
-        every worker container (tests mark theirs with their session ID).
-
-        The app owns its metrics registry and its secrets (the env values to
-        scrub from logs and Sentry events) and hands them to the actors."""
+        every worker container (tests mark theirs with their session ID)."""
         self.settings = settings
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -103,7 +96,7 @@ class Snapyard:
         self.snapshots_ref: pykka.ActorRef[Any] | None = None
         self.supervisor_ref: pykka.ActorRef[Any] | None = None
         self.watcher: Watcher | None = None
-        self.scheduler = Scheduler(self.clock)
+        self._actors: Actors | None = None
         self.base_image_id: str | None = None
         self._accepting = False
         self._started = False
@@ -162,7 +155,7 @@ class Snapyard:
         if self._store is None:
             if (problem := loose_permissions(settings.data_dir)) is not None:
                 log.warning("%s; run `chmod -R go= %s`", problem, settings.data_dir)
-            self._store = JobStore(settings.store_path, self.clock)
+            self._store = SqliteStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)
         except BaseException:
@@ -175,62 +168,29 @@ class Snapyard:
         return self
 
     def _start_actors(self, engine: Engine, store: JobStore) -> None:
-        settings, clock = self.settings, self.clock
-        metrics = self.metrics
-        snapshots = SnapshotManager.start(
-            engine, settings, clock, on_fatal=self._on_fatal, metrics=metrics
-        )
-        self.snapshots_ref = snapshots
-        if self.base_image_id is not None:
-            snapshots.tell(SetBaseImage(self.base_image_id))
-        labels = self._container_labels
-
-        def spawner_factory(name: str, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(
-                engine, snapshots, settings, clock, name, supervisor, labels, metrics=metrics
+        self._actors = start_actors(
+            Wiring(
+                engine,
+                store,
+                self.settings,
+                self.clock,
+                container_labels=self._container_labels,
+                on_fatal=self._on_fatal,
+                base_image_id=self.base_image_id,
+                metrics=self.metrics,
+                secrets=self.secrets,
             )
-
-        # Events from here on are replayed to the Watcher: an exit between the
-        # Supervisor's recovery listing and the stream opening is not lost.
-        since = clock.now()
-        supervisor = Supervisor.start(
-            engine,
-            store,
-            settings,
-            clock,
-            snapshots,
-            spawner_factory,
-            self._on_fatal,
-            metrics=metrics,
-            secrets=self.secrets,
         )
-        self.supervisor_ref = supervisor
+        self.snapshots_ref = self._actors.snapshots
+        self.supervisor_ref = supervisor = self._actors.supervisor
+        self.watcher = self._actors.watcher
+        assert supervisor is not None
         try:
             supervisor.ask(GetStatus(), block=True, timeout=ASK_TIMEOUT_S)
         except pykka.ActorDeadError as exc:
             raise SnapyardError(
                 "the supervisor failed to start (recovery of unfinished jobs failed); see the log"
             ) from exc
-        self.watcher = Watcher(
-            engine,
-            supervisor,
-            snapshots,
-            clock,
-            since=since,
-            backoff_initial_s=settings.retry.backoff_initial_s,
-            backoff_max_s=settings.retry.backoff_max_s,
-        )
-        self.watcher.start()
-        sup = settings.supervisor
-        self.scheduler.every(sup.tick_interval_s, supervisor, Tick)
-        self.scheduler.every(
-            settings.snapshots.sweep_interval_s, snapshots, lambda _now: SweepSnapshots()
-        )
-        # The first orphan sweep waits one grace period: re-adoption comes first.
-        self.scheduler.every(
-            sup.orphan_sweep_interval_s, supervisor, SweepOrphans, first_after_s=sup.orphan_grace_s
-        )
-        self.scheduler.start(granularity_s=sup.tick_interval_s)
 
     def stop(self, drain: bool = False, timeout_s: float | None = None) -> None:
         """Stop intake, then the timers, the Watcher and the actors, in reverse order.
@@ -279,17 +239,10 @@ class Snapyard:
         )
 
     def _stop_actors(self, timeout_s: float) -> None:
-        self.scheduler.stop()
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher = None
-        for ref in (self.supervisor_ref, self.snapshots_ref):
-            if ref is None:
-                continue
-            try:
-                ref.stop(timeout=timeout_s)
-            except (pykka.ActorDeadError, pykka.Timeout):
-                log.warning("%s did not stop within %.1fs", ref, timeout_s)
+        if self._actors is not None:
+            self._actors.stop(timeout_s)
+            self._actors = None
+        self.watcher = None
         self.supervisor_ref = None
         self.snapshots_ref = None
 

@@ -17,7 +17,7 @@ from actors.engine.base import Engine, EngineError, ImageMissing
 from actors.labels import LABEL_WORKER_DIGEST
 from actors.private_files import ensure_private_dir, loose_permissions
 from actors.settings import Settings, SettingsError, config_path_from_env, load_settings
-from actors.store import JobStore
+from actors.store import SqliteStore
 from actors.worker_image import (
     WorkerImageError,
     build_context,
@@ -53,7 +53,7 @@ def _check_store(settings: Settings) -> _Check:
     path = settings.store_path
     try:
         ensure_private_dir(settings.data_dir)
-        with JobStore(path) as store:
+        with SqliteStore(path) as store:
             counts = store.count_by_state()
     except Exception as exc:
         return (

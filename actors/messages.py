@@ -42,6 +42,7 @@ __all__ = [
     "Started",
     "StopDispatching",
     "Submit",
+    "Supervise",
     "SupervisorStatus",
     "SweepOrphans",
     "SweepSnapshots",
@@ -237,13 +238,23 @@ class Reconcile:
 
 @dataclass(frozen=True)
 class ActorCrashed:
-    """A child actor died; its parent decides whether to restart it."""
+    """A child actor crashed; its parent decides whether to restart it."""
 
     name: str
     error: str
     job_id: str | None = None
     # Which incarnation died: a report about one already replaced is stale.
     urn: str | None = None
+    # It restarted itself in place (its address lives on); else it is dead.
+    restarted: bool = False
+
+
+@dataclass(frozen=True)
+class Supervise:
+    """To a parent: this child is yours; its crash reports (ActorCrashed) name it."""
+
+    name: str
+    ref: Ref
 
 
 @dataclass(frozen=True)
@@ -260,7 +271,13 @@ class StopDispatching:
 
 @dataclass(frozen=True)
 class GetStatus:
-    """Ask: the Supervisor's counts, for health checks and draining."""
+    """Ask: the Supervisor's counts, for health checks and draining.
+
+    ``deadlines`` adds when each job is next due (``SupervisorStatus.due``):
+    it reads the store's backing-off jobs, so a health probe leaves it off.
+    """
+
+    deadlines: bool = False
 
 
 @dataclass(frozen=True)

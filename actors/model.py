@@ -123,6 +123,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     deadline: float | None = None
+    # Not before: a re-queued start backs off until then (None: at once).
+    retry_at: float | None = None
 
     @property
     def key(self) -> SnapshotKey:

@@ -8,6 +8,7 @@ what is an orphan: the Supervisor, which knows every unfinished job, does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -15,7 +16,7 @@ import pykka
 
 from actors.engine.base import ContainerMissing, Engine, EngineError
 from actors.labels import LABEL_MANAGED, MANAGED_FILTER
-from actors.messages import ContainersListed, ListContainers, RemoveContainer
+from actors.messages import ActorCrashed, ContainersListed, ListContainers, RemoveContainer
 from actors.telemetry import capture_error
 
 __all__ = ["Reaper"]
@@ -26,13 +27,19 @@ log = logging.getLogger(__name__)
 class Reaper(pykka.ThreadingActor):
     """Lists managed containers and removes the ones the Supervisor names."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, parent: pykka.ActorRef[Any] | None = None, name: str = "reaper"
+    ) -> None:
+        """``parent`` hears of every bug (``ActorCrashed``): it counts them."""
         super().__init__()
         self._engine = engine
+        self._parent = parent
+        self._name = name
 
     def on_receive(self, message: Any) -> Any:
         # Every failure is caught: a tell handler that raises would stop the
         # actor silently, and the Supervisor would wait for a reply forever.
+        # It has no state to lose, so going on is its restart; its parent counts.
         try:
             match message:
                 case ListContainers():
@@ -44,6 +51,16 @@ class Reaper(pykka.ThreadingActor):
         except Exception as exc:
             log.exception("reaper: %s failed", type(message).__name__)
             capture_error(exc, source="reaper")
+            if self._parent is not None:
+                with contextlib.suppress(pykka.ActorDeadError):
+                    self._parent.tell(
+                        ActorCrashed(
+                            self._name,
+                            f"{type(exc).__name__}: {exc}",
+                            urn=self.actor_urn,
+                            restarted=True,
+                        )
+                    )
         return None
 
     def _list(self, message: ListContainers) -> None:

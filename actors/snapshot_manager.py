@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -49,7 +49,6 @@ from actors.messages import (
 from actors.metrics import Metrics
 from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
-from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.telemetry import capture_error
 
@@ -76,20 +75,20 @@ class SnapshotManager(pykka.ThreadingActor):
         engine: Engine,
         settings: Settings,
         clock: Clock,
-        supervisor: pykka.ActorRef[Any] | None = None,
+        parent: pykka.ActorRef[Any] | None = None,
         name: str = "snapshot-manager",
-        on_fatal: Callable[[str], None] | None = None,
         *,
         metrics: Metrics | None = None,
     ) -> None:
-        """``on_fatal`` hears when the restart budget is spent and the manager stops;
-        ``metrics`` is the app's (None: a private registry nobody scrapes)."""
+        """``parent`` hears every crash (``ActorCrashed``) and decides past how many
+        the manager must stop (``actors.restarts.Root``); ``metrics`` is the app's
+        (None: a private registry nobody scrapes)."""
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
         self._settings = settings
         self._clock = clock
-        self._supervisor = supervisor
+        self._parent = parent
         self._name = name
         self._registry: dict[SnapshotKey, Snapshot] = {}
         # Evicted or replaced images not deleted yet: in use (409), a parent of
@@ -98,17 +97,19 @@ class SnapshotManager(pykka.ThreadingActor):
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self._base_image_id: str | None = None
         self._needs_rebuild = True
-        self._on_fatal = on_fatal
-        self._restarts = RestartIntensity(
-            settings.supervisor.restart_max, settings.supervisor.restart_window_s
-        )
 
     # --- life cycle --------------------------------------------------------
 
     def on_start(self) -> None:
-        self._resolve_base()
-        self._rebuild()
-        self._delete_pending()
+        try:
+            self._resolve_base()
+            self._rebuild()
+            self._delete_pending()
+        except Exception as exc:
+            # pykka calls no on_failure when on_start fails: report it here.
+            capture_error(exc, source="snapshot_manager")
+            self._report(f"{type(exc).__name__}: {exc}")
+            raise
 
     def on_failure(
         self,
@@ -120,10 +121,7 @@ class SnapshotManager(pykka.ThreadingActor):
         # restarted manager rebuilds the registry from labels, losing nothing.
         if exception_value is not None:
             capture_error(exception_value, source="snapshot_manager")
-        if self._supervisor is not None:
-            self._supervisor.tell(
-                ActorCrashed(name=self._name, error=f"{exception_type}: {exception_value}")
-            )
+        self._report(f"{exception_type}: {exception_value}")
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -136,19 +134,11 @@ class SnapshotManager(pykka.ThreadingActor):
 
         The registry is only a cache of the engine's labelled images, so a
         restart is a rebuild from them; Spawners, the Watcher and the API keep
-        the same ActorRef. Past the restart budget we stop for good and say so.
+        the same ActorRef and nothing in the inbox is lost. The crash goes to
+        the parent, which stops us past its restart budget.
         """
         capture_error(exc, source="snapshot_manager", extras={"message": type(message).__name__})
-        if not self._restarts.record(self._clock.now()):
-            reason = (
-                f"the SnapshotManager failed {self._restarts.describe()}; "
-                f"the last error: {type(exc).__name__}: {exc}"
-            )
-            log.critical("%s; stopping it", reason)
-            if self._on_fatal is not None:
-                self._on_fatal(reason)
-            self.actor_ref.stop(block=False)  # an ask's failure would not stop us
-            raise exc
+        self._report(f"{type(exc).__name__}: {exc}", restarted=True)
         log.exception(
             "%s failed on %s; rebuilding the registry", self._name, type(message).__name__
         )
@@ -161,6 +151,15 @@ class SnapshotManager(pykka.ThreadingActor):
         if isinstance(message, ListSnapshots | RemoveSnapshot):
             raise exc  # the asker gets the error; the actor lives on
         return None
+
+    def _report(self, error: str, *, restarted: bool = False) -> None:
+        if self._parent is None:
+            return
+        try:
+            crash = ActorCrashed(self._name, error, urn=self.actor_urn, restarted=restarted)
+            self._parent.tell(crash)
+        except pykka.ActorDeadError:
+            log.warning("%s: its parent is gone; the crash is only logged", self._name)
 
     def _handle(self, message: Any) -> Any:
         match message:

@@ -28,9 +28,10 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
+from tenacity.wait import wait_base
 
+from actors.backoff import backoff
 from actors.clock import Clock
 from actors.engine.base import (
     ContainerMissing,
@@ -87,7 +88,6 @@ __all__ = [
     "BaseImageMissing",
     "Spawner",
     "StaleSnapshot",
-    "start_pool",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,8 @@ class Spawner(pykka.ThreadingActor):
             errors.append(f"could not read logs: {exc}")
             self._capture(exc, spec, msg.job_id, msg.container_id)
         snapshot_id: str | None = None
-        if msg.commit and msg.exit_code == 0:
+        # Whether to commit was decided once, by the Supervisor (flight.on_exit).
+        if msg.commit:
             try:
                 snapshot_id = self._commit(msg)
             except EngineError as exc:
@@ -568,13 +569,8 @@ class Spawner(pykka.ThreadingActor):
 
     # --- helpers -----------------------------------------------------------
 
-    def _backoff(self) -> wait_exponential_jitter:
-        retry = self._settings.retry
-        return wait_exponential_jitter(
-            multiplier=retry.backoff_initial_s,
-            max=retry.backoff_max_s,
-            jitter=retry.backoff_initial_s,
-        )
+    def _backoff(self) -> wait_base:
+        return backoff(self._settings.retry)
 
     def _patiently(self, call: Callable[..., T], *args: Any) -> T:
         """One engine call, retried through a blip like a start is; other errors pass."""
@@ -634,24 +630,3 @@ def _scrubbed_env(base_env: tuple[str, ...], spec: JobSpec) -> list[str]:
             env.append(f"{key}=")
             defined.add(key)
     return env
-
-
-def start_pool(
-    n: int,
-    engine: Engine,
-    snapshots: pykka.ActorRef[Any],
-    settings: Settings,
-    clock: Clock,
-    supervisor: pykka.ActorRef[Any] | None = None,
-    prefix: str = "spawner",
-    labels: Mapping[str, str] | None = None,
-    *,
-    metrics: Metrics | None = None,
-) -> list[pykka.ActorRef[Spawner]]:
-    """Start ``n`` Spawners named ``{prefix}-1`` .. ``{prefix}-n``."""
-    return [
-        Spawner.start(
-            engine, snapshots, settings, clock, f"{prefix}-{i}", supervisor, labels, metrics=metrics
-        )
-        for i in range(1, n + 1)
-    ]

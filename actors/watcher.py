@@ -24,10 +24,12 @@ from typing import Any
 
 import pykka
 
+from actors.backoff import backoff, delay_after
 from actors.clock import Clock
 from actors.engine.base import Engine, EngineEvent, EngineUnavailable, EventStream
 from actors.labels import LABEL_MANAGED
 from actors.messages import ContainerExited, ImageDeleted, Reconcile
+from actors.settings import RetrySettings
 from actors.telemetry import capture_error
 
 __all__ = ["Watcher"]
@@ -49,20 +51,19 @@ class Watcher:
         snapshots: pykka.ActorRef[Any],
         clock: Clock,
         since: float | None = None,
-        backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        retry: RetrySettings | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
         """``since``: replay events from this time on (the moment recovery listed
         the containers), so nothing between that listing and this stream is missed.
-        ``sleep`` defaults to ``clock.sleep``; it is the backoff between reconnects."""
+        ``retry`` sets the reconnect backoff (the one policy, ``actors.backoff``);
+        ``sleep`` defaults to ``clock.sleep``: it waits that backoff."""
         self._engine = engine
         self._supervisor = supervisor
         self._snapshots = snapshots
         self._clock = clock
         self._since = since
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
+        self._backoff = backoff(retry or RetrySettings())
         self._sleep = sleep or clock.sleep
         self._lock = threading.Lock()
         self._stream: EventStream | None = None
@@ -144,10 +145,7 @@ class Watcher:
         else:
             log.exception("event stream failed; reconnecting")
             capture_error(exc, source="watcher")
-        # The exponent is capped: an outage of hours means thousands of
-        # failures, and 2 ** 1024 would overflow a float and kill this thread.
-        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(failures - 1, 32))
-        self._sleep(delay)
+        self._sleep(delay_after(self._backoff, failures))
 
     def _on_event(self, event: EngineEvent) -> None:
         match event.kind:

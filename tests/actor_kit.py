@@ -21,6 +21,7 @@ import pykka
 from actors.clock import Clock, FakeClock
 from actors.engine.base import Engine
 from actors.engine.memory import MemoryEngine
+from actors.flight import commit_decision
 from actors.labels import (
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
@@ -45,8 +46,7 @@ from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot, SnapshotKey
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
-from actors.spawner import start_pool
+from actors.wiring import spawner_factory, start_root, start_snapshots
 
 BASE_TAG = "snapyard-worker:test"
 REPLY_TIMEOUT_S = 10.0
@@ -125,6 +125,8 @@ class SpawnRig(Generic[E]):
     collector: pykka.ActorRef[Collector] | None = None
     # The rig's own registry: a test reads exactly what its actors recorded.
     metrics: Metrics = field(default_factory=Metrics.unscraped)
+    root: pykka.ActorRef[Any] | None = None
+    fatal: list[str] = field(default_factory=list)
     _next: int = 0
 
     def start(
@@ -134,21 +136,17 @@ class SpawnRig(Generic[E]):
         prefix: str = "spawner",
         labels: Mapping[str, str] | None = None,
     ) -> SpawnRig[E]:
-        self.manager = SnapshotManager.start(
-            self.engine, self.settings, self.clock, metrics=self.metrics
+        """The application's wiring for these parts: the manager under a Root,
+        the Spawners from the same factory, reporting to the Collector."""
+        self.root = start_root(self.settings, self.clock, self.fatal.append)
+        self.manager = start_snapshots(
+            self.engine, self.settings, self.clock, self.root, self.metrics
         )
         self.collector = Collector.start(self.inbox)
-        self.spawners = start_pool(
-            spawners,
-            self.engine,
-            self.manager,
-            self.settings,
-            self.clock,
-            self.collector,
-            prefix=prefix,
-            labels=labels,
-            metrics=self.metrics,
+        factory = spawner_factory(
+            self.engine, self.manager, self.settings, self.clock, labels, self.metrics
         )
+        self.spawners = [factory(f"{prefix}-{i}", self.collector) for i in range(1, spawners + 1)]
         return self
 
     @property
@@ -162,9 +160,10 @@ class SpawnRig(Generic[E]):
 
     def restart_manager(self) -> None:
         assert self.manager is not None
+        assert self.root is not None
         self.manager.stop()
-        self.manager = SnapshotManager.start(
-            self.engine, self.settings, self.clock, metrics=self.metrics
+        self.manager = start_snapshots(
+            self.engine, self.settings, self.clock, self.root, self.metrics
         )
 
     # --- SnapshotManager ---------------------------------------------------
@@ -223,7 +222,9 @@ class SpawnRig(Generic[E]):
         ref = self.spawners[0]
         if spawner is not None:
             ref = next(r for r in self.spawners if r.proxy().name.get() == spawner)
-        ref.tell(Finish(job_id, spec, container_id, exit_code, snapshots, self.collector))
+        # As the Supervisor decides it (flight.commit_decision): commit a clean exit only.
+        commit = commit_decision(exit_code, None, snapshots_on=snapshots)
+        ref.tell(Finish(job_id, spec, container_id, exit_code, commit, self.collector))
         reply = self.reply()
         assert isinstance(reply, Finished), reply
         self.settle()

@@ -26,7 +26,7 @@ from session_labels import SNAPSHOT_REPOSITORY, TEST_LABELS
 from actors.engine.base import ContainerMissing, Engine, EngineError
 from actors.labels import LABEL_PROJECT, LABEL_ROLE
 from actors.model import Job, JobState, validate_spec
-from actors.store import JobStore, new_job_id
+from actors.store import SqliteStore, new_job_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -121,7 +121,7 @@ def queue_job(data_dir: Path, project: str, command: list[str], timeout_s: float
         JobState.QUEUED,
         time.time(),
     )
-    with JobStore(data_dir / "snapyard.db") as store:
+    with SqliteStore(data_dir / "snapyard.db") as store:
         store.add(job, note="queued by the test")
     return job.id
 
@@ -131,7 +131,7 @@ def test_sigkilled_supervisor_restarts_readopts_the_container_and_commits(
 ) -> None:
     data_dir = Path(yard_env["SNAPYARD_DATA_DIR"])
     job_id = queue_job(data_dir, project, ["sh", "-c", "sleep 4; echo worked"], timeout_s=120)
-    store = JobStore(data_dir / "snapyard.db")
+    store = SqliteStore(data_dir / "snapyard.db")
     first = Process(yard_env, tmp_path / "first.log")
     try:
         running = poll(lambda: store.get(job_id), lambda j: j.state is JobState.RUNNING, "running")
@@ -166,7 +166,7 @@ def test_worker_past_its_timeout_is_timed_out_and_its_container_gone(
 ) -> None:
     data_dir = Path(yard_env["SNAPYARD_DATA_DIR"])
     job_id = queue_job(data_dir, project, ["sh", "-c", "sleep 300"], timeout_s=2)
-    store = JobStore(data_dir / "snapyard.db")
+    store = SqliteStore(data_dir / "snapyard.db")
     proc = Process(yard_env, tmp_path / "run.log")
     try:
         done = poll(lambda: store.get(job_id), lambda j: j.state.terminal, "the job to end")

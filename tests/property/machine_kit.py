@@ -51,21 +51,17 @@ from actors.messages import (
     ListSnapshots,
     StopDispatching,
     SupervisorStatus,
-    SweepOrphans,
-    SweepSnapshots,
-    Tick,
 )
 from actors.model import Snapshot
 from actors.naming import snapshot_image_name
 from actors.reaper import Reaper
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
-from actors.store import JobStore
-from actors.supervisor import Supervisor
+from actors.store import SqliteStore
 from actors.telemetry import Secrets
 from actors.timers import Scheduler
 from actors.watcher import Watcher
+from actors.wiring import Actors, Wiring, start_actors
 
 BASE_TAG = "snapyard-worker:machine"
 REPOSITORY = "snapyard-snapshot"
@@ -405,7 +401,7 @@ class Rig:
         add_base(self.engine)
         self._dir = tempfile.TemporaryDirectory(prefix="snapyard-machine-")
         self.store_path = Path(self._dir.name) / "jobs.db"
-        self.store = JobStore(self.store_path, self.clock)
+        self.store = SqliteStore(self.store_path, self.clock)
         self.scheduler = Scheduler(self.clock)
         self.available = True
         self._wake = threading.Event()
@@ -413,74 +409,52 @@ class Rig:
         self.sup: pykka.ActorRef[Any] | None = None
         self.snapshots: pykka.ActorRef[Any] | None = None
         self.fatal: list[str] = []
+        self.actors: Actors | None = None
 
     # --- life cycle --------------------------------------------------------
 
     def start(self) -> None:
-        engine, settings, clock = self.engine, self.settings, self.clock
-        snapshots = SnapshotManager.start(engine, settings, clock)
-
-        def factory(name: str, sup: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(engine, snapshots, settings, clock, name, sup)
-
-        since = clock.now()
-        sup = Supervisor.start(
-            engine,
-            self.store,
-            settings,
-            clock,
-            snapshots,
-            factory,
-            self.fatal.append,
-            secrets=self.secrets,
-        )
-        self.snapshots, self.sup = snapshots, sup
+        """The application's wiring; the timers fire when ``advance`` runs them."""
         # The Watcher's reconnect backoff waits for the engine to come back
         # (or for stop()): a FakeClock sleep would spin while it is down.
         wake = threading.Event()
         if self.available:
             wake.set()
         self._wake = wake
-        self.watcher = Watcher(
-            engine, sup, snapshots, clock, since=since, sleep=lambda _s: wake.wait(SETTLE_S)
+        self.actors = start_actors(
+            Wiring(
+                self.engine,
+                self.store,
+                self.settings,
+                self.clock,
+                on_fatal=self.fatal.append,
+                watcher_sleep=lambda _s: wake.wait(SETTLE_S),
+                run_timers=False,
+                secrets=self.secrets,
+            )
         )
-        self.watcher.start()
-        sup_settings = settings.supervisor
-        self.scheduler = Scheduler(clock)
-        self.scheduler.every(sup_settings.tick_interval_s, sup, Tick)
-        self.scheduler.every(
-            settings.snapshots.sweep_interval_s, snapshots, lambda _now: SweepSnapshots()
-        )
-        self.scheduler.every(
-            sup_settings.orphan_sweep_interval_s,
-            sup,
-            SweepOrphans,
-            first_after_s=sup_settings.orphan_grace_s,
-        )
+        self.snapshots, self.sup = self.actors.snapshots, self.actors.supervisor
+        self.watcher = self.actors.watcher
+        self.scheduler = self.actors.scheduler
 
     def stop(self, graceful: bool = True) -> None:
         """Stop like the application does: no new starts, let Spawners finish, stop in reverse."""
-        if self.sup is None or self.snapshots is None:
+        if self.sup is None or self.snapshots is None or self.actors is None:
             return
         if graceful and self.sup.is_alive():
             with contextlib.suppress(pykka.ActorDeadError):
                 self.sup.tell(StopDispatching())
                 self.settle()
-        self.scheduler.stop()
-        if self.watcher is not None:
-            self._wake.set()
-            self.watcher.stop()
-            self.watcher = None
-        with contextlib.suppress(pykka.ActorDeadError):
-            self.sup.stop(timeout=ASK_S)
-        with contextlib.suppress(pykka.ActorDeadError):
-            self.snapshots.stop(timeout=ASK_S)
+        self._wake.set()  # a Watcher waiting out its backoff must see the stop
+        self.actors.stop(ASK_S)
+        self.watcher = None
+        self.actors = None
         self.sup = self.snapshots = None
 
     def restart(self, graceful: bool = True) -> None:
         self.stop(graceful)
         self.store.close()
-        self.store = JobStore(self.store_path, self.clock)
+        self.store = SqliteStore(self.store_path, self.clock)
         self.start()
 
     def close(self) -> None:
@@ -516,7 +490,7 @@ class Rig:
         return found
 
     def status(self) -> SupervisorStatus:
-        status: SupervisorStatus = self.ask_sup(GetStatus())
+        status: SupervisorStatus = self.ask_sup(GetStatus(deadlines=True))
         return status
 
     def advance(self, seconds: float) -> None:
@@ -560,7 +534,7 @@ class Rig:
                     with contextlib.suppress(pykka.ActorDeadError):
                         ref.ask(ProxyGetAttr(attr_path=("actor_urn",)), timeout=ASK_S)
             registry = tuple((s.key, s.image_id) for s in self.registry())
-            status: SupervisorStatus = self.ask_sup(GetStatus())
+            status: SupervisorStatus = self.ask_sup(GetStatus(deadlines=True))
             with self.engine._lock:
                 calls = len(self.engine.calls)
             current = (calls, self.engine.events_pushed(), status, registry)

@@ -16,7 +16,7 @@ from actors.clock import FakeClock
 from actors.engine.memory import MemoryEngine
 from actors.model import JobState, SnapshotKey, validate_spec
 from actors.settings import Settings
-from actors.store import JobStore
+from actors.store import SqliteStore
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import REDACTED
 
@@ -95,7 +95,7 @@ def test_stop_with_drain_waits_for_running_jobs(
     _running_container(app, job.id)
     clock.advance(6)  # the job's deadline passes; the timers keep running while draining
     app.stop(drain=True, timeout_s=WAIT_S)
-    with JobStore(tmp_path / "data" / "snapyard.db") as store:
+    with SqliteStore(tmp_path / "data" / "snapyard.db") as store:
         final = store.get(job.id)
     assert final is not None
     assert final.state is JobState.TIMED_OUT
@@ -177,7 +177,7 @@ def test_drain_waits_for_running_jobs_past_the_shutdown_timeout(
     engine.exit_container(container or "", 0)
     stopper.join(WAIT_S)
     assert app.stopped.is_set()
-    finished = JobStore(tmp_path / "data" / "snapyard.db").get(job.id)
+    finished = SqliteStore(tmp_path / "data" / "snapyard.db").get(job.id)
     assert finished is not None
     assert finished.state is JobState.SUCCEEDED
 

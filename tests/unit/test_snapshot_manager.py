@@ -400,18 +400,19 @@ def test_a_bug_in_lookup_is_a_miss_not_a_crash(
 def test_past_the_restart_budget_the_manager_stops_and_says_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Its parent (the Root) counts its crashes, stops it past the budget, and says why."""
     rig = make_rig(spawn_settings(supervisor={"restart_max": 2, "restart_window_s": 60.0}))
-    fatal: list[str] = []
-    rig.manager = SnapshotManager.start(rig.engine, rig.settings, rig.clock, on_fatal=fatal.append)
+    rig.start(spawners=0)
+    assert rig.manager is not None
     _break_once(monkeypatch, "_sweep", times=10)
     for _ in range(3):
         with contextlib.suppress(RuntimeError, pykka.ActorDeadError):
             rig.manager.ask(SweepSnapshots(), timeout=5)
     rig.manager.actor_stopped.wait(5)
     assert not rig.manager.is_alive()
-    assert len(fatal) == 1
-    assert "failed 3 times within 60s (restart_max = 2)" in fatal[0]
-    assert "injected bug in _sweep" in fatal[0]
+    assert len(rig.fatal) == 1
+    assert "failed 3 times within 60s (restart_max = 2)" in rig.fatal[0]
+    assert "injected bug in _sweep" in rig.fatal[0]
 
 
 def test_register_evicts_in_memory_without_listing_images_so_lookups_never_wait(

@@ -41,7 +41,8 @@ from actors.messages import (
     Terminated,
 )
 from actors.model import JobSpec, SnapshotKey
-from actors.spawner import Spawner, start_pool
+from actors.pool import SpawnerPool
+from actors.wiring import spawner_factory
 
 SECRET = "s3cr3t-value-never-in-an-image"
 SPEC = JobSpec(project="proj", work_item="item-1", agent_type="coder", env={"API_TOKEN": SECRET})
@@ -621,10 +622,13 @@ def test_dead_snapshot_manager_degrades_to_base_starts(rig: MemoryRig) -> None:
     assert isinstance(finished, Finished)
 
 
-def test_start_pool_starts_named_spawners(rig: MemoryRig) -> None:
+def test_the_pool_starts_named_spawners(rig: MemoryRig) -> None:
     assert rig.manager is not None
-    refs = start_pool(3, rig.engine, rig.manager, rig.settings, rig.clock)
-    assert [ref.proxy().name.get() for ref in refs] == ["spawner-1", "spawner-2", "spawner-3"]
+    assert rig.collector is not None
+    pool = SpawnerPool(spawner_factory(rig.engine, rig.manager, rig.settings, rig.clock), 3)
+    pool.start(rig.collector)
+    names = [ref.proxy().name.get() for ref in pool.refs.values()]
+    assert names == ["spawner-1", "spawner-2", "spawner-3"]
 
 
 def test_one_key_per_snapshot_even_with_many_keys(rig: MemoryRig) -> None:
@@ -648,9 +652,8 @@ def test_a_failing_lookup_is_a_miss_and_the_spawner_lives_on() -> None:
     rig = make_rig()
     rig.manager = _FailingManager.start()
     rig.collector = Collector.start(rig.inbox)
-    rig.spawner = Spawner.start(
-        rig.engine, rig.manager, rig.settings, rig.clock, "spawner-1", rig.collector
-    )
+    factory = spawner_factory(rig.engine, rig.manager, rig.settings, rig.clock)
+    rig.spawner = factory("spawner-1", rig.collector)
     try:
         started = rig.spawn("job-1", SPEC)
         assert isinstance(started, Started)

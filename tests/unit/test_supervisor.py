@@ -34,10 +34,10 @@ from actors.messages import (
 )
 from actors.model import InvalidJob, Job, JobState, SnapshotKey, validate_spec
 from actors.settings import AgentTypeSettings, ProjectSettings
-from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
 from actors.store import new_job_id
 from actors.supervisor import SupervisorStopped, job_timeout
+from actors.wiring import spawner_factory, start_root, start_snapshots
 
 
 @pytest.fixture(autouse=True)
@@ -472,14 +472,15 @@ def test_restart_after_a_commit_whose_outcome_was_not_recorded_is_succeeded(
     yard.stop()
     yard.engine.exit_container(container_id, 0)
     inbox: queue.Queue[Any] = queue.Queue()
-    manager = SnapshotManager.start(yard.engine, yard.settings, yard.clock)
-    spawner = Spawner.start(yard.engine, manager, yard.settings, yard.clock, "spawner-x")
+    root = start_root(yard.settings, yard.clock, None)
+    manager = start_snapshots(yard.engine, yard.settings, yard.clock, root)
+    spawner = spawner_factory(yard.engine, manager, yard.settings, yard.clock)("spawner-x", root)
     collector = Collector.start(inbox)
     spawner.tell(Finish(job.id, job.spec, container_id, 0, True, collector))
     finished = inbox.get(timeout=10)
     assert isinstance(finished, Finished)
     assert finished.snapshot_image_id is not None
-    for ref in (spawner, manager, collector):
+    for ref in (spawner, manager, collector, root):
         ref.stop()
     assert not yard.exists(container_id)
 
@@ -657,7 +658,8 @@ def test_status_says_when_a_refused_start_and_a_running_job_are_due(tmp_path: Pa
         lambda notes: any(n and n.startswith("will retry") for n in notes),
         "a retryable spawn failure",
     )
-    status: SupervisorStatus = yard.sup.ask(GetStatus(), timeout=10)
+    assert yard.sup.ask(GetStatus(), timeout=10).due == ()  # a health probe's ask: cheap
+    status: SupervisorStatus = yard.sup.ask(GetStatus(deadlines=True), timeout=10)
     due = dict(status.due)
     assert due[running.id] == running.deadline
     assert due[refused.id] > yard.clock.now()  # its backoff, not a guess
@@ -711,7 +713,7 @@ def test_spawner_crash_mid_job_restarts_it_and_retries_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     captured: list[BaseException] = []
-    monkeypatch.setattr("actors.supervisor.capture_error", lambda exc, **_kw: captured.append(exc))
+    monkeypatch.setattr("actors.reconcile.capture_error", lambda exc, **_kw: captured.append(exc))
     yard = Yard(tmp_path, yard_settings(spawners=1)).start()
 
     def boom() -> None:
@@ -798,7 +800,7 @@ def test_one_spawner_crash_is_handled_once_when_a_dispatch_also_finds_it_dead(
     stopping the healthy replacement) and charging an innocent job."""
     captured: list[str] = []
     monkeypatch.setattr(
-        "actors.supervisor.capture_error", lambda exc, **_kw: captured.append(str(exc))
+        "actors.reconcile.capture_error", lambda exc, **_kw: captured.append(str(exc))
     )
     gate = threading.Event()
     original = Spawner.on_failure

@@ -23,11 +23,9 @@ from actors.messages import GetJob, Reconcile, Submit, Tick
 from actors.metrics import Metrics
 from actors.model import Job, JobState, validate_spec
 from actors.settings import Settings
-from actors.snapshot_manager import SnapshotManager
-from actors.spawner import Spawner
-from actors.store import JobStore
-from actors.supervisor import Supervisor
+from actors.store import JobStore, SqliteStore
 from actors.watcher import Watcher
+from actors.wiring import Actors, Wiring, start_actors
 
 ASK_S = 10.0
 
@@ -68,7 +66,7 @@ class Yard:
         self.clock = clock or FakeClock()
         self.engine = engine or new_engine(self.clock)
         self.settings = settings or yard_settings()
-        self.store = store or JobStore(tmp_path / "jobs.db", self.clock)
+        self.store = store or SqliteStore(tmp_path / "jobs.db", self.clock)
         self.use_watcher = watcher
         self.fatal: list[str] = []
         self.metrics = Metrics.unscraped()
@@ -78,45 +76,32 @@ class Yard:
         self.watcher: Watcher | None = None
         self.sup: pykka.ActorRef[Any]
         self.snapshots: pykka.ActorRef[Any]
+        self.actors: Actors
 
     def start(self) -> Yard:
-        engine, settings, clock = self.engine, self.settings, self.clock
-        metrics = self.metrics
-        self.snapshots = SnapshotManager.start(engine, settings, clock, metrics=metrics)
-        snapshots = self.snapshots
-
-        def factory(name: str, sup: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
-            return Spawner.start(engine, snapshots, settings, clock, name, sup, metrics=metrics)
-
-        since = clock.now()
-        self.sup = Supervisor.start(
-            engine,
-            self.store,
-            settings,
-            clock,
-            snapshots,
-            factory,
-            self.fatal.append,
-            metrics=metrics,
-        )
-        if self.use_watcher:
-            self.watcher = Watcher(
-                engine,
-                self.sup,
-                snapshots,
-                clock,
-                since=since,
-                sleep=lambda _s: self.engine_back.wait(EVENTUALLY_S),
+        """The application's wiring, with the timers left to the test (``tick``)."""
+        self.actors = start_actors(
+            Wiring(
+                self.engine,
+                self.store,
+                self.settings,
+                self.clock,
+                on_fatal=self.fatal.append,
+                watcher=self.use_watcher,
+                watcher_sleep=lambda _s: self.engine_back.wait(EVENTUALLY_S),
+                run_timers=False,
+                metrics=self.metrics,
             )
-            self.watcher.start()
+        )
+        assert self.actors.supervisor is not None
+        assert self.actors.snapshots is not None
+        self.sup, self.snapshots = self.actors.supervisor, self.actors.snapshots
+        self.watcher = self.actors.watcher
         return self
 
     def stop(self) -> None:
         """Like a supervisor process going away: containers keep running."""
-        if self.watcher is not None:
-            self.watcher.stop()
-        self.sup.stop(timeout=ASK_S)
-        self.snapshots.stop(timeout=ASK_S)
+        self.actors.stop(ASK_S)
 
     # --- asking ------------------------------------------------------------
 

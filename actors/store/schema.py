@@ -1,0 +1,190 @@
+"""The SQLite store's schema, its migrations, and the mapping between rows and Jobs.
+
+The schema is the contract: every transition is a short SQL statement on one
+row. It is versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a
+database at version n to n + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from actors.model import Job, JobSpec, JobState
+from actors.store.base import tail
+
+__all__ = ["COLUMNS", "MIGRATIONS", "SCHEMA_VERSION", "SELECT", "job_of", "row_of"]
+
+
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        work_item TEXT NOT NULL,
+        agent_type TEXT NOT NULL,
+        command TEXT,            -- JSON list, or NULL for the worker's default
+        env TEXT NOT NULL,       -- JSON object, secret
+        timeout_s REAL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL,
+        container_id TEXT,
+        image_id TEXT,
+        from_snapshot INTEGER NOT NULL,
+        snapshot_committed INTEGER NOT NULL,
+        exit_code INTEGER,
+        error TEXT,
+        logs_tail TEXT NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        deadline REAL
+    )
+    """,
+    "CREATE INDEX jobs_state ON jobs (state, created_at)",
+    "CREATE INDEX jobs_project ON jobs (project, created_at)",
+    "CREATE INDEX jobs_created ON jobs (created_at)",
+    """
+    CREATE TABLE job_history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        state TEXT NOT NULL,
+        at REAL NOT NULL,
+        note TEXT
+    )
+    """,
+    "CREATE INDEX job_history_job ON job_history (job_id, seq)",
+)
+
+
+def _schema_v1(db: sqlite3.Connection) -> None:
+    # Statement by statement: executescript() would commit the migration's
+    # transaction halfway and leave a half-built schema on a crash.
+    for statement in _SCHEMA_V1:
+        db.execute(statement)
+
+
+def _schema_v2(db: sqlite3.Connection) -> None:
+    """The store becomes the queue: key holders, backoff, and indexed claims.
+
+    ``holds_key`` marks the job that holds its (project, work item), from its
+    claim until its container is gone; the unique partial index makes a
+    second holder impossible. An old database's starting and running jobs
+    hold their keys (the oldest one per key, should a bug have left two).
+    The partial indexes spell their conditions as literals: SQLite uses a
+    partial index only for a query whose WHERE clause repeats them so.
+    """
+    db.execute("ALTER TABLE jobs ADD COLUMN holds_key INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN retry_at REAL")
+    db.execute(
+        """
+        UPDATE jobs SET holds_key = 1
+        WHERE state IN ('starting', 'running') AND id = (
+            SELECT other.id FROM jobs AS other
+            WHERE other.project = jobs.project AND other.work_item = jobs.work_item
+              AND other.state IN ('starting', 'running')
+            ORDER BY other.created_at, other.id LIMIT 1
+        )
+        """
+    )
+    db.execute(
+        "CREATE UNIQUE INDEX jobs_key_holder ON jobs (project, work_item) WHERE holds_key = 1"
+    )
+    db.execute("CREATE INDEX jobs_queue ON jobs (created_at, id) WHERE state = 'queued'")
+    db.execute(
+        "CREATE INDEX jobs_queue_by_key ON jobs (project, work_item, created_at, id) "
+        "WHERE state = 'queued'"
+    )
+
+
+# MIGRATIONS[n] takes a database at user_version n to n + 1. To change the
+# schema, append a function; never edit one that has shipped.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1, _schema_v2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+COLUMNS = (
+    "id",
+    "project",
+    "work_item",
+    "agent_type",
+    "command",
+    "env",
+    "timeout_s",
+    "state",
+    "created_at",
+    "attempts",
+    "container_id",
+    "image_id",
+    "from_snapshot",
+    "snapshot_committed",
+    "exit_code",
+    "error",
+    "logs_tail",
+    "started_at",
+    "finished_at",
+    "deadline",
+    "retry_at",
+)
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"  # noqa: S608 - constant column list
+
+
+def row_of(job: Job) -> tuple[Any, ...]:
+    spec = job.spec
+    return (
+        job.id,
+        spec.project,
+        spec.work_item,
+        spec.agent_type,
+        None if spec.command is None else json.dumps(list(spec.command)),
+        json.dumps(dict(spec.env), sort_keys=True),
+        spec.timeout_s,
+        job.state.value,
+        job.created_at,
+        job.attempts,
+        job.container_id,
+        job.image_id,
+        int(job.from_snapshot),
+        int(job.snapshot_committed),
+        job.exit_code,
+        job.error,
+        tail(job.logs_tail),
+        job.started_at,
+        job.finished_at,
+        job.deadline,
+        job.retry_at,
+    )
+
+
+def job_of(row: sqlite3.Row) -> Job:
+    command = row["command"]
+    # A few projects and agent types repeat over every row: one string each,
+    # not one per job read (a claimed job's spec lives as long as its run).
+    spec = JobSpec(
+        project=sys.intern(row["project"]),
+        work_item=row["work_item"],
+        agent_type=sys.intern(row["agent_type"]),
+        command=None if command is None else tuple(json.loads(command)),
+        env=json.loads(row["env"]),
+        timeout_s=row["timeout_s"],
+    )
+    return Job(
+        id=row["id"],
+        spec=spec,
+        state=JobState(row["state"]),
+        created_at=row["created_at"],
+        attempts=row["attempts"],
+        container_id=row["container_id"],
+        image_id=row["image_id"],
+        from_snapshot=bool(row["from_snapshot"]),
+        snapshot_committed=bool(row["snapshot_committed"]),
+        exit_code=row["exit_code"],
+        error=row["error"],
+        logs_tail=row["logs_tail"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        deadline=row["deadline"],
+        retry_at=row["retry_at"],
+    )

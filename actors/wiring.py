@@ -1,0 +1,190 @@
+"""One wiring: the actors started in dependency order and stopped in reverse.
+
+Start: Root (the top of the supervision tree) -> SnapshotManager -> Reaper ->
+Supervisor (starts its Spawner pool, recovers unfinished jobs) -> Watcher ->
+timers. Stop is the reverse, and never kills a running worker: its container
+keeps running and the next start re-adopts it. ``actors.app`` and every test
+kit start the actors here, so what the tests run is what production runs.
+
+Who restarts whom: the Supervisor restarts its Spawners; the Root counts the
+crashes of the SnapshotManager and the Reaper (which restart in place, keeping
+their addresses); both stop past the same bounded intensity
+(``supervisor.restart_max`` within ``restart_window_s``) and call ``on_fatal``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+from actors.clock import Clock
+from actors.engine.base import Engine
+from actors.messages import SetBaseImage, Supervise, SweepOrphans, SweepSnapshots, Tick
+from actors.metrics import Metrics
+from actors.pool import SpawnerFactory
+from actors.reaper import Reaper
+from actors.restarts import RestartIntensity, Root
+from actors.settings import Settings
+from actors.snapshot_manager import SnapshotManager
+from actors.spawner import Spawner
+from actors.store import JobStore
+from actors.supervisor import Supervisor
+from actors.telemetry import Secrets
+from actors.timers import Scheduler
+from actors.watcher import Watcher
+
+__all__ = ["Actors", "Wiring", "spawner_factory", "start_actors", "start_root"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the actors are built from. ``watcher_sleep`` waits the Watcher's
+    reconnect backoff (tests hold it); ``run_timers`` False leaves the timers
+    to the caller (``Scheduler.run_due``, or explicit Ticks)."""
+
+    engine: Engine
+    store: JobStore
+    settings: Settings
+    clock: Clock
+    container_labels: Mapping[str, str] = field(default_factory=dict)
+    on_fatal: Callable[[str], None] | None = None
+    base_image_id: str | None = None
+    watcher: bool = True
+    watcher_sleep: Callable[[float], None] | None = None
+    run_timers: bool = True
+    # The app's registry and scrub set; None: private ones nobody reads (tests).
+    metrics: Metrics | None = None
+    secrets: Secrets | None = None
+
+
+@dataclass
+class Actors:
+    """The running actors, in start order; ``stop`` goes in reverse."""
+
+    scheduler: Scheduler
+    root: pykka.ActorRef[Any] | None = None
+    snapshots: pykka.ActorRef[Any] | None = None
+    reaper: pykka.ActorRef[Any] | None = None
+    supervisor: pykka.ActorRef[Any] | None = None
+    watcher: Watcher | None = None
+
+    def stop(self, timeout_s: float) -> None:
+        self.scheduler.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        for ref in (self.supervisor, self.reaper, self.snapshots, self.root):
+            if ref is None:
+                continue
+            try:
+                ref.stop(timeout=timeout_s)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                log.warning("%s did not stop within %.1fs", ref, timeout_s)
+        self.supervisor = self.reaper = self.snapshots = self.root = None
+
+
+def start_root(
+    settings: Settings, clock: Clock, on_fatal: Callable[[str], None] | None
+) -> pykka.ActorRef[Any]:
+    """The top of the tree, with the restart intensity every parent uses."""
+    sup = settings.supervisor
+    return Root.start(RestartIntensity(sup.restart_max, sup.restart_window_s), clock, on_fatal)
+
+
+def start_snapshots(
+    engine: Engine,
+    settings: Settings,
+    clock: Clock,
+    root: pykka.ActorRef[Any],
+    metrics: Metrics | None = None,
+) -> pykka.ActorRef[Any]:
+    """The SnapshotManager, a child of ``root``."""
+    ref = SnapshotManager.start(engine, settings, clock, parent=root, metrics=metrics)
+    root.tell(Supervise("snapshot-manager", ref))
+    return ref
+
+
+def spawner_factory(
+    engine: Engine,
+    snapshots: pykka.ActorRef[Any],
+    settings: Settings,
+    clock: Clock,
+    labels: Mapping[str, str] | None = None,
+    metrics: Metrics | None = None,
+) -> SpawnerFactory:
+    """Builds (and, after a crash, rebuilds) the Spawner ``name`` under ``parent``."""
+    stamped = dict(labels or {})
+
+    def start(name: str, parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
+        return Spawner.start(
+            engine, snapshots, settings, clock, name, parent, stamped, metrics=metrics
+        )
+
+    return start
+
+
+def start_actors(wiring: Wiring) -> Actors:
+    """Start every actor in dependency order; on a failure, stop what started."""
+    engine, settings, clock = wiring.engine, wiring.settings, wiring.clock
+    sup = settings.supervisor
+    actors = Actors(Scheduler(clock))
+    try:
+        root = actors.root = start_root(settings, clock, wiring.on_fatal)
+        metrics = wiring.metrics
+        snapshots = actors.snapshots = start_snapshots(engine, settings, clock, root, metrics)
+        if wiring.base_image_id is not None:
+            snapshots.tell(SetBaseImage(wiring.base_image_id))
+        reaper = actors.reaper = Reaper.start(engine, root)
+        root.tell(Supervise("reaper", reaper))
+        factory = spawner_factory(
+            engine, snapshots, settings, clock, wiring.container_labels, metrics
+        )
+        # Events from here on are replayed to the Watcher: an exit between the
+        # Supervisor's recovery listing and the stream opening is not lost.
+        since = clock.now()
+        supervisor = actors.supervisor = Supervisor.start(
+            engine,
+            wiring.store,
+            settings,
+            clock,
+            snapshots,
+            reaper,
+            factory,
+            wiring.on_fatal,
+            metrics=metrics,
+            secrets=wiring.secrets,
+        )
+        if wiring.watcher:
+            actors.watcher = Watcher(
+                engine,
+                supervisor,
+                snapshots,
+                clock,
+                since=since,
+                retry=settings.retry,
+                sleep=wiring.watcher_sleep,
+            )
+            actors.watcher.start()
+        scheduler = actors.scheduler
+        scheduler.every(sup.tick_interval_s, supervisor, Tick)
+        scheduler.every(
+            settings.snapshots.sweep_interval_s, snapshots, lambda _now: SweepSnapshots()
+        )
+        # The first orphan sweep waits one grace period: re-adoption comes first.
+        scheduler.every(
+            sup.orphan_sweep_interval_s, supervisor, SweepOrphans, first_after_s=sup.orphan_grace_s
+        )
+        if wiring.run_timers:
+            scheduler.start(granularity_s=sup.tick_interval_s)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            actors.stop(timeout_s=sup.shutdown_timeout_s)
+        raise
+    return actors

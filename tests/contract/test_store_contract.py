@@ -1,0 +1,296 @@
+"""One suite, every store: what a job store must do to be Snapyard's queue.
+
+Each test runs against every implementation in ``STORES`` (SQLite today; the
+cluster's PostgreSQL store joins the list and must pass unchanged). The
+admission rules pinned here are the ones the Supervisor relied on when the
+queue lived in its memory: FIFO within the constraints, one active job per
+(project, work item), per-project and per-agent-type caps, requeue backoff,
+and a key that must wait never holding up other keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.clock import FakeClock
+from actors.model import Job, JobSpec, JobState, SnapshotKey
+from actors.store import Caps, JobStore, KeyHeld, SqliteStore, new_job_id
+
+NOW = 1_800_000_000.0
+
+Opener = Callable[[Path], JobStore]
+
+STORES: dict[str, Opener] = {
+    "sqlite": lambda path: SqliteStore(path / "jobs.db", FakeClock(NOW)),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def opener(request: pytest.FixtureRequest) -> Opener:
+    return STORES[request.param]
+
+
+@pytest.fixture
+def store(opener: Opener, tmp_path: Path) -> Iterator[JobStore]:
+    s = opener(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+_created = iter(range(1, 1_000_000))
+
+
+def job(
+    work_item: str = "w",
+    *,
+    project: str = "p",
+    agent_type: str = "default",
+    state: JobState = JobState.QUEUED,
+    retry_at: float | None = None,
+) -> Job:
+    """A job created one second after the previous one: FIFO order is creation order."""
+    spec = JobSpec(project, work_item, agent_type, env={"TOKEN": "secret"})
+    return Job(new_job_id(), spec, state, NOW - 1000 + next(_created), retry_at=retry_at)
+
+
+def queue(store: JobStore, *jobs: Job) -> list[Job]:
+    for j in jobs:
+        store.add(j, note="submitted")
+    return list(jobs)
+
+
+def ids(jobs: list[Job]) -> list[str]:
+    return [j.id for j in jobs]
+
+
+def caps(projects: dict[str, int] | None = None, agents: dict[str, int] | None = None) -> Caps:
+    p, a = projects or {}, agents or {}
+    return Caps(p.get, a.get)
+
+
+# --- rows and history -------------------------------------------------------------
+
+
+def test_a_job_round_trips_every_field(store: JobStore) -> None:
+    original = dataclasses.replace(
+        job(retry_at=NOW + 5),
+        attempts=2,
+        container_id="c" * 64,
+        image_id="sha256:" + "a" * 64,
+        from_snapshot=True,
+        exit_code=3,
+        error="boom",
+        logs_tail="line\n",
+        started_at=NOW - 10,
+        deadline=NOW + 100,
+    )
+    store.add(original)
+    assert store.get(original.id) == original
+    assert store.get(original.id).spec.env == {"TOKEN": "secret"}  # type: ignore[union-attr]
+    assert store.get("j-missing") is None
+
+
+def test_a_state_change_appends_history_and_a_field_change_does_not(store: JobStore) -> None:
+    (j,) = queue(store, job())
+    store.update(dataclasses.replace(j, error="still queued"))
+    store.update(dataclasses.replace(j, state=JobState.CANCELLED, finished_at=NOW), note="bye")
+    assert [(s, n) for s, _, n in store.history(j.id)] == [
+        (JobState.QUEUED, "submitted"),
+        (JobState.CANCELLED, "bye"),
+    ]
+
+
+# --- one active job per key, in the schema ------------------------------------------
+
+
+def test_a_second_active_job_of_a_key_is_refused(store: JobStore) -> None:
+    queue(store, job("w", state=JobState.RUNNING))
+    with pytest.raises(KeyHeld):
+        store.add(job("w", state=JobState.STARTING))
+    (waiting,) = queue(store, job("w"))
+    with pytest.raises(KeyHeld):
+        store.update(dataclasses.replace(waiting, state=JobState.RUNNING))
+    assert store.get(waiting.id) == waiting  # the refused write left nothing behind
+    queue(store, job("other", state=JobState.RUNNING))  # another key is free
+
+
+def test_a_cancelled_job_whose_container_still_runs_holds_its_key(store: JobStore) -> None:
+    (running,) = queue(store, job("w", state=JobState.RUNNING))
+    (waiting,) = queue(store, job("w"))
+    cancelled = dataclasses.replace(running, state=JobState.CANCELLED)
+    store.update(cancelled, holds_key=True)
+    assert store.claim(4, NOW, Caps.none()) == []
+    assert ids(store.unfinished()) == [running.id, waiting.id]  # a holder is resumed too
+    store.update(dataclasses.replace(cancelled, finished_at=NOW))  # its container is gone
+    assert ids(store.claim(4, NOW, Caps.none())) == [waiting.id]
+    assert ids(store.unfinished()) == [waiting.id]
+
+
+# --- claim ----------------------------------------------------------------------------
+
+
+def test_claim_takes_the_oldest_jobs_and_writes_their_state(store: JobStore) -> None:
+    a, b, c = queue(store, job("a"), job("b"), job("c"))
+    claimed = store.claim(2, NOW, Caps.none(), note="claimed")
+    assert ids(claimed) == [a.id, b.id]
+    assert all(j.state is JobState.STARTING for j in claimed)
+    for j in (a, b):
+        stored = store.get(j.id)
+        assert stored is not None
+        assert stored.state is JobState.STARTING
+        assert store.history(j.id)[-1][0::2] == (JobState.STARTING, "claimed")
+    assert store.get(c.id) == c
+    assert ids(store.claim(5, NOW, Caps.none())) == [c.id]
+    assert store.claim(5, NOW, Caps.none()) == []
+
+
+def test_claim_of_no_slots_claims_nothing(store: JobStore) -> None:
+    queue(store, job())
+    assert store.claim(0, NOW, Caps.none()) == []
+
+
+def test_one_job_per_key_at_a_time_in_submission_order(store: JobStore) -> None:
+    first, second, other = queue(store, job("w"), job("w"), job("x"))
+    assert ids(store.claim(3, NOW, Caps.none())) == [first.id, other.id]
+    assert store.claim(3, NOW, Caps.none()) == []
+    store.update(dataclasses.replace(first, state=JobState.SUCCEEDED, finished_at=NOW))
+    assert ids(store.claim(3, NOW, Caps.none())) == [second.id]
+
+
+def test_a_busy_key_never_holds_up_other_keys(store: JobStore) -> None:
+    queue(store, job("busy", state=JobState.RUNNING))
+    waiting = queue(store, *(job("busy") for _ in range(5)))
+    (free,) = queue(store, job("free"))
+    assert ids(store.claim(1, NOW, Caps.none())) == [free.id]
+    assert all(store.get(j.id) == j for j in waiting)
+
+
+def test_blocked_keys_are_skipped(store: JobStore) -> None:
+    """A container no job owns (a leftover of a previous run) holds its key too."""
+    a, b = queue(store, job("a"), job("b"))
+    blocked = {SnapshotKey("p", "a")}
+    assert ids(store.claim(2, NOW, Caps.none(), blocked=blocked)) == [b.id]
+    assert ids(store.claim(2, NOW, Caps.none())) == [a.id]
+
+
+def test_a_backing_off_job_waits_and_its_key_with_it(store: JobStore) -> None:
+    retrying, same_key, other = queue(store, job("w", retry_at=NOW + 10), job("w"), job("x"))
+    assert ids(store.claim(3, NOW, Caps.none())) == [other.id]
+    claimed = store.claim(3, NOW + 10, Caps.none())
+    assert ids(claimed) == [retrying.id]
+    assert claimed[0].retry_at is None
+    stored = store.get(retrying.id)
+    assert stored is not None
+    assert stored.retry_at is None
+    assert store.get(same_key.id) == same_key
+
+
+def test_project_cap_counts_every_key_holder(store: JobStore) -> None:
+    (running,) = queue(store, job("r", state=JobState.RUNNING))
+    a, b, other = queue(store, job("a"), job("b"), job("o", project="q"))
+    limit = caps(projects={"p": 2})
+    assert ids(store.claim(5, NOW, limit)) == [a.id, other.id]
+    assert store.claim(5, NOW, limit) == []
+    store.update(dataclasses.replace(running, state=JobState.CANCELLED), holds_key=True)
+    assert store.claim(5, NOW, limit) == []  # still holds its key, still counts
+    store.update(dataclasses.replace(running, state=JobState.CANCELLED, finished_at=NOW))
+    assert ids(store.claim(5, NOW, limit)) == [b.id]
+
+
+def test_agent_type_cap_and_a_capped_key_keeps_its_order(store: JobStore) -> None:
+    first, b_head, other_agent = queue(
+        store, job("a", agent_type="big"), job("b", agent_type="big"), job("c")
+    )
+    (b_next,) = queue(store, job("b"))  # not capped itself, but behind a capped head
+    limit = caps(agents={"big": 1})
+    assert ids(store.claim(5, NOW, limit)) == [first.id, other_agent.id]
+    store.update(dataclasses.replace(first, state=JobState.SUCCEEDED, finished_at=NOW))
+    assert ids(store.claim(5, NOW, limit)) == [b_head.id]
+    assert store.get(b_next.id) == b_next
+
+
+def test_a_capped_job_never_holds_up_other_projects(store: JobStore) -> None:
+    queue(store, job("r", state=JobState.RUNNING))
+    capped = queue(store, *(job(f"c{i}") for i in range(3)))
+    (free,) = queue(store, job("f", project="q"))
+    assert ids(store.claim(5, NOW, caps(projects={"p": 1}))) == [free.id]
+    assert all(store.get(j.id) == j for j in capped)
+
+
+def test_a_claim_survives_a_reopen(opener: Opener, tmp_path: Path) -> None:
+    first = opener(tmp_path)
+    try:
+        a, b = queue(first, job("a"), job("a"))
+        first.claim(2, NOW, Caps.none())
+    finally:
+        first.close()
+    second = opener(tmp_path)
+    try:
+        stored = second.get(a.id)
+        assert stored is not None
+        assert stored.state is JobState.STARTING
+        assert second.claim(2, NOW, Caps.none()) == []  # its key is still held
+        assert ids(second.unfinished()) == [a.id, b.id]
+    finally:
+        second.close()
+
+
+# --- group commit --------------------------------------------------------------------
+
+
+def test_writes_in_a_batch_commit_together(opener: Opener, tmp_path: Path) -> None:
+    writer = opener(tmp_path)
+    reader = opener(tmp_path)
+    try:
+        with writer.batch():
+            (a,) = queue(writer, job("a"))
+            with writer.batch():  # nested: still one transaction
+                writer.claim(1, NOW, Caps.none())
+            assert reader.get(a.id) is None  # nothing is visible before the batch ends
+        stored = reader.get(a.id)
+        assert stored is not None
+        assert stored.state is JobState.STARTING
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_refused_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
+    with store.batch():
+        (held,) = queue(store, job("w", state=JobState.RUNNING))
+        with pytest.raises(KeyHeld):
+            store.add(job("w", state=JobState.RUNNING))
+        (other,) = queue(store, job("x"))
+    assert store.get(held.id) == held
+    assert store.get(other.id) == other
+    assert store.count_by_state()[JobState.RUNNING] == 1
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def test_list_is_newest_first_and_filters(store: JobStore) -> None:
+    a, b, c = queue(store, job("a"), job("b", project="q"), job("c"))
+    store.update(dataclasses.replace(c, state=JobState.FAILED, finished_at=NOW))
+    assert ids(store.list()) == [c.id, b.id, a.id]
+    assert ids(store.list(limit=2)) == [c.id, b.id]
+    assert ids(store.list(project="q")) == [b.id]
+    assert ids(store.list(state=JobState.QUEUED, project="p")) == [a.id]
+    with pytest.raises(ValueError, match="limit"):
+        store.list(limit=-1)
+
+
+def test_counts_cover_every_state_and_ids_every_job(store: JobStore) -> None:
+    jobs = queue(store, job("a"), job("b", state=JobState.RUNNING))
+    counts = store.count_by_state()
+    assert set(counts) == set(JobState)
+    assert counts[JobState.QUEUED] == 1
+    assert counts[JobState.RUNNING] == 1
+    assert sum(counts.values()) == 2
+    assert store.job_ids() == {j.id for j in jobs}
