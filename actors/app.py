@@ -135,6 +135,7 @@ class Snapyard:
                 settings.engine.url,
                 settings.engine.timeout_s,
                 secrets_dir=str(settings.data_dir / "secrets"),
+                helper_dir=str(settings.data_dir / "helper"),  # the env helper
             )
         if not isinstance(engine, MeteredEngine):
             # The one place engine errors are counted: every call goes through it.

@@ -437,8 +437,10 @@ class Spawner(pykka.ThreadingActor):
         now = self._clock.now()
         config = ImageConfig(
             env=_scrubbed_env(base.env, spec),
+            # The image's own: the container ran the env helper's argv, and an
+            # unnamed entrypoint would be copied from it (() names "none").
             cmd=base.cmd,
-            entrypoint=base.entrypoint,
+            entrypoint=base.entrypoint or (),
             labels={
                 **dict.fromkeys(JOB_LABELS, ""),
                 LABEL_ROLE: ROLE_SNAPSHOT,

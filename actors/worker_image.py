@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import struct
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from actors.engine.base import Engine, EngineError, ImageInfo, ImageMissing
 from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST, ROLE_BASE
+from actors.worker_helper import BUSYBOX, INSTALL_HINT, HelperError, require_static_elf
 
 __all__ = [
     "BUSYBOX",
@@ -42,11 +42,8 @@ __all__ = [
 
 # Shipped inside the package (package data), so an installed wheel builds it too.
 WORKER_DIR: Traversable = files("actors") / "worker"
-BUSYBOX = Path("/bin/busybox")
 # The only repository Snapyard builds into: `snapyard-worker:<any tag>`.
 DEMO_REPOSITORY = "snapyard-worker"
-_INSTALL_HINT = "install Debian's static busybox: `apt-get install busybox-static`"
-_PT_INTERP = 3
 
 
 class WorkerImageError(Exception):
@@ -85,36 +82,16 @@ class WorkerContext:
     digest: str
 
 
-def _require_static_elf(path: Path, blob: bytes) -> None:
-    """Refuse a dynamic busybox: FROM scratch has no loader, so it could not even start.
-
-    A dynamically linked ELF names its loader in a PT_INTERP program header.
-    """
-    if blob[:4] != b"\x7fELF" or len(blob) < 64:
-        raise WorkerImageError(f"{path} is not an ELF executable; {_INSTALL_HINT}")
-    is_64 = blob[4] == 2
-    endian = "<" if blob[5] == 1 else ">"
-    if is_64:
-        (phoff,) = struct.unpack_from(endian + "Q", blob, 0x20)
-        phentsize, phnum = struct.unpack_from(endian + "HH", blob, 0x36)
-    else:
-        (phoff,) = struct.unpack_from(endian + "I", blob, 0x1C)
-        phentsize, phnum = struct.unpack_from(endian + "HH", blob, 0x2A)
-    for index in range(phnum):
-        (p_type,) = struct.unpack_from(endian + "I", blob, phoff + index * phentsize)
-        if p_type == _PT_INTERP:
-            raise WorkerImageError(
-                f"{path} is dynamically linked and cannot run in an empty image; {_INSTALL_HINT}"
-            )
-
-
 def build_context(worker_dir: Traversable = WORKER_DIR, busybox: Path = BUSYBOX) -> WorkerContext:
     """The build context as a tar, and a digest of its inputs."""
     try:
         busybox_blob = busybox.read_bytes()
     except FileNotFoundError:
-        raise WorkerImageError(f"{busybox} is missing; {_INSTALL_HINT}") from None
-    _require_static_elf(busybox, busybox_blob)
+        raise WorkerImageError(f"{busybox} is missing; {INSTALL_HINT}") from None
+    try:
+        require_static_elf(busybox, busybox_blob)
+    except HelperError as exc:
+        raise WorkerImageError(str(exc)) from None
     inputs: list[tuple[str, bytes, int]] = []
     for name in ("Dockerfile", "entrypoint.sh"):
         try:

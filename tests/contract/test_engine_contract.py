@@ -39,6 +39,7 @@ from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryContainer, MemoryEngine
 from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST
 from actors.model import MAX_ENV_VALUE_BYTES
+from actors.worker_helper import helper_entrypoint
 from actors.worker_image import ensure_base_image
 
 TAG = "snapyard-worker:latest"
@@ -148,9 +149,12 @@ class Rig:
         """A committed image from a clean run, as a Spawner would make it."""
         container_id, code = self.run(WRITE, image)
         assert code == 0
-        image_id = self.engine.commit_container(
-            container_id, self.repo, tag, ImageConfig(labels={LABEL_ROLE: "snapshot"})
+        # The image's own entrypoint and CMD, or the env helper's argv would be kept.
+        own = self.engine.inspect_image(image or self.base)
+        config = ImageConfig(
+            labels={LABEL_ROLE: "snapshot"}, entrypoint=own.entrypoint or (), cmd=own.cmd
         )
+        image_id = self.engine.commit_container(container_id, self.repo, tag, config)
         self.engine.remove_container(container_id)
         return image_id
 
@@ -354,11 +358,33 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     assert info.labels["snapyard.key"] == "k1"
     assert info.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
     assert info.labels[LABEL_WORKER_DIGEST] == base.labels[LABEL_WORKER_DIGEST]
-    assert info.entrypoint == base.entrypoint
-    assert info.cmd == DONE
+    # Unnamed, they are the container's: the env helper's argv, the job's command in it.
+    assert info.entrypoint == helper_entrypoint((*(base.entrypoint or ()), *DONE))
+    assert not info.cmd
     assert info.tags == (f"{rig.repo}:merge",)
     assert info.layers == base.layers + 1
     assert info.size_bytes >= base.size_bytes
+
+
+def test_commit_restores_the_images_own_entrypoint_and_cmd(rig: Rig) -> None:
+    """What the Spawner's snapshot config relies on: ``entrypoint=()`` means none
+    (Docker keeps an empty list), a named CMD replaces the container's, and
+    nothing of the helper's argv is left in the image."""
+    container_id, code = rig.run(DONE)
+    assert code == 0
+    base = rig.engine.inspect_image(rig.base_id)
+    kept = rig.engine.inspect_image(
+        rig.engine.commit_container(
+            container_id, rig.repo, "own", ImageConfig(entrypoint=base.entrypoint, cmd=base.cmd)
+        )
+    )
+    assert (kept.entrypoint, kept.cmd) == (base.entrypoint, base.cmd)
+    cmd_only = rig.engine.inspect_image(
+        rig.engine.commit_container(
+            container_id, rig.repo, "cmd-only", ImageConfig(entrypoint=(), cmd=READ)
+        )
+    )
+    assert (tuple(cmd_only.entrypoint or ()), cmd_only.cmd) == ((), READ)
 
 
 def test_secret_env_reaches_the_worker_but_no_committed_config(rig: Rig) -> None:

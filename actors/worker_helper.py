@@ -1,0 +1,136 @@
+"""The env helper: how a job's env reaches any image, with no help from the image.
+
+The job's env is secret, so it never enters a container's config (a commit
+copies that config into the snapshot); it travels as a private file mounted at
+``SECRET_ENV_PATH``. Something inside the container must export it before the
+job runs, and a user's image knows nothing of it. So Snapyard brings its own:
+a host directory holding Debian's static busybox and ``snapyard-init`` (a
+small sh script), bind-mounted read-only at ``HELPER_MOUNT`` and made the
+container's entrypoint. It exports the env and ``exec``s the image's own
+entrypoint and command, so the job keeps the init process's PID 1 child slot:
+signals reach it and its exit code is the container's.
+
+This module is pure: the argv rule and the files. The engine
+(``actors/engine/docker.py``) mounts them; nothing here calls Docker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "BUSYBOX",
+    "HELPER_MOUNT",
+    "HELPER_SCRIPT",
+    "INSTALL_HINT",
+    "HelperError",
+    "helper_entrypoint",
+    "job_argv",
+    "require_static_elf",
+    "write_helper_dir",
+]
+
+BUSYBOX: Final = Path("/bin/busybox")
+INSTALL_HINT: Final = "install Debian's static busybox: `apt-get install busybox-static`"
+# Where the helper directory appears in every worker container (read-only).
+HELPER_MOUNT: Final = "/run/snapyard/helper"
+# The script, shipped as package data so an installed wheel has it too.
+HELPER_SCRIPT: Traversable = files("actors") / "helper" / "snapyard-init"
+_PT_INTERP = 3
+
+
+class HelperError(Exception):
+    """The helper cannot be prepared on this host; the message says the fix."""
+
+
+def job_argv(
+    entrypoint: Sequence[str] | None, cmd: Sequence[str] | None, command: Sequence[str] | None
+) -> tuple[str, ...]:
+    """What Docker would run: the image's ENTRYPOINT, then the job's command or the CMD.
+
+    A job's command replaces CMD and keeps ENTRYPOINT (``docker run IMAGE CMD...``).
+    """
+    return (*(entrypoint or ()), *(command if command else (cmd or ())))
+
+
+def helper_entrypoint(argv: Sequence[str]) -> tuple[str, ...]:
+    """The container's whole entrypoint: busybox runs the script, which execs ``argv``.
+
+    Everything sits in the entrypoint and the container's CMD stays empty: on a
+    commit Docker fills an empty CMD from the container's, so an empty one is
+    the only value that cannot leak into a snapshot of an image without CMD.
+    """
+    return (f"{HELPER_MOUNT}/busybox", "sh", f"{HELPER_MOUNT}/snapyard-init", *argv)
+
+
+def require_static_elf(path: Path, blob: bytes) -> None:
+    """Refuse a dynamic busybox: neither an empty image nor the helper mount has a loader.
+
+    A dynamically linked ELF names its loader in a PT_INTERP program header.
+    """
+    if blob[:4] != b"\x7fELF" or len(blob) < 64:
+        raise HelperError(f"{path} is not an ELF executable; {INSTALL_HINT}")
+    is_64 = blob[4] == 2
+    endian = "<" if blob[5] == 1 else ">"
+    if is_64:
+        (phoff,) = struct.unpack_from(endian + "Q", blob, 0x20)
+        phentsize, phnum = struct.unpack_from(endian + "HH", blob, 0x36)
+    else:
+        (phoff,) = struct.unpack_from(endian + "I", blob, 0x1C)
+        phentsize, phnum = struct.unpack_from(endian + "HH", blob, 0x2A)
+    for index in range(phnum):
+        (p_type,) = struct.unpack_from(endian + "I", blob, phoff + index * phentsize)
+        if p_type == _PT_INTERP:
+            raise HelperError(
+                f"{path} is dynamically linked and cannot run in an empty image; {INSTALL_HINT}"
+            )
+
+
+def write_helper_dir(root: Path, busybox: Path = BUSYBOX) -> Path:
+    """The helper directory under ``root``, written once per content; returns its path.
+
+    Named by a digest of what it holds, so a new Snapyard never rewrites the
+    files under a container that still runs an older helper, and two
+    instances sharing ``root`` agree. Written to a temporary directory and
+    renamed, so a container never mounts a half-written helper.
+    """
+    try:
+        blob = busybox.read_bytes()
+    except FileNotFoundError:
+        raise HelperError(f"{busybox} is missing; {INSTALL_HINT}") from None
+    require_static_elf(busybox, blob)
+    script = HELPER_SCRIPT.read_bytes()
+    digest = hashlib.sha256(blob + b"\0" + script).hexdigest()[:16]
+    target = root / digest
+    if (target / "snapyard-init").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        (staging / "busybox").write_bytes(blob)
+        (staging / "snapyard-init").write_bytes(script)
+        # Readable and runnable by whichever user the image runs as.
+        (staging / "busybox").chmod(0o755)
+        (staging / "snapyard-init").chmod(0o644)
+        staging.chmod(0o755)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "snapyard-init").is_file():
+                raise  # not a concurrent writer winning the race: a real failure
+    finally:
+        if staging.exists():
+            for leftover in staging.iterdir():
+                leftover.unlink()
+            with contextlib.suppress(OSError):
+                staging.rmdir()
+    return target
