@@ -57,7 +57,7 @@ from actors.telemetry import (
 )
 from actors.timers import Scheduler
 from actors.watcher import Watcher
-from actors.worker_image import WorkerImageError, ensure_base_image
+from actors.worker_image import WorkerImageError, ensure_worker_images
 
 __all__ = ["Snapyard", "SnapyardError", "run_forever"]
 
@@ -104,6 +104,7 @@ class Snapyard:
         self.watcher: Watcher | None = None
         self.scheduler = Scheduler(self.clock)
         self.base_image_id: str | None = None
+        self.base_image_ids: dict[str, str] = {}  # every configured image's ID
         self._accepting = False
         self._started = False
         self._fatal: str | None = None
@@ -148,17 +149,15 @@ class Snapyard:
                 f"cannot reach the container engine at {engine.describe()}: {exc}. "
                 "Start it (make engine, or config/engine.sh) or set engine.url / DOCKER_HOST."
             ) from exc
-        image = settings.worker.image
+        # Every configured image, worker.image and each agent type's (issue 13):
+        # the demo image built if needed, a user's used as is, a missing one fatal.
         try:
-            self.base_image_id, built = ensure_base_image(engine, image)
+            self.base_image_ids = ensure_worker_images(engine, settings.worker_images())
         except WorkerImageError as exc:
             raise SnapyardError(str(exc)) from exc
         except EngineError as exc:
-            raise SnapyardError(f"cannot prepare the worker image {image}: {exc}") from exc
-        if built:
-            log.info("built the worker image %s (%s)", image, self.base_image_id)
-        else:
-            log.info("worker image %s (%s)", image, self.base_image_id[:19])
+            raise SnapyardError(f"cannot prepare the worker images: {exc}") from exc
+        self.base_image_id = self.base_image_ids[settings.worker.image]
         if self._store is None:
             self._store = JobStore(settings.store_path, self.clock)
         try:
@@ -179,8 +178,8 @@ class Snapyard:
             engine, settings, clock, on_fatal=self._on_fatal, metrics=metrics
         )
         self.snapshots_ref = snapshots
-        if self.base_image_id is not None:
-            snapshots.tell(SetBaseImage(self.base_image_id))
+        for image, image_id in self.base_image_ids.items():
+            snapshots.tell(SetBaseImage(image_id, image=image))
         labels = self._container_labels
 
         def spawner_factory(name: str, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -36,9 +37,12 @@ __all__ = [
     "WorkerImageError",
     "build_context",
     "ensure_base_image",
+    "ensure_worker_images",
     "is_demo_image",
     "missing_image_hint",
 ]
+
+log = logging.getLogger(__name__)
 
 # Shipped inside the package (package data), so an installed wheel builds it too.
 WORKER_DIR: Traversable = files("actors") / "worker"
@@ -163,3 +167,19 @@ def ensure_base_image(
         with contextlib.suppress(EngineError):
             engine.remove_image(current.id)
     return built, True
+
+
+def ensure_worker_images(engine: Engine, images: Iterable[str]) -> dict[str, str]:
+    """Ensure every configured image (``worker.image``, each agent type's); their IDs.
+
+    All or nothing: the first missing user's image stops start-up with its
+    fix, since a job of that agent type could never run.
+    """
+    ids: dict[str, str] = {}
+    for image in images:
+        ids[image], built = ensure_base_image(engine, image)
+        if built:
+            log.info("built the worker image %s (%s)", image, ids[image])
+        else:
+            log.info("worker image %s (%s)", image, ids[image][:19])
+    return ids
