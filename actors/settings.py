@@ -99,7 +99,8 @@ class EngineSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     image: str = "snapyard-worker:latest"
-    command: tuple[str, ...] = ("sh", "-c", "echo job done")
+    # When a job gives none; empty: the image's own CMD (the demo's echoes "job done").
+    command: tuple[str, ...] = ()
     network: str = "none"
     memory_mb: int = field(default=512, metadata=_min(6))
     pids_limit: int = field(default=256, metadata=_min(8))

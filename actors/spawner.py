@@ -380,7 +380,8 @@ class Spawner(pykka.ThreadingActor):
         return ContainerSpec(
             # A snapshot by ID (immutable); the base by tag, as configured.
             image=start.image,
-            command=spec.command or worker.command,
+            # None: the image's own CMD, as `docker run IMAGE` would run it.
+            command=spec.command or worker.command or None,
             env=env,
             secret_env=dict(spec.env),
             labels=labels,

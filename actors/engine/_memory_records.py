@@ -160,6 +160,9 @@ class MemoryContainer:
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
+            memory_bytes=self.spec.memory_bytes or None,
+            cpus=self.spec.cpus or None,
+            pids_limit=self.spec.pids_limit or None,
         )
 
 

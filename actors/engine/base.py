@@ -157,6 +157,10 @@ class ContainerState:
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    # The limits the engine applied (docker inspect's HostConfig): None for none.
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
 
     @property
     def running(self) -> bool:

@@ -134,6 +134,7 @@ class Rig:
             labels=self.labels,
             memory_bytes=64 * 1024 * 1024,
             pids_limit=64,
+            cpus=0.5,
         )
         container_id = self.engine.create_container(spec)
         if isinstance(self.engine, MemoryEngine):
@@ -364,6 +365,12 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     assert info.tags == (f"{rig.repo}:merge",)
     assert info.layers == base.layers + 1
     assert info.size_bytes >= base.size_bytes
+
+
+def test_inspect_shows_the_limits_the_container_runs_under(rig: Rig) -> None:
+    """``docker inspect``'s HostConfig: what per-agent-type limits are checked by."""
+    state = rig.engine.inspect_container(rig.create(DONE))
+    assert (state.memory_bytes, state.cpus, state.pids_limit) == (64 * 1024 * 1024, 0.5, 64)
 
 
 def test_commit_restores_the_images_own_entrypoint_and_cmd(rig: Rig) -> None:
