@@ -17,6 +17,7 @@ from actors.engine.base import Engine, EngineError, ImageMissing
 from actors.labels import LABEL_WORKER_DIGEST
 from actors.settings import Settings, SettingsError, config_path_from_env, load_settings
 from actors.store import JobStore
+from actors.worker_helper import INSTALL_HINT, HelperError, write_helper_dir
 from actors.worker_image import (
     WorkerImageError,
     build_context,
@@ -85,6 +86,15 @@ def _check_api_port(settings: Settings) -> _Check:
             "free the port or change [api] port / SNAPYARD_API",
         )
     return "api port", True, f"{address}: free; `snapyard run` will listen there", ""
+
+
+def _check_helper(settings: Settings) -> _Check:
+    """The env helper every worker runs: the host's static busybox, written once."""
+    try:
+        path = write_helper_dir(settings.data_dir / "helper")
+    except (HelperError, OSError) as exc:
+        return "env helper", False, str(exc), INSTALL_HINT
+    return "env helper", True, str(path), ""
 
 
 def _print_checks(checks: Sequence[_Check], out: TextIO) -> int:
@@ -171,6 +181,7 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
     checks.extend(_check_engine(settings)[1])
+    checks.append(_check_helper(settings))
     checks.append(_check_store(settings))
     checks.append(_check_api_port(settings))
     return _print_checks(checks, out)
@@ -196,6 +207,7 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
     checks.extend(_check_engine(settings)[1])
+    checks.append(_check_helper(settings))
     checks.append(_check_store(settings))
     checks.append(_check_api_port(settings))
     return _print_checks(checks, out)

@@ -114,7 +114,7 @@ class BaseImageMissing(ImageMissing):
             image,
             f"the worker base image {image!r} does not exist on {engine}; "
             "build it with `make image` (or `snapyard image build`), "
-            "or point worker.image at an existing image",
+            "or point worker.image (or the agent type's image) at an existing image",
         )
 
 

@@ -287,3 +287,4 @@ def test_a_missing_agent_type_image_stops_start_up_and_doctor_says_how_to_get_it
     assert f"FAIL  image of review  {absent}: missing" in out
     assert f"docker build -t {absent} DIR" in out
     assert f"ok    image of static  {images.static}: " in out
+    assert f"ok    env helper       {tmp_path / 'doctor' / 'helper'}/" in out
