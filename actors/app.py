@@ -43,6 +43,7 @@ from actors.messages import (
 )
 from actors.metrics import MeteredEngine, Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.private_files import loose_permissions
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
 from actors.spawner import Spawner
@@ -159,6 +160,8 @@ class Snapyard:
             raise SnapyardError(f"cannot prepare the worker images: {exc}") from exc
         self.base_image_id = self.base_image_ids[settings.worker.image]
         if self._store is None:
+            if (problem := loose_permissions(settings.data_dir)) is not None:
+                log.warning("%s; run `chmod -R go= %s`", problem, settings.data_dir)
             self._store = JobStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO, cast
@@ -154,20 +156,40 @@ def main(
     """Run one ``snapyard`` command; return its exit code (never raises for user errors)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    as_json = False
     try:
         args = _parser().parse_args(argv)
+        as_json = bool(getattr(args, "json", False))
         func: Command = args.func
         return func(args, out, err)
     except CliError as exc:
-        print(f"snapyard: {exc}" if not str(exc).startswith("snapyard") else str(exc), file=err)
+        message = str(exc) if str(exc).startswith("snapyard") else f"snapyard: {exc}"
+        _report(message, exc.field, as_json, err)
         return exc.code
     except (ValueError, UnicodeError) as exc:
         # An API address or an ID that cannot go into a URL (http.client.InvalidURL
         # is a ValueError): the caller's input. The message names no env value.
-        print(f"snapyard: cannot send that request: {type(exc).__name__}: {exc}", file=err)
+        message = f"snapyard: cannot send that request: {type(exc).__name__}: {exc}"
+        _report(message, None, as_json, err)
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except BrokenPipeError:
+        # `snapyard jobs | head` closed the pipe: what was wanted was read. Point
+        # stdout at /dev/null so the interpreter's final flush cannot fail again.
+        if out is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _report(message: str, field: str | None, as_json: bool, err: TextIO) -> None:
+    """An error for people, or with ``--json`` the API's error shape, on stderr."""
+    if as_json:
+        error = message.removeprefix("snapyard: ")
+        print(json.dumps({"error": error, "field": field}, ensure_ascii=False), file=err)
+    else:
+        print(message, file=err)
 
 
 if __name__ == "__main__":

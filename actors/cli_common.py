@@ -39,11 +39,16 @@ Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 class CliError(Exception):
-    """Stop the command: print ``message`` to stderr and exit with ``code``."""
+    """Stop the command: print ``message`` to stderr and exit with ``code``.
 
-    def __init__(self, message: str, code: int) -> None:
+    ``field`` names the input at fault when the API said so (its 422s), so a
+    ``--json`` caller gets the same ``{"error", "field"}`` shape the API sends.
+    """
+
+    def __init__(self, message: str, code: int, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.field = field
 
 
 def config_error(exc: SettingsError) -> CliError:

@@ -143,7 +143,7 @@ def _api_error(exc: ApiError) -> CliError:
             "(set SNAPYARD_API_TOKEN or [api] token)",
             EXIT_USAGE,
         )
-    return CliError(exc.message, code)
+    return CliError(exc.message, code, exc.field)
 
 
 def _speaks_api(command: Command) -> Command:
@@ -157,7 +157,7 @@ def _speaks_api(command: Command) -> Command:
             raise CliError(f"snapyard: {exc}", EXIT_UNREACHABLE) from None
         except ApiError as exc:
             cli = _api_error(exc)
-            raise CliError(f"snapyard: {cli}", cli.code) from None
+            raise CliError(f"snapyard: {cli}", cli.code, cli.field) from None
 
     return run
 

@@ -15,6 +15,7 @@ from actors.cli_common import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, make_engine,
 from actors.client import ApiClient, ApiUnreachable
 from actors.engine.base import Engine, EngineError, ImageMissing
 from actors.labels import LABEL_WORKER_DIGEST
+from actors.private_files import ensure_private_dir, loose_permissions
 from actors.settings import Settings, SettingsError, config_path_from_env, load_settings
 from actors.store import JobStore
 from actors.worker_helper import INSTALL_HINT, HelperError, write_helper_dir
@@ -32,10 +33,27 @@ _IMAGE_HINT = "build it with `make image` or `snapyard image build`"
 _Check = tuple[str, bool, str, str]  # name, ok, what was found, what to do when not ok
 
 
+def _check_private(settings: Settings) -> _Check:
+    """The data dir holds queued jobs' env and secret files: only its owner may read it."""
+    loose = [
+        problem
+        for path in (settings.data_dir, settings.store_path, settings.data_dir / "secrets")
+        if (problem := loose_permissions(path)) is not None
+    ]
+    if loose:
+        return (
+            "permissions",
+            False,
+            "; ".join(loose),
+            f"chmod -R go= {settings.data_dir} (Snapyard creates it 0700, its files 0600)",
+        )
+    return "permissions", True, f"{settings.data_dir}: only its owner can read it", ""
+
+
 def _check_store(settings: Settings) -> _Check:
     path = settings.store_path
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(settings.data_dir)
         with JobStore(path) as store:
             counts = store.count_by_state()
     except Exception as exc:
@@ -161,32 +179,6 @@ def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
     return engine, checks
 
 
-def _cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Check what ``snapyard run`` needs; each failed check says what to do."""
-    source = config_path_from_env(getattr(args, "config", None))
-    try:
-        settings = load_settings(getattr(args, "config", None))
-    except SettingsError as exc:
-        _print_checks(
-            [
-                (
-                    "config",
-                    False,
-                    f"{source or '(defaults)'}: {exc.key} = {exc.value!r}: {exc.allowed}",
-                    "fix that key in the file or its SNAPYARD_* variable",
-                )
-            ],
-            out,
-        )
-        return EXIT_USAGE
-    checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
-    checks.extend(_check_engine(settings)[1])
-    checks.append(_check_helper(settings))
-    checks.append(_check_store(settings))
-    checks.append(_check_api_port(settings))
-    return _print_checks(checks, out)
-
-
 def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Check what ``snapyard run`` needs; each failed check says what to do."""
     source = config_path_from_env(getattr(args, "config", None))
@@ -207,7 +199,8 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
     checks.extend(_check_engine(settings)[1])
+    checks.append(_check_store(settings))  # creates the data dir, private
     checks.append(_check_helper(settings))
-    checks.append(_check_store(settings))
+    checks.append(_check_private(settings))
     checks.append(_check_api_port(settings))
     return _print_checks(checks, out)

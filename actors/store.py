@@ -25,6 +25,7 @@ from typing import Any
 
 from actors.clock import Clock, SystemClock
 from actors.model import Job, JobSpec, JobState
+from actors.private_files import ensure_private_dir, ensure_private_file
 
 __all__ = ["LOGS_TAIL_LINES", "SCHEMA_VERSION", "JobStore", "StoreError", "new_job_id"]
 
@@ -219,7 +220,9 @@ class JobStore:
 
     def __init__(self, path: str | os.PathLike[str], clock: Clock | None = None) -> None:
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Queued jobs' env is in here: private (0600), and SQLite's journals follow.
+        ensure_private_dir(self.path.parent)
+        ensure_private_file(self.path)
         self._clock = clock or SystemClock()
         self._lock = threading.RLock()
         # isolation_level=None: we open transactions ourselves, so a commit

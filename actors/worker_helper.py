@@ -95,6 +95,13 @@ def require_static_elf(path: Path, blob: bytes) -> None:
             )
 
 
+def _make_readable(directory: Path) -> None:
+    """Readable and runnable by whichever user the image runs as (no secret in it)."""
+    directory.chmod(0o755)
+    (directory / "busybox").chmod(0o755)
+    (directory / "snapyard-init").chmod(0o644)
+
+
 def write_helper_dir(root: Path, busybox: Path = BUSYBOX) -> Path:
     """The helper directory under ``root``, written once per content; returns its path.
 
@@ -112,16 +119,18 @@ def write_helper_dir(root: Path, busybox: Path = BUSYBOX) -> Path:
     digest = hashlib.sha256(blob + b"\0" + script).hexdigest()[:16]
     target = root / digest
     if (target / "snapyard-init").is_file():
+        # A `chmod -R go=` of the data dir (what doctor suggests for loose
+        # modes) must not leave the image's non-root user unable to run it.
+        _make_readable(target)
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    # The data dir above holds secrets: never create it looser than 0700.
+    root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
         (staging / "busybox").write_bytes(blob)
         (staging / "snapyard-init").write_bytes(script)
-        # Readable and runnable by whichever user the image runs as.
-        (staging / "busybox").chmod(0o755)
-        (staging / "snapyard-init").chmod(0o644)
-        staging.chmod(0o755)
+        _make_readable(staging)
         try:
             os.rename(staging, target)
         except OSError:

@@ -36,6 +36,7 @@ __all__ = [
     "WorkerContext",
     "WorkerImageError",
     "build_context",
+    "content_tag",
     "ensure_base_image",
     "ensure_worker_images",
     "is_demo_image",
@@ -64,6 +65,16 @@ def is_demo_image(ref: str) -> bool:
     last = name.rsplit("/", 1)[-1]
     repository = name[: len(name) - len(last)] + last.split(":", 1)[0]
     return repository in (DEMO_REPOSITORY, f"docker.io/library/{DEMO_REPOSITORY}")
+
+
+def content_tag(purpose: str) -> str:
+    """``snapyard-worker:<purpose>-<digest>``: a demo image tag no other checkout shares.
+
+    Test sessions and benchmarks on a shared engine each build their own: a
+    checkout with another entrypoint would otherwise rebuild a shared tag
+    under a running session, which would then measure the wrong image.
+    """
+    return f"{DEMO_REPOSITORY}:{purpose}-{build_context().digest[:12]}"
 
 
 def missing_image_hint(ref: str) -> str:

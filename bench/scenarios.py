@@ -34,7 +34,7 @@ from actors.engine.memory import MemoryEngine
 from actors.labels import ENV_JOB_ID, ENV_SETUP_SECONDS, ENV_SNAPSHOT_REUSE
 from actors.model import Job, JobSpec, JobState, validate_spec
 from actors.settings import Settings, load_settings
-from actors.worker_image import ensure_base_image
+from actors.worker_image import content_tag, ensure_base_image
 from bench.model import Figure, ScenarioResult, median, percentile, rss_bytes
 
 __all__ = [
@@ -55,9 +55,10 @@ __all__ = [
 # test-labelled object at its end, which deleted bench snapshots mid-run.
 BENCH_LABELS = {"snapyard.bench": "1"}
 BENCH_REPOSITORY = "snapyard-bench-snapshot"
-# The bench's own tag for the base image: other sessions on this engine
+# The bench's own tag for the base image, in the demo repository (the only one
+# Snapyard builds into) and named by content: other sessions on this engine
 # untag and rebuild snapyard-worker:latest in their tests, mid-benchmark.
-BENCH_BASE_TAG = "snapyard-bench-worker:latest"
+BENCH_BASE_TAG = content_tag("bench")
 JOB_WAIT_S = 300.0
 _MIB = 1024 * 1024
 _SWEEP_PASSES = 6

@@ -23,7 +23,7 @@ from actors.engine.base import Engine, EngineError, EngineUnavailable
 from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryEngine
 from actors.settings import load_settings
-from actors.worker_image import DEMO_REPOSITORY, build_context, ensure_base_image
+from actors.worker_image import content_tag, ensure_base_image
 
 _DOCKER_FIXTURES = {"docker_engine", "base_image"}
 _SWEEP_PASSES = 5
@@ -38,8 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     per content lets every session keep its own; the ``snapyard run``
     processes the tests start inherit it through the environment.
     """
-    tag = f"{DEMO_REPOSITORY}:test-{build_context().digest[:12]}"
-    os.environ.setdefault("SNAPYARD_WORKER__IMAGE", tag)
+    os.environ.setdefault("SNAPYARD_WORKER__IMAGE", content_tag("test"))
 
 
 @pytest.fixture(autouse=True)

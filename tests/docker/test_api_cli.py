@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from process_kit import Supervisor, cli, running_supervisor
+from process_kit import Supervisor, cli, free_port, running_supervisor
 from session_labels import SNAPSHOT_REPOSITORY
 
 from actors.engine.base import Engine, EngineError, ImageMissing
@@ -139,11 +140,12 @@ def test_doctor_checks_engine_base_image_store_and_the_running_api(
     code, out, _ = cli(supervisor.env, "doctor")
     lines = {line.split()[1]: line for line in out.splitlines() if line[:4] in ("ok  ", "FAIL")}
     assert code == 0, out
-    assert set(lines) == {"config", "engine", "base", "env", "store", "api"}
+    assert set(lines) == {"config", "engine", "base", "env", "store", "permissions", "api"}
     assert all(line.startswith("ok  ") for line in lines.values()), out
     assert base_image in lines["base"]
     assert supervisor.env["SNAPYARD_DATA_DIR"] in lines["store"]
     assert "a supervisor answers" in lines["api"]
+    assert "only its owner can read it" in lines["permissions"]
     assert out.splitlines()[-1] == "all checks passed"
 
 
@@ -152,9 +154,20 @@ def test_doctor_says_what_to_do_when_the_port_is_taken(base_image: str, tmp_path
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        env = {"SNAPYARD_API": f"127.0.0.1:{port}", "SNAPYARD_DATA_DIR": str(tmp_path)}
+        env = {"SNAPYARD_API": f"127.0.0.1:{port}", "SNAPYARD_DATA_DIR": str(tmp_path / "d")}
         code, out, _ = cli(env, "doctor")
     assert code == 1
-    assert f"FAIL  api port    127.0.0.1:{port}: " in out
+    assert re.search(rf"^FAIL  api port +127\.0\.0\.1:{port}: ", out, re.M), out
     assert "-> free the port or change [api] port / SNAPYARD_API" in out
     assert out.splitlines()[-1] == "1 check(s) failed: api port"
+
+
+def test_doctor_warns_about_a_data_dir_others_can_read(base_image: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    env = {"SNAPYARD_API": f"127.0.0.1:{free_port()}", "SNAPYARD_DATA_DIR": str(data)}
+    code, out, _ = cli(env, "doctor")
+    assert code == 1
+    assert re.search(rf"^FAIL  permissions +{re.escape(str(data))} is mode 0755", out, re.M), out
+    assert f"-> chmod -R go= {data}" in out

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import pytest
 from api_kit import BASE_TAG, WAIT_S, Served, served
 
 from actors.cli import main
+from actors.model import validate_spec
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
 SECRET = "cli-secret-value-0451"
@@ -397,3 +401,46 @@ def test_a_supervisor_that_answers_503_is_exit_3(monkeypatch: pytest.MonkeyPatch
         thread.join()
     assert run.code == 3
     assert "not serving" in run.err
+
+
+# --- errors for scripts, and pipes ------------------------------------------------
+
+
+def test_json_errors_are_the_apis_error_shape(live: Served) -> None:
+    """Regression: with --json, errors were still prose, so a script could not read them."""
+    missing = cli("job", "j-does-not-exist", "--json")
+    assert missing.code == 1
+    assert missing.out == ""
+    error = json.loads(missing.err)
+    assert set(error) == {"error", "field"}
+    assert "j-does-not-exist" in error["error"]
+    assert error["field"] == "id"  # as the API's 404 names it
+
+    refused = cli("submit", "--project", "\u200b", "--work-item", "w", "--json")
+    assert refused.code == 2
+    assert json.loads(refused.err)["field"] == "project"
+
+
+def test_json_errors_when_the_supervisor_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAPYARD_API", f"127.0.0.1:{free_port()}")
+    run = cli("jobs", "--json")
+    assert run.code == 3
+    assert "cannot reach the Snapyard supervisor" in json.loads(run.err)["error"]
+
+
+def test_output_piped_into_head_exits_quietly(live: Served) -> None:
+    """Regression: `snapyard jobs | head -1` ended in a BrokenPipeError traceback, exit 1."""
+    for index in range(600):  # ~70 KB of table: more than a pipe buffer holds
+        live.app.submit(validate_spec("p", f"w{index:04}"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "actors.cli", "jobs", "--limit", "1000"],
+        env={**os.environ, **live.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    assert process.stdout.readline().split()[0] == b"ID"  # the table's header: then hang up
+    process.stdout.close()
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""

@@ -63,6 +63,18 @@ def test_the_helper_dir_is_written_once_per_content_and_readable_by_anyone(
     assert stat.S_IMODE((first / "snapyard-init").stat().st_mode) == 0o644
 
 
+def test_a_helper_dir_made_private_by_chmod_is_made_runnable_again(tmp_path: Path) -> None:
+    """`chmod -R go= <data_dir>` (doctor's fix for loose modes) must not lock the
+    image's non-root user out of the helper."""
+    first = write_helper_dir(tmp_path / "data" / "helper")
+    for path in (first / "busybox", first / "snapyard-init", first):
+        path.chmod(0o700)
+    assert write_helper_dir(tmp_path / "data" / "helper") == first
+    assert stat.S_IMODE((first / "busybox").stat().st_mode) == 0o755
+    assert stat.S_IMODE(first.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700  # the data dir: private
+
+
 def test_another_busybox_gets_its_own_helper_dir(tmp_path: Path) -> None:
     """A container still running the old helper keeps its files."""
     other = tmp_path / "busybox"
