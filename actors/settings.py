@@ -38,6 +38,7 @@ __all__ = [
     "SnapshotSettings",
     "SupervisorSettings",
     "WorkerSettings",
+    "auto_cpus",
     "config_path_from_env",
     "load_settings",
 ]
@@ -100,10 +101,13 @@ class EngineSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     image: str = "snapyard-worker:latest"
-    command: tuple[str, ...] = ("sh", "-c", "echo job done")
+    # When a job gives none; empty: the image's own CMD (the demo's echoes "job done").
+    command: tuple[str, ...] = ()
     network: str = "none"
     memory_mb: int = field(default=512, metadata=_min(6))
     pids_limit: int = field(default=256, metadata=_min(8))
+    # CPUs per worker (Docker's --cpus, NanoCPUs; fractional). 0: see auto_cpus.
+    cpus: float = field(default=0.0, metadata=_min(0))
     drop_all_capabilities: bool = True
     # Passed to the demo worker as SNAPYARD_SETUP_SECONDS: what a snapshot saves.
     setup_seconds: float = field(default=2.0, metadata=_min(0))
@@ -187,8 +191,26 @@ class ProjectSettings:
 
 @dataclass(frozen=True)
 class AgentTypeSettings:
+    """Per-agent-type overrides; None means "use the global value" ([worker] for the rest)."""
+
     max_concurrent: int | None = field(default=None, metadata=_min(1))
     timeout_s: float | None = field(default=None, metadata=_min(1))
+    image: str | None = None
+    memory_mb: int | None = field(default=None, metadata=_min(6))
+    cpus: float | None = field(default=None, metadata=_min(0))
+    pids_limit: int | None = field(default=None, metadata=_min(8))
+
+
+# The [worker] keys an [agent_types.NAME] table may override.
+_WORKER_OVERRIDES = ("image", "memory_mb", "cpus", "pids_limit")
+
+
+def auto_cpus(host_cpus: int | None = None) -> float:
+    """``worker.cpus = 0``: the host's CPUs less one, at least one. On 2 cores a
+    spinning worker leaves one to the supervisor and dockerd; on 16 a build
+    still gets 15. A cap, not a reservation: busy workers share what is left."""
+    count = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    return float(max(1, count - 1))
 
 
 @dataclass(frozen=True)
@@ -209,6 +231,26 @@ class Settings:
 
     def agent_type(self, name: str) -> AgentTypeSettings:
         return self.agent_types.get(name, AgentTypeSettings())
+
+    def worker_for(self, agent_type: str) -> WorkerSettings:
+        """``[worker]`` with the agent type's overrides, and ``cpus`` resolved (never 0)."""
+        table = self.agent_type(agent_type)
+        changes: dict[str, Any] = {
+            key: getattr(table, key) for key in _WORKER_OVERRIDES if getattr(table, key) is not None
+        }
+        worker = dataclasses.replace(self.worker, **changes)
+        if worker.cpus == 0:
+            worker = dataclasses.replace(worker, cpus=auto_cpus())
+        return worker
+
+    def worker_images(self) -> tuple[str, ...]:
+        """Every configured base image, ``worker.image`` first, each once."""
+        images = [self.worker.image]
+        for name in sorted(self.agent_types):
+            image = self.agent_types[name].image
+            if image is not None and image not in images:
+                images.append(image)
+        return tuple(images)
 
     def snapshots_enabled_for(self, project: str) -> bool:
         override = self.project(project).snapshots_enabled

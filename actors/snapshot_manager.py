@@ -35,6 +35,7 @@ from actors.labels import (
     ROLE_SNAPSHOT,
 )
 from actors.layers import own_bytes
+from actors.lineage import BaseImages, grew_from
 from actors.messages import (
     ActorCrashed,
     ImageDeleted,
@@ -95,7 +96,8 @@ class SnapshotManager(pykka.ThreadingActor):
         # another image, or the engine did not answer. Retried every sweep.
         self._pending: dict[str, str] = {}
         self._tombstones: OrderedDict[str, None] = OrderedDict()
-        self._base_image_id: str | None = None
+        # Every configured base image (one per agent type's) and its current ID.
+        self._bases = BaseImages(settings.worker_images())
         self._needs_rebuild = True
 
     # --- life cycle --------------------------------------------------------
@@ -163,8 +165,8 @@ class SnapshotManager(pykka.ThreadingActor):
 
     def _handle(self, message: Any) -> Any:
         match message:
-            case Lookup(key=key):
-                return self._lookup(key)
+            case Lookup(key=key, base_image_id=base_image_id):
+                return self._lookup(key, base_image_id)
             case Register(snapshot=snapshot):
                 queued = set(self._pending)
                 self._register(snapshot)
@@ -186,8 +188,8 @@ class SnapshotManager(pykka.ThreadingActor):
                 return sorted(self._registry.values(), key=lambda s: s.key)
             case RemoveSnapshot(key=key):
                 return self._remove(key)
-            case SetBaseImage(image_id=image_id):
-                self._set_base(image_id)
+            case SetBaseImage(image_id=image_id, image=image):
+                self._set_base(image or self._settings.worker.image, image_id)
                 return None
             case _DeletePending():
                 self._delete_pending()
@@ -197,7 +199,7 @@ class SnapshotManager(pykka.ThreadingActor):
 
     # --- messages ----------------------------------------------------------
 
-    def _lookup(self, key: SnapshotKey) -> Snapshot | None:
+    def _lookup(self, key: SnapshotKey, base_image_id: str | None) -> Snapshot | None:
         entry = self._registry.get(key)
         if entry is not None:
             reason = self._unusable(entry)
@@ -206,6 +208,16 @@ class SnapshotManager(pykka.ThreadingActor):
                 # Delete after this reply: the Spawner is waiting on us.
                 self.actor_ref.tell(_DeletePending())
                 entry = None
+        if entry is not None and not grew_from(entry, base_image_id):
+            # Another agent type's lineage: valid for it, so kept; this job
+            # starts from its own base and its commit replaces the entry.
+            log.info(
+                "snapshot %s grew from %s, not %s: starting from the base image",
+                key,
+                entry.base_image_id,
+                base_image_id,
+            )
+            entry = None
         if entry is None:
             self._metrics.snapshot_misses.inc()
             return None
@@ -222,9 +234,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 "ignoring Register of %s: image %s was deleted", snapshot.key, snapshot.image_id
             )
             return
-        if self._base_image_id is not None and not same_image(
-            snapshot.base_image_id, self._base_image_id
-        ):
+        if self._bases.is_old(snapshot.base_image_id):
             # Committed from a base that has since been rebuilt: never usable.
             log.info("refusing snapshot %s of an old base image", snapshot.image_id)
             self._queue_delete(snapshot.image_id, "descends from an old base image")
@@ -269,13 +279,13 @@ class SnapshotManager(pykka.ThreadingActor):
         self._delete_pending()
         return True
 
-    def _set_base(self, image_id: str) -> None:
-        if self._base_image_id is not None and same_image(self._base_image_id, image_id):
+    def _set_base(self, image: str, image_id: str) -> None:
+        previous = self._bases.get(image)
+        if not self._bases.set(image, image_id):
             return
-        log.info("base image is now %s (was %s)", image_id, self._base_image_id)
-        self._base_image_id = image_id
+        log.info("base image %s is now %s (was %s)", image, image_id, previous)
         for entry in list(self._registry.values()):
-            if not same_image(entry.base_image_id, image_id):
+            if self._bases.is_old(entry.base_image_id):
                 self._evict(entry, "descends from an old base image")
         self._delete_pending()
 
@@ -349,9 +359,7 @@ class SnapshotManager(pykka.ThreadingActor):
         ttl = self._settings.ttl_for(entry.key.project)
         if self._clock.now() - entry.created_at > ttl:
             return f"older than its TTL of {ttl:g}s"
-        if self._base_image_id is not None and not same_image(
-            entry.base_image_id, self._base_image_id
-        ):
+        if self._bases.is_old(entry.base_image_id):
             return "descends from an old base image"
         return None
 
@@ -389,11 +397,12 @@ class SnapshotManager(pykka.ThreadingActor):
     # --- reconciliation ----------------------------------------------------
 
     def _resolve_base(self) -> None:
-        try:
-            self._base_image_id = self._engine.inspect_image(self._settings.worker.image).id
-        except EngineError as exc:
-            # Unknown until a Spawner tells us (SetBaseImage): no base check meanwhile.
-            log.warning("base image %s not resolved: %s", self._settings.worker.image, exc)
+        for image in self._settings.worker_images():
+            try:
+                self._bases.set(image, self._engine.inspect_image(image).id)
+            except EngineError as exc:
+                # Unknown until a Spawner tells us (SetBaseImage): no base check meanwhile.
+                log.warning("base image %s not resolved: %s", image, exc)
 
     def _rebuild(self) -> None:
         """Adopt every labelled snapshot image: newest per key wins, the rest are deleted."""

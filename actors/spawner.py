@@ -63,6 +63,7 @@ from actors.labels import (
     ROLE_SNAPSHOT,
 )
 from actors.layers import depth_above, must_flatten, own_bytes
+from actors.lineage import StartImage, start_image
 from actors.masking import mask_secrets
 from actors.messages import (
     ActorCrashed,
@@ -115,7 +116,7 @@ class BaseImageMissing(ImageMissing):
             image,
             f"the worker base image {image!r} does not exist on {engine}; "
             "build it with `make image` (or `snapyard image build`), "
-            "or point worker.image at an existing image",
+            "or point worker.image (or the agent type's image) at an existing image",
         )
 
 
@@ -124,6 +125,8 @@ class _Plan:
     """What one Spawn has learned so far; the retry loop reads and updates it."""
 
     snapshots_enabled: bool
+    # The job's agent type's base image reference (worker.image or its override).
+    base_image: str
     attempts: int = 0
     looked_up: bool = False
     snapshot: Snapshot | None = None
@@ -163,7 +166,8 @@ class Spawner(pykka.ThreadingActor):
         self.name = name
         self._supervisor = supervisor
         self._extra_labels = dict(labels or {})
-        self._base_image_id: str | None = None
+        # Each base image reference's ID as last resolved, to tell the manager of a change.
+        self._base_ids: dict[str, str] = {}
         self._job_id: str | None = None
 
     def on_receive(self, message: Any) -> Any:
@@ -208,13 +212,16 @@ class Spawner(pykka.ThreadingActor):
 
     def _spawn(self, msg: Spawn) -> None:
         began = self._clock.now()
-        plan = _Plan(snapshots_enabled=msg.snapshots_enabled)
+        plan = _Plan(
+            snapshots_enabled=msg.snapshots_enabled,
+            base_image=self._settings.worker_for(msg.spec.agent_type).image,
+        )
         jlog = job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item)
         try:
             launched = self._start_policy(plan)(self._launch, msg, plan)
         except EngineError as exc:
             retryable = isinstance(exc, EngineUnavailable)
-            image = plan.snapshot.image_id if plan.snapshot else self._settings.worker.image
+            image = plan.snapshot.image_id if plan.snapshot else plan.base_image
             extras: dict[str, object] = {"job_id": msg.job_id, "image": image}
             if plan.stale_image_id is not None:
                 extras["stale_image_id"] = plan.stale_image_id
@@ -282,12 +289,14 @@ class Spawner(pykka.ThreadingActor):
     def _launch(self, msg: Spawn, plan: _Plan) -> _Launched:
         """One attempt: resolve the base, look up a snapshot (once), create, start."""
         plan.attempts += 1
-        base_id = self._resolve_base()
+        base_id = self._resolve_base(plan.base_image)
         if plan.snapshots_enabled and not plan.looked_up:
-            plan.snapshot = self._lookup(msg)
+            plan.snapshot = self._lookup(msg, base_id)
             plan.looked_up = True
-        snapshot = plan.snapshot
-        spec = self._container_spec(msg, snapshot, base_id)
+        # Never another agent type's lineage, even if the manager answered one.
+        start = start_image(plan.snapshot, plan.base_image, base_id)
+        plan.snapshot = snapshot = start.snapshot
+        spec = self._container_spec(msg, start)
         try:
             container_id = self._engine.create_container(spec)
         except ImageMissing as exc:
@@ -310,7 +319,7 @@ class Spawner(pykka.ThreadingActor):
         """Decide what a 404 means: a stale snapshot to drop, or a base image to build."""
         snapshot = plan.snapshot
         if snapshot is None:
-            return BaseImageMissing(self._settings.worker.image, self._engine.describe())
+            return BaseImageMissing(plan.base_image, self._engine.describe())
         reason = f"404 on create/start for job {msg.job_id}: {exc}"
         self._tell(self._snapshots, Invalidate(snapshot.key, snapshot.image_id, reason))
         self._metrics.stale_snapshot_fallbacks.inc()
@@ -321,22 +330,24 @@ class Spawner(pykka.ThreadingActor):
         plan.snapshot = None
         return StaleSnapshot(snapshot.image_id, exc)
 
-    def _resolve_base(self) -> str:
-        """The base tag's current ID; a new one is told to the SnapshotManager first."""
+    def _resolve_base(self, image: str) -> str:
+        """The base image's current ID; a new one is told to the SnapshotManager first."""
         try:
-            base_id = self._engine.inspect_image(self._settings.worker.image).id
+            base_id = self._engine.inspect_image(image).id
         except ImageMissing as exc:
-            raise BaseImageMissing(self._settings.worker.image, self._engine.describe()) from exc
-        if base_id != self._base_image_id:
+            raise BaseImageMissing(image, self._engine.describe()) from exc
+        if base_id != self._base_ids.get(image):
             # Told before the Lookup that follows: the manager sees it first
             # and never hands out a snapshot of the previous base.
-            self._tell(self._snapshots, SetBaseImage(base_id))
-            self._base_image_id = base_id
+            self._tell(self._snapshots, SetBaseImage(base_id, image=image))
+            self._base_ids[image] = base_id
         return base_id
 
-    def _lookup(self, msg: Spawn) -> Snapshot | None:
+    def _lookup(self, msg: Spawn, base_id: str) -> Snapshot | None:
         try:
-            found = self._snapshots.ask(Lookup(msg.spec.key), timeout=LOOKUP_TIMEOUT_S)
+            found = self._snapshots.ask(
+                Lookup(msg.spec.key, base_image_id=base_id), timeout=LOOKUP_TIMEOUT_S
+            )
         except Exception as exc:  # dead, wedged, or failing: a base start beats a crash
             job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item).warning(
                 "snapshot lookup failed (%s); starting from the base image", exc
@@ -344,9 +355,11 @@ class Spawner(pykka.ThreadingActor):
             return None
         return found if isinstance(found, Snapshot) else None
 
-    def _container_spec(self, msg: Spawn, snapshot: Snapshot | None, base_id: str) -> ContainerSpec:
-        worker = self._settings.worker
+    def _container_spec(self, msg: Spawn, start: StartImage) -> ContainerSpec:
+        # [worker] with the agent type's image and limits (settings.worker_for).
+        worker = self._settings.worker_for(msg.spec.agent_type)
         spec = msg.spec
+        snapshot = start.snapshot
         # The job's env is secret: delivered by file, never in the container's
         # config, which Docker copies into every snapshot committed from it.
         env: dict[str, str] = {}
@@ -363,18 +376,20 @@ class Spawner(pykka.ThreadingActor):
                 LABEL_AGENT_TYPE: spec.agent_type,
                 LABEL_SNAPSHOT_ENABLED: "true" if msg.snapshots_enabled else "false",
                 LABEL_IMAGE_SOURCE: "snapshot" if snapshot is not None else "base",
-                LABEL_BASE_IMAGE_ID: snapshot.base_image_id if snapshot is not None else base_id,
+                LABEL_BASE_IMAGE_ID: start.base_image_id,
             }
         )
         return ContainerSpec(
             # A snapshot by ID (immutable); the base by tag, as configured.
-            image=snapshot.image_id if snapshot is not None else worker.image,
-            command=spec.command or worker.command,
+            image=start.image,
+            # None: the image's own CMD, as `docker run IMAGE` would run it.
+            command=spec.command or worker.command or None,
             env=env,
             secret_env=dict(spec.env),
             labels=labels,
             memory_bytes=worker.memory_mb * 1024 * 1024,
             pids_limit=worker.pids_limit,
+            cpus=worker.cpus,
             network=worker.network,
             init=True,
             auto_remove=False,  # we read the logs and maybe commit before removing
@@ -429,7 +444,8 @@ class Spawner(pykka.ThreadingActor):
         """Commit the container as the key's snapshot, with no job secrets in its config."""
         spec = msg.spec
         state = self._patiently(self._engine.inspect_container, msg.container_id)
-        current_base = self._patiently(self._resolve_base)
+        base_image = self._settings.worker_for(spec.agent_type).image
+        current_base = self._patiently(self._resolve_base, base_image)
         lineage = state.labels.get(LABEL_BASE_IMAGE_ID) or current_base
         if not same_image(lineage, current_base):
             log.info(
@@ -440,8 +456,10 @@ class Spawner(pykka.ThreadingActor):
         now = self._clock.now()
         config = ImageConfig(
             env=_scrubbed_env(base.env, spec),
+            # The image's own: the container ran the env helper's argv, and an
+            # unnamed entrypoint would be copied from it (() names "none").
             cmd=base.cmd,
-            entrypoint=base.entrypoint,
+            entrypoint=base.entrypoint or (),
             labels={
                 **dict.fromkeys(JOB_LABELS, ""),
                 LABEL_ROLE: ROLE_SNAPSHOT,
