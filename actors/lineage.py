@@ -13,10 +13,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from actors.engine.base import ImageMissing
 from actors.model import Snapshot
 from actors.naming import same_image
 
-__all__ = ["BaseImages", "StartImage", "grew_from", "start_image"]
+__all__ = [
+    "BaseImageMissing",
+    "BaseImages",
+    "StaleSnapshot",
+    "StartImage",
+    "grew_from",
+    "start_image",
+]
 
 
 @dataclass(frozen=True)
@@ -71,3 +79,22 @@ class BaseImages:
         if any(image not in self._ids for image in self._configured):
             return False
         return not any(same_image(base_image_id, known) for known in self._ids.values())
+
+
+class StaleSnapshot(ImageMissing):
+    """The snapshot image the registry named is gone: fall back to the base image."""
+
+    def __init__(self, image: str, cause: ImageMissing) -> None:
+        super().__init__(image, f"snapshot image {image} is gone: {cause}")
+
+
+class BaseImageMissing(ImageMissing):
+    """The configured base image does not exist: retrying cannot help, building can."""
+
+    def __init__(self, image: str, engine: str) -> None:
+        super().__init__(
+            image,
+            f"the worker base image {image!r} does not exist on {engine}; "
+            "build it with `make image` (or `snapyard image build`), "
+            "or point worker.image (or the agent type's image) at an existing image",
+        )
