@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,13 +24,10 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
+from actors.eviction import created_at, over_limits, snapshot_from_labels
 from actors.labels import (
-    LABEL_BASE_IMAGE_ID,
-    LABEL_CREATED_AT,
-    LABEL_PROJECT,
     LABEL_REPOSITORY,
     LABEL_ROLE,
-    LABEL_WORK_ITEM,
     ROLE_SNAPSHOT,
 )
 from actors.layers import own_bytes
@@ -307,17 +303,14 @@ class SnapshotManager(pykka.ThreadingActor):
             reason = self._unusable(entry)
             if reason is not None:
                 self._evict(entry, reason)
-        by_lru = sorted(self._registry.values(), key=lambda s: (s.last_used_at, s.created_at))
-        while len(by_lru) > self._settings.snapshots.max_count:
-            self._evict(by_lru.pop(0), "over snapshots.max_count")
-        total = sum(s.charged_bytes for s in by_lru)
-        while by_lru and total > self._settings.snapshots.max_total_bytes:
-            victim = by_lru.pop(0)
-            total -= victim.charged_bytes
-            self._evict(victim, "over snapshots.max_total_bytes")
+        limits = self._settings.snapshots
+        for entry, reason in over_limits(
+            self._registry.values(), limits.max_count, limits.max_total_bytes
+        ):
+            self._evict(entry, reason)
         self._delete_pending(skip=None if full else queued_before)
         self._metrics.snapshots.set(len(self._registry))
-        self._metrics.snapshot_bytes.set(sum(s.charged_bytes for s in by_lru))
+        self._metrics.snapshot_bytes.set(sum(s.charged_bytes for s in self._registry.values()))
         self._metrics.snapshot_pending_deletions.set(len(self._pending))
 
     def _drop_gone(self) -> None:
@@ -340,7 +333,7 @@ class SnapshotManager(pykka.ThreadingActor):
         for info in listed:
             if bare_image_id(info.id) in owned or bare_image_id(info.id) in self._pending:
                 continue
-            if now - _created_at(info) > grace:
+            if now - created_at(info) > grace:
                 self._queue_delete(info.id, "orphaned snapshot image")
 
     def _exists(self, image_id: str) -> bool:
@@ -411,8 +404,8 @@ class SnapshotManager(pykka.ThreadingActor):
             return
         self._needs_rebuild = False
         adopted = 0
-        for info in sorted(listed, key=lambda i: (_created_at(i), i.created_at, i.id)):
-            snapshot = _snapshot_from_labels(info)
+        for info in sorted(listed, key=lambda i: (created_at(i), i.created_at, i.id)):
+            snapshot = snapshot_from_labels(info)
             if snapshot is None:
                 log.warning("image %s is labelled a snapshot but lacks its key labels", info.id)
                 continue
@@ -455,34 +448,3 @@ class SnapshotManager(pykka.ThreadingActor):
         self._tombstones.move_to_end(bare_image_id(image_id))
         while len(self._tombstones) > _MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
-
-
-def _created_at(info: ImageInfo) -> float:
-    try:
-        return float(info.labels[LABEL_CREATED_AT])
-    except (KeyError, ValueError):
-        return info.created_at
-
-
-def _snapshot_from_labels(info: ImageInfo) -> Snapshot | None:
-    labels: Mapping[str, str] = info.labels
-    project = labels.get(LABEL_PROJECT)
-    work_item = labels.get(LABEL_WORK_ITEM)
-    base = labels.get(LABEL_BASE_IMAGE_ID)
-    if not project or not work_item or not base:
-        return None
-    created = _created_at(info)
-    return Snapshot(
-        key=SnapshotKey(project, work_item),
-        image_id=info.id,
-        tag=_first(info.tags),
-        base_image_id=base,
-        created_at=created,
-        last_used_at=created,
-        size_bytes=info.size_bytes,
-        layers=info.layers,
-    )
-
-
-def _first(tags: Iterable[str]) -> str:
-    return next(iter(tags), "")
