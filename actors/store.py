@@ -357,6 +357,25 @@ class JobStore:
             ).fetchall()
         return [(JobState(row["state"]), row["at"], row["note"]) for row in rows]
 
+    def changes(
+        self, after: int, limit: int = 500
+    ) -> builtins.list[tuple[int, str, JobState, float]]:
+        """Every job's state changes as ``(seq, job_id, state, at)`` with ``seq > after``,
+        oldest first: ``seq`` only grows, so a follower (``GET /events``) resumes from it."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, job_id, state, at FROM job_history WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(row[0], row[1], JobState(row[2]), row[3]) for row in rows]
+
+    def last_change(self) -> int:
+        """The ``seq`` of the newest state change (0 for none): "from now on" for ``changes``."""
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM job_history").fetchone()[0]
+            )
+
     def job_ids(self) -> set[str]:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT id FROM jobs")}

@@ -311,3 +311,27 @@ def test_job_ids_sort_by_creation_and_are_unique() -> None:
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all(i.startswith("j-") and len(i) == 34 for i in ids)
+
+
+def test_changes_are_every_state_change_in_order_after_a_cursor(store: JobStore) -> None:
+    assert store.last_change() == 0
+    assert store.changes(0) == []
+    first, second = make_job("a"), make_job("b")
+    store.add(first)
+    store.add(second)
+    store.update(dataclasses.replace(first, state=JobState.RUNNING, started_at=1_700_000_001.0))
+    store.update(dataclasses.replace(first, state=JobState.RUNNING, error="same state"))
+    changes = store.changes(0)
+    assert [(job_id, state) for _, job_id, state, _ in changes] == [
+        ("a", JobState.QUEUED),
+        ("b", JobState.QUEUED),
+        ("a", JobState.RUNNING),
+    ]
+    seqs = [seq for seq, *_ in changes]
+    assert seqs == sorted(seqs)
+    assert store.last_change() == seqs[-1]
+    assert changes[2][3] == 1_700_000_001.0
+    # Resuming from a cursor gives only what came after it, in pages.
+    assert store.changes(seqs[0]) == changes[1:]
+    assert store.changes(seqs[0], limit=1) == changes[1:2]
+    assert store.changes(seqs[-1]) == []
