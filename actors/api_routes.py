@@ -9,6 +9,7 @@ an actor), so it runs on the thread pool, never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -126,6 +127,7 @@ class ApiApp:
         self.closing = threading.Event()
         self.followers = Followers()
         self._feed: ChangeFeed | None = None
+        self._health: asyncio.Future[tuple[bool, str]] | None = None
 
     def close(self) -> None:
         self.closing.set()
@@ -315,7 +317,11 @@ class ApiApp:
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
 
     async def health(self, call: Call, app: Facade) -> _Answer:
-        ok, reason = await run_in_threadpool(app.health)
+        # Probes that arrive while a check runs share its answer (single flight):
+        # under a probe storm the supervisor is asked once per check, not per probe.
+        if self._health is None or self._health.done():
+            self._health = asyncio.ensure_future(run_in_threadpool(app.health))
+        ok, reason = await asyncio.shield(self._health)
         if ok:
             return HTTPStatus.OK, {"ok": True, "reason": reason}
         return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, **error_body(reason)}
