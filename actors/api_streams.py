@@ -261,10 +261,6 @@ async def _events(
     app: Facade, feed: ChangeFeed, after: int, job: Job | None, closing: threading.Event
 ) -> AsyncIterator[bytes]:
     yield b"retry: 1000\n\n"
-    if job is not None and job.state.terminal:
-        # It ended before the stream began: say so once, and end.
-        yield _event(after, job.id, job.state, job.finished_at)
-        return
     cursor = after
     quiet = 0.0
     while not closing.is_set():
@@ -277,6 +273,10 @@ async def _events(
                     return
         if len(page) == _PAGE:
             continue
+        if job is not None and job.state.terminal:
+            # It ended before the stream's cursor: say how, once, and end.
+            yield _event(cursor, job.id, job.state, job.finished_at)
+            return
         if page:
             quiet = 0.0
         if quiet >= HEARTBEAT_S:
