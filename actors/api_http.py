@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 __all__ = [
     "BODY_TIMEOUT_S",
+    "JSON_TYPE",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_TARGET_BYTES",

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from actors.api_http import (
     BODY_TIMEOUT_S,
+    JSON_TYPE,
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     MAX_TARGET_BYTES,
@@ -35,7 +36,7 @@ from actors.api_http import (
     json_response,
     read_json,
 )
-from actors.api_schema import openapi_document
+from actors.api_schema import openapi_json
 from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
@@ -330,7 +331,9 @@ class ApiApp:
         return HTTPStatus.OK, await run_in_threadpool(app.metrics.exposition)
 
     async def openapi(self, call: Call, app: Facade) -> _Answer:
-        return HTTPStatus.OK, openapi_document()
+        answer = Response(openapi_json(), media_type=JSON_TYPE)
+        answer.headers["Cache-Control"] = "no-store"
+        return answer
 
     async def events(self, call: Call, app: Facade) -> _Answer:
         unknown = sorted(set(call.query) - {"job"})

@@ -10,12 +10,13 @@ response to it.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from actors.model import MAX_COMMAND_ARGS, MAX_ENV_VARS, MAX_ID_LENGTH, JobState
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
-__all__ = ["openapi_document"]
+__all__ = ["openapi_document", "openapi_json"]
 
 _JSON = "application/json"
 _STRING_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
@@ -334,3 +335,9 @@ def openapi_document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
     }
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """The document as served: serialized once, not per request."""
+    return (json.dumps(openapi_document(), ensure_ascii=False) + "\n").encode()
