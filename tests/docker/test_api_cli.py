@@ -158,3 +158,35 @@ def test_doctor_says_what_to_do_when_the_port_is_taken(base_image: str, tmp_path
     assert f"FAIL  api port    127.0.0.1:{port}: " in out
     assert "-> free the port or change [api] port / SNAPYARD_API" in out
     assert out.splitlines()[-1] == "1 check(s) failed: api port"
+
+
+def test_follow_and_events_of_a_job_on_the_real_engine(supervisor: Supervisor) -> None:
+    sup = supervisor
+    script = 'echo one; sleep 1; echo "two $API_TOKEN"; exit 0'
+    code, out, err = cli(
+        sup.env,
+        "submit",
+        "--project",
+        sup.project,
+        "--work-item",
+        "follow",
+        "--env",
+        f"API_TOKEN={SECRET}",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert code == 0, err
+    job_id = json.loads(out)["id"]
+    code, out, err = cli(sup.env, "job", job_id, "--logs", "--follow")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "one" in lines
+    assert "two ***" in lines
+    assert SECRET not in out
+    assert f"job {job_id}: succeeded (exit code 0)" in err
+    code, out, _ = cli(sup.env, "events", "--job", job_id, "--json")
+    assert code == 0
+    assert json.loads(out.splitlines()[-1])["state"] == "succeeded"
