@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import sqlite3
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+import pykka
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
@@ -27,6 +30,8 @@ from actors.api_http import HttpError
 from actors.engine.base import ContainerMissing, Engine, EngineError
 from actors.masking import mask_secrets
 from actors.model import Job, JobState
+from actors.supervisor import SupervisorStopped
+from actors.telemetry import capture_error
 from actors.wire import iso_time
 
 if TYPE_CHECKING:
@@ -42,6 +47,26 @@ MAX_FOLLOWERS = 64
 # A line longer than this is let out unfinished (masked as far as it goes).
 MAX_HELD_LINE = 64 * 1024
 _PAGE = 500
+log = logging.getLogger("actors.api")
+
+# The supervisor stopping under an open stream (its store closed, its actors
+# gone): the stream ends, as it does when the server stops.
+_STOPPED = (SupervisorStopped, pykka.ActorDeadError, pykka.Timeout, sqlite3.ProgrammingError)
+
+
+async def _guarded(stream: AsyncIterator[bytes], what: str) -> AsyncIterator[bytes]:
+    """A stream that ends, instead of raising, once its answer has begun: after
+    the status line, an error cannot become an HTTP error any more."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except _STOPPED as exc:
+        log.info("api: %s ended: the supervisor stopped (%s)", what, type(exc).__name__)
+    except Exception as exc:
+        log.exception("api: %s failed", what)
+        capture_error(exc, source="api", extras={"route": what})
+
+
 _END = object()
 
 
@@ -209,9 +234,8 @@ def log_stream(
         return Response(b"", media_type=media)
     followers.check()
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-    return StreamingResponse(
-        _follow(app, job, followers, closing), headers=headers, media_type=media
-    )
+    stream = _guarded(_follow(app, job, followers, closing), "/jobs/{id}/logs?follow=true")
+    return StreamingResponse(stream, headers=headers, media_type=media)
 
 
 class ChangeFeed:
@@ -244,7 +268,12 @@ class ChangeFeed:
 
     async def _poll(self) -> None:
         while self._waiting > 0:
-            latest = await run_in_threadpool(self._last_change)
+            try:
+                latest = await run_in_threadpool(self._last_change)
+            except Exception as exc:  # the store closed under us: the streams end on their own
+                log.info("api: the event feed cannot read the store: %s", type(exc).__name__)
+                await asyncio.sleep(self._poll_s)
+                continue
             if latest != self._latest:
                 self._latest = latest
                 changed, self._changed = self._changed, asyncio.Event()
@@ -299,6 +328,5 @@ def event_stream(
     if head:
         return Response(b"", media_type=media)
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    return StreamingResponse(
-        _events(app, feed, after, job, closing), headers=headers, media_type=media
-    )
+    stream = _guarded(_events(app, feed, after, job, closing), "/events")
+    return StreamingResponse(stream, headers=headers, media_type=media)

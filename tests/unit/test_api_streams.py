@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import io
 import json
+import logging
 import queue
 import socket
 import threading
@@ -237,3 +238,22 @@ def test_stopping_the_server_ends_open_streams(tmp_path: Path) -> None:
         live.server.stop()
         follow.to_the_end()
         events.to_the_end()
+
+
+def test_the_supervisor_stopping_under_open_streams_is_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As ``snapyard run`` stops: the app (and its store) first, then the server."""
+    with served(tmp_path) as live:
+        job_id = submit(live, command=["sleep", "60"])
+        running(live, job_id)
+        follow = Reader(live, f"/jobs/{job_id}/logs?follow=true")
+        events = Reader(live, "/events")
+        follow.until("setup starting")
+        events.until("retry:")
+        with caplog.at_level(logging.INFO):
+            live.app.stop(timeout_s=10.0)
+            live.server.stop()
+            follow.to_the_end()
+            events.to_the_end()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
