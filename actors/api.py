@@ -128,6 +128,7 @@ class ApiServer:
         header_timeout_s: float = HEADER_TIMEOUT_S,
         keep_alive_s: float = KEEP_ALIVE_S,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
         check_bind_allowed(api)
         self.host = api.host
@@ -135,7 +136,7 @@ class ApiServer:
         self.app = ApiApp(app, api.token, body_timeout_s)
         config = uvicorn.Config(
             self.app,
-            http=protocol_class(header_timeout_s, _max_connections()),
+            http=protocol_class(header_timeout_s, max_connections or _max_connections()),
             loop="asyncio",
             lifespan="off",
             proxy_headers=False,  # no proxy in front: X-Forwarded-For is not trusted

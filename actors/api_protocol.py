@@ -2,9 +2,10 @@
 
 - Its own refusals are JSON like every other error: a malformed request is
   400, headers past the size limit 431 (h11's hint), with the README's shape.
-- A request's headers must arrive within ``header_timeout_s`` of the
-  connection opening or of the previous answer; a client that trickles them
-  (slowloris) or sends nothing is closed. uvicorn has no such timeout.
+- A request's head must arrive within ``header_timeout_s`` of the
+  connection opening, or of its first byte on a kept-alive connection; a
+  client that trickles it (slowloris) or sends nothing is closed. uvicorn
+  has no such timeout (its keep-alive timeout stops at the first byte).
 - Connections past ``max_connections`` are closed at once, so an open-socket
   flood cannot take every file descriptor the process has.
 """
@@ -70,13 +71,15 @@ class JsonH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE:
+            # Part of a request's head is in (on a fresh or a kept-alive
+            # connection): the rest must follow within the header timeout.
+            if self._header_timer is None:
+                self._arm_header_timer()
+        else:
             self._disarm_header_timer()  # the request line and headers are in
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()  # the next request's headers, same rule
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
@@ -90,8 +93,8 @@ class JsonH11Protocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            # Idle keep-alive connections are uvicorn's to close (timeout_keep_alive);
-            # this one has not finished its headers, or never began.
+            # It has not finished a request's head, or never began one. (Between
+            # requests, uvicorn's timeout_keep_alive closes an idle connection.)
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

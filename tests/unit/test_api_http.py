@@ -6,6 +6,7 @@ client library smooths it over) against a server with a fake facade.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from test_api import FakeApp, raw
+from waiting import eventually
 
 from actors.api import ApiServer
 from actors.settings import ApiSettings, SentrySettings
@@ -195,6 +197,50 @@ def test_slow_headers_are_cut_off_after_the_header_timeout(fake: FakeApp) -> Non
         assert raw(server, "GET", "/healthz")[0] == 200
         slow.settimeout(10)
         assert slow.recv(1024) == b""  # closed by the server, well before 10 s
+
+
+def test_a_kept_alive_connection_waits_for_its_next_request_but_not_for_a_trickle(
+    fake: FakeApp,
+) -> None:
+    """The header timeout runs from a request's first byte, not from the last answer:
+    an idle keep-alive connection is uvicorn's keep-alive timeout's to close."""
+    with (
+        ApiServer(fake, ApiSettings(host="127.0.0.1", port=0), header_timeout_s=0.5) as server,
+        connect(server) as sock,
+    ):
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        sock.settimeout(1.5)  # three header timeouts of quiet: still open
+        with pytest.raises(TimeoutError):
+            sock.recv(1024)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # then a trickle begins
+        sock.settimeout(10)
+        assert sock.recv(1024) == b""
+
+
+def healthz_status(server: ApiServer) -> int:
+    try:
+        return raw(server, "GET", "/healthz")[0]
+    except (ConnectionError, http.client.HTTPException):
+        return -1
+
+
+def test_connections_past_the_cap_are_closed_at_once(fake: FakeApp) -> None:
+    with ApiServer(fake, ApiSettings(host="127.0.0.1", port=0), max_connections=3) as server:
+        held = [connect(server) for _ in range(3)]
+        try:
+            for sock in held:  # each one is served, so each one is accepted
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0] == 200
+            with connect(server) as extra, contextlib.suppress(ConnectionResetError):
+                extra.settimeout(10)
+                assert extra.recv(1024) == b""  # aborted (or reset): not served
+            held.pop().close()
+            # Once the server has seen that one go, there is room again.
+            eventually(lambda: healthz_status(server), lambda s: s == 200, "a free slot")
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def test_openapi_document_lists_every_route_and_the_error_shape(server: ApiServer) -> None:
