@@ -253,8 +253,8 @@ class ChangeFeed:
         self._waiting = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def wait_after(self, seq: int, timeout_s: float) -> None:
-        """Return once a change newer than ``seq`` exists, or after ``timeout_s``."""
+    async def wait_after(self, seq: int, timeout_s: float) -> bool:
+        """Return once a change newer than ``seq`` exists (True), or after ``timeout_s``."""
         self._waiting += 1
         try:
             if self._task is None or self._task.done():
@@ -265,6 +265,7 @@ class ChangeFeed:
                         await self._changed.wait()
         finally:
             self._waiting -= 1
+        return self._latest > seq
 
     async def _poll(self) -> None:
         while self._waiting > 0:
@@ -292,26 +293,29 @@ async def _events(
     yield b"retry: 1000\n\n"
     cursor = after
     quiet = 0.0
+    changed = True  # read once at the start: a resumed stream has history to replay
     while not closing.is_set():
-        page = await run_in_threadpool(app.store.changes, cursor, _PAGE)
-        for seq, job_id, state, at in page:
-            cursor = seq
-            if job is None or job_id == job.id:
-                yield _event(seq, job_id, state, at)
-                if job is not None and state.terminal:
-                    return
-        if len(page) == _PAGE:
-            continue
-        if job is not None and job.state.terminal:
-            # It ended before the stream's cursor: say how, once, and end.
-            yield _event(cursor, job.id, job.state, job.finished_at)
-            return
-        if page:
-            quiet = 0.0
+        if changed:
+            page = await run_in_threadpool(app.store.changes, cursor, _PAGE)
+            for seq, job_id, state, at in page:
+                cursor = seq
+                if job is None or job_id == job.id:
+                    yield _event(seq, job_id, state, at)
+                    if job is not None and state.terminal:
+                        return
+            if len(page) == _PAGE:
+                continue
+            if job is not None and job.state.terminal:
+                # It ended before the stream's cursor: say how, once, and end.
+                yield _event(cursor, job.id, job.state, job.finished_at)
+                return
+            if page:
+                quiet = 0.0
         if quiet >= HEARTBEAT_S:
             quiet = 0.0
             yield b": keep-alive\n\n"
-        await feed.wait_after(cursor, POLL_S * 2)
+        # A quiet stream reads nothing: only the feed's one poller asks the store.
+        changed = await feed.wait_after(cursor, POLL_S * 2)
         quiet += POLL_S * 2
 
 
