@@ -1,41 +1,64 @@
-"""The API's routes: one request in, one JSON answer out.
+"""The API's routes and the ASGI application that dispatches to them.
 
-A request's thread parses it, checks the bearer token, calls the ``Snapyard``
-facade and writes the answer; ``actors.api`` owns the socket and its threads.
-The JSON shapes themselves are in ``actors.wire``, shared with the client.
+Routing is on the raw path, split before decoding: a work item may contain an
+encoded "/" (``/snapshots/p/a%2Fb``), which Starlette's router would see
+decoded and match wrongly. The token is checked before routing, so an unknown
+path says nothing to a caller without it. Every facade call blocks (it asks
+an actor), so it runs on the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote
 
 import pykka
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
+from actors.api_http import (
+    BODY_TIMEOUT_S,
+    JSON_TYPE,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_TARGET_BYTES,
+    Call,
+    HttpError,
+    authorized,
+    error_body,
+    json_response,
+    read_json,
+)
+from actors.api_schema import openapi_json
+from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
+from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
 from actors.wire import WireError, job_json, snapshot_json, spec_from_json
 
-if TYPE_CHECKING:
-    from actors.api import _Server
-
-__all__ = ["MAX_BODY_BYTES", "MAX_LIST_LIMIT", "Facade", "RequestHandler"]
+__all__ = ["MAX_BODY_BYTES", "MAX_LIST_LIMIT", "ApiApp", "ChangeLog", "Facade"]
 
 # The API's log lines keep one logger name, whichever module writes them.
 log = logging.getLogger("actors.api")
 
-# A job spec is a few kilobytes; env values are capped at 32 KiB each by the
-# model, but nobody needs a megabyte. Refusing early keeps a bad client cheap.
-MAX_BODY_BYTES = 1024 * 1024
 MAX_LIST_LIMIT = 1000
+
+
+class ChangeLog(Protocol):
+    """The job store's state-change history, as ``GET /events`` reads it."""
+
+    def changes(self, after: int, limit: int = 500) -> list[tuple[int, str, JobState, float]]: ...
+
+    def last_change(self) -> int: ...
 
 
 class Facade(Protocol):
@@ -44,6 +67,13 @@ class Facade(Protocol):
     # The app's metrics: /metrics serves their registry, requests are counted there.
     @property
     def metrics(self) -> Metrics: ...
+
+    # Following a job's output reads the engine; /events reads the store's history.
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def store(self) -> ChangeLog: ...
 
     def submit(self, spec: JobSpec) -> Job: ...
 
@@ -64,284 +94,172 @@ class Facade(Protocol):
     def health(self) -> tuple[bool, str]: ...
 
 
-class _HttpError(Exception):
-    """A request refused with a status and a message a person can act on."""
+_Answer = Response | tuple[int, Any]
+_Route = Callable[["ApiApp", Call, Facade], Awaitable[_Answer]]
+
+
+def _unprocessable(exc: InvalidJob | WireError) -> HttpError:
+    if isinstance(exc, WireError):
+        return HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message, exc.field)
+    return HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{exc.field} {exc.problem}", exc.field)
+
+
+async def _job_or_404(app: Facade, job_id: str) -> Job:
+    job = await run_in_threadpool(app.get, job_id)
+    if job is None:
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no job with id {job_id!r}", "id")
+    return job
+
+
+class ApiApp:
+    """The ASGI application: token, routing, errors and metrics around the routes.
+
+    ``facade`` is None while the supervisor starts: every endpoint answers 503
+    "starting" until ``attach``. ``close`` ends the open streams (follow,
+    events), so a server stop does not wait for their clients.
+    """
 
     def __init__(
-        self,
-        status: HTTPStatus,
-        message: str,
-        field: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        self, facade: Facade | None, token: str, body_timeout_s: float = BODY_TIMEOUT_S
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = dict(headers or {})
+        self.facade = facade
+        self.token = token
+        self.body_timeout_s = body_timeout_s
+        self.closing = threading.Event()
+        self.followers = Followers()
+        self._feed: ChangeFeed | None = None
+        self._health: asyncio.Future[tuple[bool, str]] | None = None
 
+    def close(self) -> None:
+        self.closing.set()
 
-_Body = tuple[HTTPStatus, Any]
-_Route = Callable[["RequestHandler", list[str]], _Body]
-
-
-def _one(query: Mapping[str, list[str]], name: str) -> str | None:
-    values = query.get(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise _HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name} given more than once", name)
-    return values[0]
-
-
-class RequestHandler(BaseHTTPRequestHandler):
-    """One request. ``server`` is an ``_Server``: it carries the facade and token."""
-
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    # A client that opens a connection and sends nothing must not hold a thread forever.
-    timeout = 30
-    server_version = "snapyard"
-    sys_version = ""
-
-    # --- plumbing ----------------------------------------------------------
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # The default writes to stderr; route it to logging, never with bodies.
-        log.debug("api: " + format, *args)
-
-    def log_error(self, format: str, *args: Any) -> None:
-        # http.server logs a malformed request line verbatim; it may be a body
-        # (with a job's env) sent after an error. Say what, never the line.
-        log.debug("api: refused a malformed request from %s", self.client_address[0])
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def _dispatch(self, method: str) -> None:
-        split = urlsplit(self.path)
-        self._query = parse_qs(split.query, keep_blank_values=True)
-        self._body_read = False
-        self._route_name = route_name = "?"
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan is off; websockets are not served
+            return
+        request = Request(scope, receive)
+        call = Call(request, [], {}, self.body_timeout_s)
         try:
             try:
-                # Split before decoding: a work item may contain an encoded "/".
-                parts = [unquote(p, errors="strict") for p in split.path.strip("/").split("/")]
-            except UnicodeDecodeError:
-                raise _HttpError(HTTPStatus.BAD_REQUEST, "the path is not valid UTF-8") from None
-            route_name, routes = self._routes(parts)
-            self._route_name = route_name
-            if parts != ["healthz"]:
-                self._authorize()
-            route = routes.get(method)
-            if route is None:
-                raise _HttpError(
-                    HTTPStatus.METHOD_NOT_ALLOWED,
-                    f"{method} is not allowed on {split.path}; allowed: {', '.join(sorted(routes))}",
-                    headers={"Allow": ", ".join(sorted(routes))},
+                response = await self._answer(call)
+            except ClientDisconnect:
+                return  # the client went away mid-body: nobody to answer, nothing to report
+            except HttpError as exc:
+                response = json_response(
+                    exc.status, error_body(exc.message, exc.field), exc.headers
                 )
-            status, body = route(self, parts)
-            if isinstance(body, bytes):  # only /metrics answers with anything but JSON
-                self._send(status, body, CONTENT_TYPE)
-            else:
-                self._send_json(status, body)
-        except _HttpError as exc:
-            self._send_json(
-                exc.status, {"error": exc.message, "field": exc.field}, headers=exc.headers
-            )
-        except SupervisorStopped as exc:
-            self._send_json(
-                HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"the supervisor is not running: {exc}"}
-            )
-        except (pykka.ActorDeadError, pykka.Timeout) as exc:
-            # The supervisor is stopping or stuck: a retryable condition for the client.
-            log.warning("api: %s %s: supervisor unavailable: %s", method, route_name, exc)
-            self._send_json(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                {"error": f"the supervisor is not answering: {exc or type(exc).__name__}"},
-            )
-        except Exception as exc:
-            log.exception("api: %s %s failed", method, route_name)
-            capture_error(exc, source="api", extras={"method": method, "route": route_name})
-            self._send_json(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                {"error": f"internal error ({type(exc).__name__}); see the supervisor's log"},
-            )
+            except SupervisorStopped as exc:
+                response = json_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    error_body(f"the supervisor is not running: {exc}"),
+                )
+            except (pykka.ActorDeadError, pykka.Timeout) as exc:
+                # The supervisor is stopping or stuck: a retryable condition for the client.
+                log.warning("api: %s %s: supervisor unavailable: %s", call.method, call.route, exc)
+                response = json_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    error_body(f"the supervisor is not answering: {exc or type(exc).__name__}"),
+                )
+            except Exception as exc:
+                log.exception("api: %s %s failed", call.method, call.route)
+                capture_error(
+                    exc, source="api", extras={"method": call.method, "route": call.route}
+                )
+                response = json_response(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    error_body(f"internal error ({type(exc).__name__}); see the supervisor's log"),
+                )
+            if self.facade is not None:  # None until attached: no registry to count in yet
+                # Counted before the answer leaves: a client that reads it sees the count.
+                labels = {"route": call.route, "method": call.method}
+                self.facade.metrics.api_requests.labels(**labels).inc()
+            if not call.body_read and call.declares_body():
+                # An unread body would be read as the next request: end the connection.
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            return  # gone while we answered: not an error of ours
 
-    def _declares_body(self) -> bool:
-        length = self.headers.get("Content-Length", "0").strip()
-        return length not in ("", "0") or "Transfer-Encoding" in self.headers
-
-    def _routes(self, parts: list[str]) -> tuple[str, dict[str, _Route]]:
-        match parts:
-            case ["jobs"]:
-                return "/jobs", {"GET": RequestHandler._list_jobs, "POST": RequestHandler._submit}
-            case ["jobs", _]:
-                return "/jobs/{id}", {
-                    "GET": RequestHandler._get_job,
-                    "DELETE": RequestHandler._cancel,
-                }
-            case ["jobs", _, "logs"]:
-                return "/jobs/{id}/logs", {"GET": RequestHandler._job_logs}
-            case ["snapshots"]:
-                return "/snapshots", {"GET": RequestHandler._list_snapshots}
-            case ["snapshots", "prune"]:
-                return "/snapshots/prune", {"POST": RequestHandler._prune}
-            case ["snapshots", _, _]:
-                return "/snapshots/{project}/{work_item}", {
-                    "DELETE": RequestHandler._remove_snapshot
-                }
-            case ["healthz"]:
-                return "/healthz", {"GET": RequestHandler._health}
-            case ["metrics"]:
-                return "/metrics", {"GET": RequestHandler._metrics}
-        raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path.split('?')[0]}")
-
-    def _authorize(self) -> None:
-        token = self.server.token
-        if not token:
-            return
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        # compare_digest: the time taken must not reveal how much of the token matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            raise _HttpError(
-                HTTPStatus.UNAUTHORIZED,
-                "a bearer token is required: Authorization: Bearer <api.token>",
-                headers={"WWW-Authenticate": 'Bearer realm="snapyard"'},
+    async def _answer(self, call: Call) -> Response:
+        scope = call.request.scope
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query_string: bytes = scope["query_string"]
+        if len(raw_path) + len(query_string) > MAX_TARGET_BYTES:
+            raise HttpError(
+                HTTPStatus.REQUEST_URI_TOO_LONG,
+                f"the request target is over {MAX_TARGET_BYTES} bytes",
             )
-
-    def _read_json(self) -> object:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _HttpError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            raise _HttpError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            raise HttpError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "the request headers are too large"
+            )
+        if raw_path.strip(b"/") != b"healthz":
+            authorized(call.request, self.token)
+        text = raw_path.decode("latin-1")
         try:
-            length = int(raw_length)
-        except ValueError:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-        if length < 0:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is negative")
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body would poison the connection
-            raise _HttpError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body is {length} bytes; at most {MAX_BODY_BYTES} are accepted",
-            )
-        ctype = self.headers.get("Content-Type", "")
-        raw = self.rfile.read(length)
-        self._body_read = True
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise _HttpError(
-                HTTPStatus.BAD_REQUEST,
-                f"the body must be JSON with Content-Type: application/json, not {ctype or 'none'!r}",
-            )
-        try:
-            return json.loads(raw.decode("utf-8"))
+            # Split before decoding: a work item may contain an encoded "/".
+            call.parts = [unquote(p, errors="strict") for p in text.strip("/").split("/")]
         except UnicodeDecodeError:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
-        except (ValueError, RecursionError):
-            # Numbers past Python's digit limit, nesting past the recursion limit.
-            raise _HttpError(
-                HTTPStatus.BAD_REQUEST, "the body is not JSON this API accepts"
-            ) from None
-
-    def _send_json(
-        self, status: HTTPStatus, body: Any, headers: Mapping[str, str] | None = None
-    ) -> None:
-        data = (json.dumps(body, ensure_ascii=False) + "\n").encode()
-        self._send(status, data, "application/json; charset=utf-8", headers)
-
-    def _send(
-        self,
-        status: HTTPStatus,
-        data: bytes,
-        ctype: str,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        # Counted before the answer leaves: a client that reads it sees the count.
-        metrics = self.server.metrics
-        if metrics is not None:  # None until the app is attached: no registry yet
-            labels = {"route": getattr(self, "_route_name", "?"), "method": self.command}
-            metrics.api_requests.labels(**labels).inc()
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if not getattr(self, "_body_read", True) and self._declares_body():
-            # An unread body would be parsed as the next request on this
-            # connection (and logged as one): end the connection instead.
-            self.close_connection = True
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _job_or_404(self, job_id: str) -> Job:
-        job = self.server.app.get(job_id)
-        if job is None:
-            raise _HttpError(HTTPStatus.NOT_FOUND, f"no job with id {job_id!r}", "id")
-        return job
+            raise HttpError(HTTPStatus.BAD_REQUEST, "the path is not valid UTF-8") from None
+        try:
+            call.query = parse_qs(
+                query_string.decode("latin-1"), keep_blank_values=True, errors="strict"
+            )
+        except UnicodeDecodeError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "the query is not valid UTF-8") from None
+        call.route, routes = _routes(call.parts, text)
+        facade = self.facade
+        if facade is None:
+            raise SupervisorStopped("the supervisor is still starting")
+        method = "GET" if call.method == "HEAD" else call.method
+        route = routes.get(method)
+        if route is None:
+            allowed = ", ".join(sorted(routes))
+            raise HttpError(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                f"{call.method} is not allowed on {text}; allowed: {allowed}",
+                headers={"Allow": allowed},
+            )
+        answer = await route(self, call, facade)
+        if isinstance(answer, Response):
+            return answer
+        status, body = answer
+        if isinstance(body, bytes):  # only /metrics answers with anything but JSON
+            return Response(body, status_code=status, media_type=CONTENT_TYPE)
+        return json_response(status, body)
 
     # --- routes ------------------------------------------------------------
 
-    def _submit(self, parts: list[str]) -> _Body:
+    async def submit(self, call: Call, app: Facade) -> _Answer:
         try:
-            spec = spec_from_json(self._read_json())
-        except WireError as exc:
-            raise _HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message, exc.field) from None
-        except InvalidJob as exc:
-            raise _HttpError(
-                HTTPStatus.UNPROCESSABLE_ENTITY, f"{exc.field} {exc.problem}", exc.field
-            ) from None
+            spec = spec_from_json(await read_json(call))
+        except (WireError, InvalidJob) as exc:
+            raise _unprocessable(exc) from None
         try:
-            job = self.server.app.submit(spec)
+            job = await run_in_threadpool(app.submit, spec)
         except InvalidJob as exc:  # e.g. an unknown project when those are refused
-            raise _HttpError(
-                HTTPStatus.UNPROCESSABLE_ENTITY, f"{exc.field} {exc.problem}", exc.field
-            ) from None
+            raise _unprocessable(exc) from None
         return HTTPStatus.CREATED, job_json(job)
 
-    def _list_jobs(self, parts: list[str]) -> _Body:
-        unknown = sorted(set(self._query) - {"state", "project", "limit"})
+    async def list_jobs(self, call: Call, app: Facade) -> _Answer:
+        unknown = sorted(set(call.query) - {"state", "project", "limit"})
         if unknown:
-            raise _HttpError(
+            raise HttpError(
                 HTTPStatus.UNPROCESSABLE_ENTITY,
                 f"unknown query parameter {unknown[0]!r}; known: state, project, limit",
                 unknown[0],
             )
-        raw_state = _one(self._query, "state") or None
+        raw_state = call.one("state") or None
         state: JobState | None = None
         if raw_state is not None:
             try:
                 state = JobState(raw_state)
             except ValueError:
-                raise _HttpError(
+                raise HttpError(
                     HTTPStatus.UNPROCESSABLE_ENTITY,
                     f"state {raw_state!r} is not one of {', '.join(s.value for s in JobState)}",
                     "state",
                 ) from None
-        raw_limit = _one(self._query, "limit")
+        raw_limit = call.one("limit")
         limit = 100
         if raw_limit is not None:
             try:
@@ -349,53 +267,121 @@ class RequestHandler(BaseHTTPRequestHandler):
             except ValueError:
                 limit = -1
             if not 1 <= limit <= MAX_LIST_LIMIT:
-                raise _HttpError(
+                raise HttpError(
                     HTTPStatus.UNPROCESSABLE_ENTITY,
                     f"limit {raw_limit!r} must be a whole number from 1 to {MAX_LIST_LIMIT}",
                     "limit",
                 )
-        project = _one(self._query, "project") or None
-        jobs = self.server.app.jobs(state=state, project=project, limit=limit)
+        project = call.one("project") or None
+        jobs = await run_in_threadpool(app.jobs, state, project, limit)
         return HTTPStatus.OK, {"jobs": [job_json(j) for j in jobs]}
 
-    def _get_job(self, parts: list[str]) -> _Body:
-        return HTTPStatus.OK, job_json(self._job_or_404(parts[1]))
+    async def get_job(self, call: Call, app: Facade) -> _Answer:
+        return HTTPStatus.OK, job_json(await _job_or_404(app, call.parts[1]))
 
-    def _job_logs(self, parts: list[str]) -> _Body:
-        job = self._job_or_404(parts[1])
+    async def job_logs(self, call: Call, app: Facade) -> _Answer:
+        follow = call.one("follow")
+        if follow not in (None, "true", "false"):
+            raise HttpError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                f"follow {follow!r} must be true or false",
+                "follow",
+            )
+        job = await _job_or_404(app, call.parts[1])
+        if follow == "true":
+            return log_stream(app, job, self.followers, self.closing, head=call.method == "HEAD")
         return HTTPStatus.OK, {"id": job.id, "state": str(job.state), "logs": job.logs_tail}
 
-    def _cancel(self, parts: list[str]) -> _Body:
-        job = self._job_or_404(parts[1])
+    async def cancel(self, call: Call, app: Facade) -> _Answer:
+        job = await _job_or_404(app, call.parts[1])
         if job.state.terminal:
-            raise _HttpError(
+            raise HttpError(
                 HTTPStatus.CONFLICT, f"job {job.id} already ended ({job.state}); nothing to cancel"
             )
-        cancelled = self.server.app.cancel(job.id)
+        cancelled = await run_in_threadpool(app.cancel, job.id)
         if cancelled is None:  # removed between the two calls
-            raise _HttpError(HTTPStatus.NOT_FOUND, f"no job with id {job.id!r}", "id")
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job with id {job.id!r}", "id")
         return HTTPStatus.OK, job_json(cancelled)
 
-    def _list_snapshots(self, parts: list[str]) -> _Body:
-        snaps = sorted(self.server.app.snapshots(), key=lambda s: s.key)
+    async def list_snapshots(self, call: Call, app: Facade) -> _Answer:
+        snaps = sorted(await run_in_threadpool(app.snapshots), key=lambda s: s.key)
         return HTTPStatus.OK, {"snapshots": [snapshot_json(s) for s in snaps]}
 
-    def _remove_snapshot(self, parts: list[str]) -> _Body:
-        key = SnapshotKey(parts[1], parts[2])
-        if not self.server.app.remove_snapshot(key):
-            raise _HttpError(HTTPStatus.NOT_FOUND, f"no snapshot for {key}")
+    async def remove_snapshot(self, call: Call, app: Facade) -> _Answer:
+        key = SnapshotKey(call.parts[1], call.parts[2])
+        if not await run_in_threadpool(app.remove_snapshot, key):
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no snapshot for {key}")
         return HTTPStatus.OK, {"removed": True, "project": key.project, "work_item": key.work_item}
 
-    def _prune(self, parts: list[str]) -> _Body:
-        evicted = self.server.app.prune_snapshots()
+    async def prune(self, call: Call, app: Facade) -> _Answer:
+        evicted = await run_in_threadpool(app.prune_snapshots)
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
 
-    def _health(self, parts: list[str]) -> _Body:
-        ok, reason = self.server.app.health()
+    async def health(self, call: Call, app: Facade) -> _Answer:
+        # Probes that arrive while a check runs share its answer (single flight):
+        # under a probe storm the supervisor is asked once per check, not per probe.
+        if self._health is None or self._health.done():
+            self._health = asyncio.ensure_future(run_in_threadpool(app.health))
+        ok, reason = await asyncio.shield(self._health)
         if ok:
             return HTTPStatus.OK, {"ok": True, "reason": reason}
-        # "error" too: every non-2xx body carries one, so clients need one rule.
-        return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, "error": reason}
+        return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, **error_body(reason)}
 
-    def _metrics(self, parts: list[str]) -> _Body:
-        return HTTPStatus.OK, self.server.app.metrics.exposition()
+    async def metrics(self, call: Call, app: Facade) -> _Answer:
+        return HTTPStatus.OK, await run_in_threadpool(app.metrics.exposition)
+
+    async def openapi(self, call: Call, app: Facade) -> _Answer:
+        answer = Response(openapi_json(), media_type=JSON_TYPE)
+        answer.headers["Cache-Control"] = "no-store"
+        return answer
+
+    async def events(self, call: Call, app: Facade) -> _Answer:
+        unknown = sorted(set(call.query) - {"job"})
+        if unknown:
+            raise HttpError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                f"unknown query parameter {unknown[0]!r}; known: job",
+                unknown[0],
+            )
+        raw_last = call.request.headers.get("last-event-id")
+        after: int | None = None
+        if raw_last is not None:
+            if not raw_last.strip().isdigit():
+                raise HttpError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    f"Last-Event-ID {raw_last!r} is not an event id this API sent",
+                    "Last-Event-ID",
+                )
+            after = int(raw_last)
+        if after is None:  # from now on: the cursor is taken before the job is read
+            after = await run_in_threadpool(app.store.last_change)
+        job_id = call.one("job")
+        job = None if job_id is None else await _job_or_404(app, job_id)
+        if self._feed is None:
+            self._feed = ChangeFeed(lambda: self.facade.store.last_change() if self.facade else 0)
+        return event_stream(app, self._feed, after, job, self.closing, head=call.method == "HEAD")
+
+
+def _routes(parts: list[str], path: str) -> tuple[str, dict[str, _Route]]:
+    match parts:
+        case ["jobs"]:
+            return "/jobs", {"GET": ApiApp.list_jobs, "POST": ApiApp.submit}
+        case ["jobs", _]:
+            return "/jobs/{id}", {"GET": ApiApp.get_job, "DELETE": ApiApp.cancel}
+        case ["jobs", _, "logs"]:
+            return "/jobs/{id}/logs", {"GET": ApiApp.job_logs}
+        case ["snapshots"]:
+            return "/snapshots", {"GET": ApiApp.list_snapshots}
+        case ["snapshots", "prune"]:
+            return "/snapshots/prune", {"POST": ApiApp.prune}
+        case ["snapshots", _, _]:
+            return "/snapshots/{project}/{work_item}", {"DELETE": ApiApp.remove_snapshot}
+        case ["healthz"]:
+            return "/healthz", {"GET": ApiApp.health}
+        case ["metrics"]:
+            return "/metrics", {"GET": ApiApp.metrics}
+        case ["events"]:
+            return "/events", {"GET": ApiApp.events}
+        case ["openapi.json"]:
+            return "/openapi.json", {"GET": ApiApp.openapi}
+    raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")

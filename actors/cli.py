@@ -108,7 +108,21 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("id")
     job.add_argument("--json", action="store_true")
     job.add_argument("--logs", action="store_true", help="also print the tail of its output")
+    job.add_argument(
+        "--follow",
+        action="store_true",
+        help="print its output as it is written until it ends; exit 1 unless it succeeded",
+    )
     job.set_defaults(func=_lazy("actors.cli_jobs", "cmd_job"))
+
+    events = sub.add_parser(
+        "events", parents=[common], help="print job state changes as they happen"
+    )
+    events.add_argument(
+        "--job", metavar="ID", help="only this job, until it ends (exit 1 unless it succeeded)"
+    )
+    events.add_argument("--json", action="store_true", help="one JSON object a line")
+    events.set_defaults(func=_lazy("actors.cli_jobs", "cmd_events"))
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
     cancel.add_argument("id")

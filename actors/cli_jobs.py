@@ -30,7 +30,7 @@ from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.model import JobState
 from actors.wire import parse_time
 
-__all__ = ["cmd_cancel", "cmd_job", "cmd_jobs", "cmd_snapshots", "cmd_submit"]
+__all__ = ["cmd_cancel", "cmd_events", "cmd_job", "cmd_jobs", "cmd_snapshots", "cmd_submit"]
 
 _POLL_FIRST_S = 0.1
 _POLL_MAX_S = 1.0
@@ -208,7 +208,7 @@ def cmd_submit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _print_json(job, out)
     else:
         _print_job(job, out)
-    return EXIT_OK if job["state"] == JobState.SUCCEEDED else EXIT_JOB_FAILED
+    return _result(job)
 
 
 def _wait(client: ApiClient, job: dict[str, Any], err: TextIO, progress: bool) -> dict[str, Any]:
@@ -264,9 +264,30 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _result(job: Mapping[str, Any]) -> int:
+    """As for ``submit --wait``: 0 only if the job succeeded."""
+    return EXIT_OK if job["state"] == JobState.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def _follow(client: ApiClient, job_id: str, out: TextIO, err: TextIO) -> int:
+    """Print the job's output as it is written; the job's result is the exit code."""
+    try:
+        for text in client.follow_logs(job_id):
+            out.write(text)
+            out.flush()
+    except KeyboardInterrupt:
+        raise CliError(f"stopped following; job {job_id} goes on", 130) from None
+    job = _poll(client, client.job(job_id))
+    exit_code = "-" if job["exit_code"] is None else job["exit_code"]
+    print(f"job {job['id']}: {job['state']} (exit code {exit_code})", file=err)
+    return _result(job)
+
+
 @_speaks_api
 def cmd_job(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     client = _client(args)
+    if args.follow:
+        return _follow(client, args.id, out, err)
     job = client.job(args.id)
     logs = client.logs(args.id) if args.logs else None
     if args.json:
@@ -277,6 +298,25 @@ def cmd_job(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print("--- logs (tail) ---", file=out)
         print(logs.rstrip("\n") if logs else "(no output)", file=out)
     return EXIT_OK
+
+
+@_speaks_api
+def cmd_events(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Print job state changes as they happen; with --job, until that job ends."""
+    last = None
+    try:
+        for event in _client(args).events(args.job):
+            last = event
+            if args.json:
+                fields = {"seq": event.seq, "id": event.job_id, "state": event.state}
+                print(json.dumps({**fields, "time": event.time}), file=out, flush=True)
+            else:
+                print(f"{_when(event.time)}  {event.job_id}  {event.state}", file=out, flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK  # the usual way to stop watching
+    if args.job:
+        return _result({"state": last.state if last else None})
+    raise CliError("the supervisor closed the event stream (stopping?)", EXIT_UNREACHABLE)
 
 
 @_speaks_api

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
-from actors.api import ApiServer
+from actors.api import ApiServer, raise_fd_limit
 from actors.app import run_forever
 from actors.cli_common import (
     EXIT_JOB_FAILED,
@@ -34,6 +34,7 @@ __all__ = ["cmd_demo", "cmd_image_build", "cmd_run"]
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """The supervisor and its API in the foreground, until SIGTERM or SIGINT."""
     settings = settings_of(args)
+    raise_fd_limit()  # each API connection is a descriptor; 1024 is a common default
     try:
         # Bound before any actor starts: a taken port or an unsafe address is a
         # configuration error (exit 2), not a half-started supervisor.

@@ -7,17 +7,23 @@ must never route a job's env through somebody else's server.
 
 from __future__ import annotations
 
+import codecs
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from actors.settings import ApiSettings
 from actors.wire import client_host
 
-__all__ = ["ApiClient", "ApiError", "ApiUnreachable"]
+__all__ = ["ApiClient", "ApiError", "ApiUnreachable", "JobEvent"]
+
+# A stream's reads wait this long at most: /events sends a comment every 15 s;
+# a followed log may be quiet as long as the job is, so it waits without limit.
+_EVENTS_READ_TIMEOUT_S = 60.0
 
 
 class ApiUnreachable(Exception):
@@ -42,6 +48,16 @@ class ApiError(Exception):
         super().__init__(f"{status}: {message}")
 
 
+@dataclass(frozen=True)
+class JobEvent:
+    """One ``GET /events`` event: a job's state changed (``seq`` resumes the stream)."""
+
+    seq: int
+    job_id: str
+    state: str
+    time: str | None
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str = "", timeout_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -57,14 +73,14 @@ class ApiClient:
 
     # --- transport ---------------------------------------------------------
 
-    def request(
+    def _request(
         self,
         method: str,
         path: str,
         body: object = None,
         query: Mapping[str, str] | None = None,
-    ) -> tuple[int, Any]:
-        """Send one request; return (status, decoded body). Raises ApiUnreachable or ApiError."""
+        headers: Mapping[str, str] | None = None,
+    ) -> urllib.request.Request:
         url = self.base_url + path
         if query:
             url += "?" + urlencode(query)
@@ -74,22 +90,62 @@ class ApiClient:
             req.add_header("Content-Type", "application/json")
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
+        return req
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        query: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """Send one request; return (status, decoded body). Raises ApiUnreachable or ApiError."""
+        req = self._request(method, path, body, query)
         try:
             with self._opener.open(req, timeout=self.timeout_s) as resp:
                 return resp.status, self._decode(resp.headers.get("Content-Type", ""), resp.read())
         except urllib.error.HTTPError as exc:
-            payload = self._decode(exc.headers.get("Content-Type", ""), exc.read())
-            if isinstance(payload, dict):
-                message = str(payload.get("error") or exc.reason)
-                field = payload.get("field")
-                raise ApiError(
-                    exc.code, message, field if isinstance(field, str) else None
-                ) from None
-            raise ApiError(exc.code, str(payload).strip() or str(exc.reason)) from None
+            raise self._error(exc) from None
         except urllib.error.URLError as exc:
             raise ApiUnreachable(self.base_url, str(exc.reason)) from None
         except (ConnectionError, TimeoutError) as exc:
             raise ApiUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+
+    def _stream(
+        self,
+        path: str,
+        query: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        read_timeout_s: float | None,
+        lines: bool,
+    ) -> Iterator[bytes]:
+        """The body of a streamed answer as it arrives: line by line, or as read."""
+        req = self._request("GET", path, query=query, headers=headers)
+        try:
+            # The timeout bounds every read; on loopback a connect is refused at once.
+            resp = self._opener.open(req, timeout=read_timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise self._error(exc) from None
+        except urllib.error.URLError as exc:
+            raise ApiUnreachable(self.base_url, str(exc.reason)) from None
+        except (ConnectionError, TimeoutError) as exc:
+            raise ApiUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+        with resp:
+            try:
+                while chunk := resp.readline() if lines else resp.read1(65536):
+                    yield chunk
+            except (ConnectionError, TimeoutError) as exc:
+                raise ApiUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+
+    def _error(self, exc: urllib.error.HTTPError) -> ApiError:
+        payload = self._decode(exc.headers.get("Content-Type", ""), exc.read())
+        if isinstance(payload, dict):
+            message = str(payload.get("error") or exc.reason)
+            field = payload.get("field")
+            return ApiError(exc.code, message, field if isinstance(field, str) else None)
+        return ApiError(exc.code, str(payload).strip() or str(exc.reason))
 
     @staticmethod
     def _decode(ctype: str, raw: bytes) -> Any:
@@ -111,6 +167,35 @@ class ApiClient:
 
     def logs(self, job_id: str) -> str:
         return str(self.request("GET", f"/jobs/{quote(job_id, safe='')}/logs")[1]["logs"])
+
+    def follow_logs(self, job_id: str) -> Iterator[str]:
+        """The job's output as it is written, until the job ends."""
+        path = f"/jobs/{quote(job_id, safe='')}/logs"
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for chunk in self._stream(path, {"follow": "true"}, None, None, lines=False):
+            if text := decoder.decode(chunk):
+                yield text
+        if text := decoder.decode(b"", final=True):
+            yield text
+
+    def events(self, job_id: str | None = None, after: int | None = None) -> Iterator[JobEvent]:
+        """Job state changes as they happen (all jobs, or one until it ends);
+        ``after`` resumes after an event's ``seq`` (Last-Event-ID)."""
+        query = {"job": job_id} if job_id else None
+        headers = {"Accept": "text/event-stream"}
+        if after is not None:
+            headers["Last-Event-ID"] = str(after)
+        seq, data = None, ""
+        for raw in self._stream("/events", query, headers, _EVENTS_READ_TIMEOUT_S, lines=True):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line.startswith("id:"):
+                seq = int(line[3:].strip())
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif not line and data and seq is not None:
+                fields = json.loads(data)
+                yield JobEvent(seq, str(fields["id"]), str(fields["state"]), fields.get("time"))
+                seq, data = None, ""
 
     def jobs(
         self, state: str | None = None, project: str | None = None, limit: int = 100

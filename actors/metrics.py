@@ -40,6 +40,7 @@ from actors.engine.base import (
     ImageInfo,
     ImageMissing,
     Logs,
+    LogStream,
 )
 
 __all__ = [
@@ -251,6 +252,11 @@ class MeteredEngine:
     def container_logs(self, container_id: str, tail: int = 200) -> Logs:
         with self._counted():
             return self.inner.container_logs(container_id, tail)
+
+    def follow_logs(self, container_id: str) -> LogStream:
+        # Counted at the open; an error while following is the follower's to handle.
+        with self._counted():
+            return self.inner.follow_logs(container_id)
 
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         with self._counted():

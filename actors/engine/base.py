@@ -30,6 +30,7 @@ __all__ = [
     "ImageConfig",
     "ImageInfo",
     "ImageMissing",
+    "LogStream",
     "Logs",
     "decode_secret_env",
     "encode_secret_env",
@@ -241,6 +242,16 @@ class EventStream(Protocol):
     def close(self) -> None: ...
 
 
+class LogStream(Protocol):
+    """A container's output as it is written (stdout and stderr interleaved,
+    from the first line on), ending when the container stops; another thread
+    may ``close()`` it to stop following early."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     """The container engine as Snapyard sees it.
@@ -281,6 +292,9 @@ class Engine(Protocol):
 
     def container_logs(self, container_id: str, tail: int = 200) -> Logs:
         """The last ``tail`` lines of stdout and of stderr, demultiplexed."""
+
+    def follow_logs(self, container_id: str) -> LogStream:
+        """All output so far, then new output as it comes, until the container stops."""
 
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         """All containers (running or not) carrying every one of ``labels``."""

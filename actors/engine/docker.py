@@ -12,6 +12,7 @@ Nothing here pulls: containers are created with the low-level API (never
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import math
@@ -285,6 +286,11 @@ class DockerEngine:
             both = api.logs(container_id, stdout=True, stderr=True, tail=max(0, tail))
         return Logs(text=both.decode("utf-8", "replace"))
 
+    def follow_logs(self, container_id: str) -> DockerLogStream:
+        with self._call(container=container_id) as api:
+            stream = api.logs(container_id, stdout=True, stderr=True, stream=True, follow=True)
+        return DockerLogStream(self, stream)
+
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         with self._call() as api:
             found = api.containers(all=True, filters=label_filter(labels))
@@ -450,3 +456,32 @@ class DockerEventStream:
         # Closing a stream the daemon already dropped is not worth an error.
         with contextlib.suppress(Exception):
             self._stream.close()
+
+
+class DockerLogStream:
+    """docker-py's followed log, decoded: a UTF-8 character split across two
+    chunks is held back until its second half arrives."""
+
+    def __init__(self, engine: DockerEngine, stream: Any) -> None:
+        self._engine = engine
+        self._stream = stream
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            for chunk in self._stream:
+                text = decoder.decode(chunk)
+                if text:
+                    yield text
+        except Exception as exc:
+            if self._closed.is_set():
+                return
+            self._engine._raise(exc)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def close(self) -> None:
+        self._closed.set()
+        self._stream.close()

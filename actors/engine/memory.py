@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from actors.clock import Clock
 from actors.engine._memory_images import ImageStore
+from actors.engine._memory_logs import MemoryLogStream
 from actors.engine._memory_records import (
     COMMIT_OVERHEAD_BYTES,
     DEFAULT_BASE_SIZE,
@@ -177,6 +178,7 @@ class MemoryEngine(ImageStore):
             record = self._find_container(container_id)
             for stream, text in chunks:
                 record.log.extend((stream, line) for line in text.splitlines(keepends=True))
+            self._changed.notify_all()  # wakes followers (follow_logs)
 
     def ignore_sigterm(self, container_id: str) -> None:
         """Make ``stop_container`` wait out the grace period and SIGKILL (exit 137)."""
@@ -340,6 +342,11 @@ class MemoryEngine(ImageStore):
             # Docker tails the combined log, in the order it was written.
             lines = record.log[-tail:] if tail > 0 else []
             return Logs(text="".join(line for _stream, line in lines))
+
+    def follow_logs(self, container_id: str) -> MemoryLogStream:
+        self._enter("follow_logs", container_id)
+        with self._lock:
+            return MemoryLogStream(self._find_container(container_id), self._changed)
 
     def list_containers(self, labels: Mapping[str, str]) -> list[ContainerState]:
         self._enter("list_containers", dict(labels))

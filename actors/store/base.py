@@ -118,6 +118,17 @@ class JobStore(Protocol):
 
     def history(self, job_id: str) -> builtins.list[tuple[JobState, float, str | None]]: ...
 
+    def changes(
+        self, after: int, limit: int = 500
+    ) -> builtins.list[tuple[int, str, JobState, float]]:
+        """Every job's state changes as ``(seq, job_id, state, at)`` with ``seq > after``,
+        oldest first: ``seq`` only grows, so a follower (``GET /events``) resumes from it."""
+        ...
+
+    def last_change(self) -> int:
+        """The ``seq`` of the newest state change (0 for none): "from now on" for ``changes``."""
+        ...
+
     def job_ids(self) -> set[str]: ...
 
     def count_by_state(self) -> dict[JobState, int]:

@@ -296,6 +296,22 @@ class SqliteStore:
             ).fetchall()
         return [(JobState(row["state"]), row["at"], row["note"]) for row in rows]
 
+    def changes(
+        self, after: int, limit: int = 500
+    ) -> builtins.list[tuple[int, str, JobState, float]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, job_id, state, at FROM job_history WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(row[0], row[1], JobState(row[2]), row[3]) for row in rows]
+
+    def last_change(self) -> int:
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM job_history").fetchone()[0]
+            )
+
     def job_ids(self) -> set[str]:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT id FROM jobs")}

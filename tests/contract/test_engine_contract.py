@@ -49,6 +49,8 @@ EVENT_WAIT_S = 15.0
 EXIT3 = ("sh", "-c", "echo out; echo err >&2; exit 3")
 DONE = ("sh", "-c", "echo job done")
 SLEEP = ("sh", "-c", "sleep 30")
+# Prints, then runs until stopped: its output must be followable while it runs.
+CHATTY = ("sh", "-c", "echo first; sleep 30")
 # Says so once SIGTERM is ignored: a stop before that hits the entrypoint (143).
 STUBBORN = ("sh", "-c", "trap '' TERM; echo stubborn; sleep 30")
 WRITE = ("sh", "-c", f"echo data > {JOB_FILE}")
@@ -111,6 +113,9 @@ def play(container: MemoryContainer) -> int | None:
         token = container.process_env.get("API_TOKEN", "")
         engine.append_logs(container.id, stdout=f"token=[{token}]\n")
         return 0
+    if command == CHATTY:
+        engine.append_logs(container.id, stdout="first\n")
+        return None
     if command == STUBBORN:
         engine.ignore_sigterm(container.id)
         engine.append_logs(container.id, stdout="stubborn\n")
@@ -285,6 +290,69 @@ def test_logs_keep_stdout_and_stderr_in_the_order_they_were_written(rig: Rig) ->
     assert code == 0
     assert rig.engine.container_logs(container_id).lines()[-3:] == ["out1", "err1", "out2"]
     assert rig.engine.container_logs(container_id, tail=2).lines() == ["err1", "out2"]
+
+
+class Follower:
+    """Reads a followed log on a thread; the test waits on its queue, never sleeps."""
+
+    def __init__(self, engine: Engine, container_id: str) -> None:
+        self.stream = engine.follow_logs(container_id)
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.text = ""
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        for chunk in self.stream:
+            self.queue.put(chunk)
+        self.queue.put(None)
+
+    def until(self, line: str) -> None:
+        while line not in self.text.splitlines():
+            chunk = self.queue.get(timeout=EVENT_WAIT_S)
+            assert chunk is not None, f"the stream ended before {line!r}: {self.text!r}"
+            self.text += chunk
+
+    def to_the_end(self) -> str:
+        while (chunk := self.queue.get(timeout=EVENT_WAIT_S)) is not None:
+            self.text += chunk
+        return self.text
+
+
+def test_follow_logs_gives_output_while_the_container_runs_and_ends_when_it_stops(
+    rig: Rig,
+) -> None:
+    container_id = rig.create(CHATTY)
+    rig.engine.start_container(container_id)
+    follower = Follower(rig.engine, container_id)
+    follower.until("first")  # while it still runs
+    assert rig.engine.inspect_container(container_id).status == "running"
+    rig.engine.stop_container(container_id, grace_s=10)
+    text = follower.to_the_end()
+    assert text.splitlines()[0] == "worker: setup starting (0s)"
+    assert text.splitlines()[-1] == "first"
+
+
+def test_follow_logs_of_an_exited_container_replays_all_and_ends(rig: Rig) -> None:
+    container_id, code = rig.run(INTERLEAVED)
+    assert code == 0
+    text = Follower(rig.engine, container_id).to_the_end()
+    assert text.splitlines()[-3:] == ["out1", "err1", "out2"]
+
+
+def test_follow_logs_can_be_closed_from_another_thread(rig: Rig) -> None:
+    container_id = rig.create(CHATTY)
+    rig.engine.start_container(container_id)
+    follower = Follower(rig.engine, container_id)
+    follower.until("first")
+    follower.stream.close()
+    follower.thread.join(timeout=EVENT_WAIT_S)
+    assert not follower.thread.is_alive(), "close() must end the followed log"
+
+
+def test_follow_logs_of_a_missing_container_is_container_missing(rig: Rig) -> None:
+    with pytest.raises(ContainerMissing):
+        rig.engine.follow_logs("0" * 64)
 
 
 def test_wait_times_out_as_engine_unavailable(rig: Rig) -> None:

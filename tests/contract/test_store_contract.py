@@ -294,3 +294,26 @@ def test_counts_cover_every_state_and_ids_every_job(store: JobStore) -> None:
     assert counts[JobState.RUNNING] == 1
     assert sum(counts.values()) == 2
     assert store.job_ids() == {j.id for j in jobs}
+
+
+def test_changes_are_every_state_change_in_order_after_a_cursor(store: JobStore) -> None:
+    """What GET /events follows: a cursor that only grows, pages that resume from it."""
+    assert store.last_change() == 0
+    assert store.changes(0) == []
+    first, second = job("a"), job("b")
+    queue(store, first, second)
+    store.update(dataclasses.replace(first, state=JobState.RUNNING, started_at=NOW + 1))
+    store.update(dataclasses.replace(first, state=JobState.RUNNING, error="same state"))
+    changes = store.changes(0)
+    assert [(job_id, state) for _, job_id, state, _ in changes] == [
+        (first.id, JobState.QUEUED),
+        (second.id, JobState.QUEUED),
+        (first.id, JobState.RUNNING),
+    ]
+    seqs = [seq for seq, *_ in changes]
+    assert seqs == sorted(seqs)
+    assert store.last_change() == seqs[-1]
+    # Resuming from a cursor gives only what came after it, in pages.
+    assert store.changes(seqs[0]) == changes[1:]
+    assert store.changes(seqs[0], limit=1) == changes[1:2]
+    assert store.changes(seqs[-1]) == []

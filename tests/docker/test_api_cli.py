@@ -171,3 +171,35 @@ def test_doctor_warns_about_a_data_dir_others_can_read(base_image: str, tmp_path
     assert code == 1
     assert re.search(rf"^FAIL  permissions +{re.escape(str(data))} is mode 0755", out, re.M), out
     assert f"-> chmod -R go= {data}" in out
+
+
+def test_follow_and_events_of_a_job_on_the_real_engine(supervisor: Supervisor) -> None:
+    sup = supervisor
+    script = 'echo one; sleep 1; echo "two $API_TOKEN"; exit 0'
+    code, out, err = cli(
+        sup.env,
+        "submit",
+        "--project",
+        sup.project,
+        "--work-item",
+        "follow",
+        "--env",
+        f"API_TOKEN={SECRET}",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert code == 0, err
+    job_id = json.loads(out)["id"]
+    code, out, err = cli(sup.env, "job", job_id, "--logs", "--follow")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "one" in lines
+    assert "two ***" in lines
+    assert SECRET not in out
+    assert f"job {job_id}: succeeded (exit code 0)" in err
+    code, out, _ = cli(sup.env, "events", "--job", job_id, "--json")
+    assert code == 0
+    assert json.loads(out.splitlines()[-1])["state"] == "succeeded"

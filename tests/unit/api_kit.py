@@ -84,13 +84,19 @@ class Served:
 
 
 @contextlib.contextmanager
-def served(data_dir: Path, engine: MemoryEngine | None = None, **sections: Any) -> Iterator[Served]:
+def served(
+    data_dir: Path,
+    engine: MemoryEngine | None = None,
+    server_options: Mapping[str, Any] | None = None,
+    **sections: Any,
+) -> Iterator[Served]:
+    """A started Snapyard and its API; ``server_options`` go to ``ApiServer``."""
     settings = unit_settings(data_dir, **sections)
     engine = engine or memory_engine()
     app = Snapyard(settings, engine=engine)
     app.start()
     try:
-        with ApiServer(app, settings.api) as server:
+        with ApiServer(app, settings.api, **dict(server_options or {})) as server:
             yield Served(app, engine, server, settings)
     finally:
         app.stop(timeout_s=10.0)

@@ -693,6 +693,10 @@ def test_bearer_token_guards_every_endpoint_but_healthz(tmp_path: Path) -> None:
             ("POST", "/snapshots/prune"),
             ("GET", "/metrics"),
             ("POST", "/jobs"),
+            ("GET", "/events"),
+            ("GET", "/jobs/x/logs?follow=true"),
+            ("GET", "/openapi.json"),
+            ("GET", "/no-such-endpoint"),
         ):
             status, headers, body = raw(live.server, method, path)
             assert status == 401, path

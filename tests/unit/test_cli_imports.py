@@ -11,7 +11,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("pykka", "docker", "sentry_sdk", "actors.api", "actors.app", "actors.supervisor")
+HEAVY = (
+    "pykka",
+    "docker",
+    "sentry_sdk",
+    "uvicorn",
+    "starlette",
+    "actors.api",
+    "actors.app",
+    "actors.supervisor",
+)
 
 
 def loaded_after(code: str) -> set[str]:
