@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Final
 
 __all__ = [
+    "CONFIG_FILE",
     "CONTAINER_ENV",
     "ENV_JOB_ID",
     "ENV_SETUP_SECONDS",
@@ -36,6 +37,7 @@ __all__ = [
     "ROLE_BASE",
     "ROLE_SNAPSHOT",
     "SECRET_ENV_PATH",
+    "STORE_FILE",
 ]
 
 # --- every worker container ------------------------------------------------
@@ -90,3 +92,9 @@ CONTAINER_ENV: Final = (ENV_JOB_ID, ENV_SNAPSHOT_REUSE, ENV_SETUP_SECONDS)
 # Where a worker finds its secret env: one NAME=<base64 of the UTF-8 value> a
 # line; the worker's entrypoint.sh reads this very path.
 SECRET_ENV_PATH: Final = "/run/snapyard/env"  # noqa: S105 - a path, not a password
+
+# --- files ---------------------------------------------------------------------
+# Names a data dir written by one version must keep for the next: the job
+# store, and the shipped default configuration (package data).
+STORE_FILE: Final = "snapyard.db"
+CONFIG_FILE: Final = "snapyard.toml"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from actors._settings_values import SettingsError, build, choice, docker_repository, minimum
+from actors.labels import CONFIG_FILE, STORE_FILE
 from actors.layers import ENGINE_MAX_LAYERS, MIN_MAX_LAYERS
 
 __all__ = [
@@ -44,7 +45,7 @@ ENV_PREFIX = "SNAPYARD_"
 # The shipped default configuration, every key with its default: package data,
 # found the same way from a checkout or an installed wheel, whatever the cwd.
 # config/snapyard.toml in the repository is a symlink to it.
-DEFAULT_CONFIG: Traversable = files("actors") / "defaults" / "snapyard.toml"
+DEFAULT_CONFIG: Traversable = files("actors") / "defaults" / CONFIG_FILE
 DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
 
 
@@ -224,7 +225,7 @@ class Settings:
     @property
     def store_path(self) -> Path:
         """The job store's file: named once, because the CLI's doctor opens it too."""
-        return self.data_dir / "snapyard.db"
+        return self.data_dir / STORE_FILE
 
     def replace(self, **sections: Any) -> Settings:
         """A copy with some sections' keys changed: ``replace(worker={"network": "none"})``."""

@@ -12,7 +12,6 @@ Nothing here pulls: containers are created with the low-level API (never
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import io
 import math
@@ -31,19 +30,18 @@ from actors.engine import squash
 from actors.engine._docker_json import (
     EVENT_ACTIONS,
     container_state,
-    engine_event,
     image_info,
     label_filter,
     since_param,
 )
 from actors.engine._docker_mounts import HostFiles
+from actors.engine._docker_streams import DockerEventStream, DockerLogStream
 from actors.engine.base import (
     Conflict,
     ContainerMissing,
     ContainerSpec,
     ContainerState,
     EngineError,
-    EngineEvent,
     EngineUnavailable,
     ImageConfig,
     ImageInfo,
@@ -59,7 +57,7 @@ from actors.worker_helper import (
     unwrapped,
 )
 
-__all__ = ["DockerEngine"]
+__all__ = ["DockerEngine", "DockerEventStream", "DockerLogStream"]
 
 _START_HINT = "start it with `make engine` or `bash config/engine.sh`"
 _BUILD_TAIL_LINES = 20
@@ -422,66 +420,3 @@ class DockerEngine:
 
 def _command(spec: ContainerSpec) -> list[str] | None:
     return list(spec.command) if spec.command is not None else None
-
-
-class DockerEventStream:
-    """Docker's event stream, normalised.
-
-    docker-py ends the iteration quietly both when we close the stream and
-    when the daemon goes away; only the first is a normal end, so the second
-    raises EngineUnavailable (as the in-memory engine does) and the Watcher
-    knows to reconnect.
-    """
-
-    def __init__(self, engine: DockerEngine, stream: Any) -> None:
-        self._engine = engine
-        self._stream = stream
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[EngineEvent]:
-        try:
-            for raw in self._stream:
-                event = engine_event(raw)
-                if event is not None:
-                    yield event
-        except Exception as exc:
-            if self._closed.is_set():
-                return
-            self._engine._raise(exc)
-        if not self._closed.is_set():
-            raise self._engine._unavailable("the event stream ended")
-
-    def close(self) -> None:
-        self._closed.set()
-        # Closing a stream the daemon already dropped is not worth an error.
-        with contextlib.suppress(Exception):
-            self._stream.close()
-
-
-class DockerLogStream:
-    """docker-py's followed log, decoded: a UTF-8 character split across two
-    chunks is held back until its second half arrives."""
-
-    def __init__(self, engine: DockerEngine, stream: Any) -> None:
-        self._engine = engine
-        self._stream = stream
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
-            for chunk in self._stream:
-                text = decoder.decode(chunk)
-                if text:
-                    yield text
-        except Exception as exc:
-            if self._closed.is_set():
-                return
-            self._engine._raise(exc)
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
-
-    def close(self) -> None:
-        self._closed.set()
-        self._stream.close()
