@@ -99,13 +99,15 @@ def plan(
             by_job[job_id] = c
     decisions: list[Decision] = []
     for job in jobs:
-        if job.state.terminal:
+        if job.state is JobState.QUEUED:
+            continue
+        if containers is None:
+            # A finished job here still holds its key (cancelled while running):
+            # its container may run on, so it too waits for a listing to say.
+            decisions.append(AwaitListing(job))
+        elif job.state.terminal:
             leftover = by_job.get(job.id)
             decisions.append(Ended(job, None if leftover is None else leftover.id))
-        elif job.state is JobState.QUEUED:
-            continue
-        elif containers is None:
-            decisions.append(AwaitListing(job))
         elif job.state is JobState.STARTING:
             container = by_job.get(job.id)
             if container is None or container.status == "created":

@@ -87,7 +87,9 @@ LATER_C = container("c-later", created_at=300.0)
         pytest.param([CANCELLED], [], [Ended(CANCELLED, None)], id="ended, nothing left"),
         pytest.param([STARTING], None, [AwaitListing(STARTING)], id="engine down: wait"),
         pytest.param([RUNNING], None, [AwaitListing(RUNNING)], id="engine down: running waits"),
-        pytest.param([CANCELLED], None, [Ended(CANCELLED, None)], id="engine down: ended ends"),
+        # Regression: ending it released its key while its container still ran, and
+        # the next job of the key started beside it (make test failed ~1 in 8 under load).
+        pytest.param([CANCELLED], None, [AwaitListing(CANCELLED)], id="engine down: ended waits"),
     ],
 )
 def test_plan(
