@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from actors.clock import Clock, SystemClock
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
+from actors.instance import resolve_instance_id
 from actors.messages import (
     Cancel,
     GetJob,
@@ -122,7 +123,7 @@ class Snapyard:
     def start(self) -> Snapyard:
         if self._started:
             return self
-        settings = self.settings
+        settings = self.settings = resolve_instance_id(self.settings)
         engine = self._engine
         if engine is None:
             engine = DockerEngine(

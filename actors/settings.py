@@ -78,6 +78,10 @@ _REPOSITORY = rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
 _MAX_REPOSITORY = 128
 
 
+# An instance ID is a Docker label value and a file's content: keep it plain.
+_INSTANCE_ID = r"(?:[A-Za-z0-9][A-Za-z0-9_.-]*)?"
+
+
 def _docker_repository() -> dict[str, Any]:
     return {
         "pattern": _REPOSITORY,
@@ -153,6 +157,18 @@ class SupervisorSettings:
     shutdown_timeout_s: float = field(default=30.0, metadata=_min(1))
     # False: a job for a project without a [projects.NAME] table is refused.
     allow_unknown_projects: bool = True
+    # Labels what this instance creates; empty: generated once, kept in
+    # <data_dir>/instance-id (actors.instance.resolve_instance_id).
+    instance_id: str = field(
+        default="",
+        metadata={
+            "pattern": _INSTANCE_ID,
+            "max_length": 64,
+            "allowed": "letters, digits and '_', '.', '-' (not first), at most 64 characters",
+        },
+    )
+    # Finished jobs (history and logs) older than this are deleted by a sweep.
+    retention_s: float = field(default=30 * 86400.0, metadata=_min(1))
 
 
 @dataclass(frozen=True)

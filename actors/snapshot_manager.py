@@ -25,11 +25,11 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
+from actors.instance import owned_snapshots
 from actors.labels import (
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
     LABEL_PROJECT,
-    LABEL_REPOSITORY,
     LABEL_ROLE,
     LABEL_WORK_ITEM,
     ROLE_SNAPSHOT,
@@ -438,8 +438,8 @@ class SnapshotManager(pykka.ThreadingActor):
         except EngineError as exc:
             log.warning("could not list snapshot images (retrying next sweep): %s", exc)
             return None
-        repository = self._settings.snapshots.repository
-        return [i for i in images if i.labels.get(LABEL_REPOSITORY, repository) == repository]
+        snapshots = self._settings.snapshots
+        return owned_snapshots(images, snapshots.repository, self._settings.supervisor.instance_id)
 
     def _tombstone(self, image_id: str) -> None:
         self._tombstones[bare_image_id(image_id)] = None

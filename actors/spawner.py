@@ -53,6 +53,7 @@ from actors.labels import (
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
     LABEL_IMAGE_SOURCE,
+    LABEL_INSTANCE,
     LABEL_JOB_ID,
     LABEL_MANAGED,
     LABEL_PROJECT,
@@ -450,6 +451,7 @@ class Spawner(pykka.ThreadingActor):
                 LABEL_BASE_IMAGE_ID: lineage,
                 LABEL_CREATED_AT: repr(now),
                 LABEL_REPOSITORY: self._settings.snapshots.repository,
+                LABEL_INSTANCE: self._settings.supervisor.instance_id,
             },
         )
         repository, tag = snapshot_image_name(

@@ -149,7 +149,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         # the engine's truth before it dispatches anything.
         containers: list[ContainerState] | None
         try:
-            containers = self._engine.list_containers(MANAGED_FILTER)
+            containers = self._mine(self._engine.list_containers(MANAGED_FILTER))
         except EngineError as exc:
             log.warning("engine unreachable at start-up (%s); recovery waits for it", exc)
             containers = None

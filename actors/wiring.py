@@ -24,6 +24,7 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Engine
+from actors.labels import LABEL_INSTANCE
 from actors.messages import SetBaseImage, Supervise, SweepOrphans, SweepSnapshots, Tick
 from actors.metrics import Metrics
 from actors.pool import SpawnerFactory
@@ -120,7 +121,8 @@ def spawner_factory(
     metrics: Metrics | None = None,
 ) -> SpawnerFactory:
     """Builds (and, after a crash, rebuilds) the Spawner ``name`` under ``parent``."""
-    stamped = dict(labels or {})
+    # The instance label rides on every container, whatever the caller stamps.
+    stamped = {**(labels or {}), LABEL_INSTANCE: settings.supervisor.instance_id}
 
     def start(name: str, parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         return Spawner.start(
@@ -134,6 +136,8 @@ def start_actors(wiring: Wiring) -> Actors:
     """Start every actor in dependency order; on a failure, stop what started."""
     engine, settings, clock = wiring.engine, wiring.settings, wiring.clock
     sup = settings.supervisor
+    if not sup.instance_id:
+        raise ValueError("supervisor.instance_id is empty: resolve it first (resolve_instance_id)")
     actors = Actors(Scheduler(clock))
     try:
         root = actors.root = start_root(settings, clock, wiring.on_fatal)
@@ -141,7 +145,7 @@ def start_actors(wiring: Wiring) -> Actors:
         snapshots = actors.snapshots = start_snapshots(engine, settings, clock, root, metrics)
         if wiring.base_image_id is not None:
             snapshots.tell(SetBaseImage(wiring.base_image_id))
-        reaper = actors.reaper = Reaper.start(engine, root)
+        reaper = actors.reaper = Reaper.start(engine, root, instance_id=sup.instance_id)
         root.tell(Supervise("reaper", reaper))
         factory = spawner_factory(
             engine, snapshots, settings, clock, wiring.container_labels, metrics

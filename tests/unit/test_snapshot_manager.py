@@ -284,6 +284,19 @@ def test_restart_leaves_another_repositorys_snapshots_alone(rig: MemoryRig) -> N
     assert foreign.image_id in rig.image_ids()
 
 
+def test_restart_leaves_another_instances_snapshots_alone(rig: MemoryRig) -> None:
+    """Regression (issue 11, item 1): two instances sharing one repository
+    adopted, and evicted, each other's snapshots on restart. Unlabelled ones
+    (from before the instance label) may be another's: left alone too."""
+    theirs = rig.add_snapshot(KEY, instance="other")
+    unlabelled = rig.add_snapshot(OTHER, instance=None)
+    ours = rig.add_snapshot(SnapshotKey("p", "mine"))
+    rig.restart_manager()
+    rig.sweep()
+    assert [s.image_id for s in rig.snapshots()] == [ours.image_id]
+    assert {theirs.image_id, unlabelled.image_id} <= set(rig.image_ids())
+
+
 def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: MemoryRig) -> None:
     snap = rig.add_snapshot(KEY)
     rig.register(snap)
