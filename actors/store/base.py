@@ -78,6 +78,9 @@ class JobStore(Protocol):
     def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
         """Write every field of ``job``; a state change also appends a history row.
 
+        A terminal job's env is deleted (``spec.env`` reads back empty): nothing
+        after a job ends needs its secrets, so the store does not keep them.
+
         ``holds_key`` None: a starting or running job holds its key, any other
         releases it. True keeps a terminal job holding it (cancelled, but its
         container is not gone yet). Raises ``KeyHeld`` if another job holds it.

@@ -5,9 +5,10 @@ that means. Only the Supervisor actor writes; the API may read from other
 threads. One connection guarded by a lock keeps that simple and correct: the
 store is never the bottleneck next to starting a container.
 
-A job's ``env`` is stored (a queued job must be runnable after a restart)
-but it is secret: this module never logs it, and ``Job``/``JobSpec`` reprs
-hide it.
+A job's ``env`` is stored (a queued job must be runnable after a restart,
+a running one re-adoptable) but it is secret: it is blanked when the job ends
+(with ``secure_delete``, so the old bytes are zeroed, not left in free space),
+this module never logs it, and ``Job``/``JobSpec`` reprs hide it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class SqliteStore:
             # returns. batch() shares one fsync among a message's writes.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # A finished job's env is overwritten: zero the old bytes on disk too.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             # 32 MB of page cache (allocated as used): a claim touches the same
             # few index pages, and with the default 2 MB a 100k-job queue made

@@ -96,6 +96,41 @@ def test_a_job_round_trips_every_field(store: JobStore) -> None:
     assert store.get("j-missing") is None
 
 
+@pytest.mark.parametrize("state", [s for s in JobState if s.terminal])
+def test_a_terminal_jobs_env_is_deleted_and_stays_deleted(
+    opener: Opener, tmp_path: Path, state: JobState
+) -> None:
+    """Regression (issue 11, item 4): the job env (secrets) was kept forever."""
+    first = opener(tmp_path)
+    try:
+        running, ended_at_once = queue(
+            first, job("a", state=JobState.RUNNING), dataclasses.replace(job("b"), state=state)
+        )
+        first.update(dataclasses.replace(running, state=state, finished_at=NOW))
+        for j in (running, ended_at_once):
+            stored = first.get(j.id)
+            assert stored is not None
+            assert stored.state is state
+            assert stored.spec.env == {}
+    finally:
+        first.close()
+    second = opener(tmp_path)
+    try:
+        assert all(j.spec.env == {} for j in second.list())
+    finally:
+        second.close()
+
+
+def test_an_unfinished_jobs_env_is_kept_for_its_run(store: JobStore) -> None:
+    """Queued jobs must run after a restart, running ones be re-adopted: their env stays."""
+    queued, running = queue(store, job("a"), job("b", state=JobState.RUNNING))
+    store.update(dataclasses.replace(queued, retry_at=NOW + 5))
+    for j in (queued, running):
+        stored = store.get(j.id)
+        assert stored is not None
+        assert stored.spec.env == {"TOKEN": "secret"}
+
+
 def test_a_state_change_appends_history_and_a_field_change_does_not(store: JobStore) -> None:
     (j,) = queue(store, job())
     store.update(dataclasses.replace(j, error="still queued"))
