@@ -51,6 +51,7 @@ from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
 from actors.settings import Settings
 from actors.telemetry import capture_error
+from actors.usage import UsageLog
 
 __all__ = [
     "SnapshotManager",
@@ -79,6 +80,7 @@ class SnapshotManager(pykka.ThreadingActor):
         name: str = "snapshot-manager",
         *,
         metrics: Metrics | None = None,
+        usage: UsageLog | None = None,
     ) -> None:
         """``parent`` hears every crash (``ActorCrashed``) and decides past how many
         the manager must stop (``actors.restarts.Root``); ``metrics`` is the app's
@@ -97,6 +99,7 @@ class SnapshotManager(pykka.ThreadingActor):
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self._base_image_id: str | None = None
         self._needs_rebuild = True
+        self._usage = usage or UsageLog(None)  # LRU order across restarts (actors.usage)
 
     # --- life cycle --------------------------------------------------------
 
@@ -110,6 +113,9 @@ class SnapshotManager(pykka.ThreadingActor):
             capture_error(exc, source="snapshot_manager")
             self._report(f"{type(exc).__name__}: {exc}")
             raise
+
+    def on_stop(self) -> None:
+        self._usage.flush(self._registry.values(), complete=not self._needs_rebuild)
 
     def on_failure(
         self,
@@ -181,6 +187,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 return None
             case SweepSnapshots():
                 self._sweep()
+                self._usage.flush(self._registry.values(), complete=not self._needs_rebuild)
                 return None
             case ListSnapshots():
                 return sorted(self._registry.values(), key=lambda s: s.key)
@@ -213,6 +220,7 @@ class SnapshotManager(pykka.ThreadingActor):
         # flattened (Spawner), so a deep entry is still a hit and keeps its state.
         entry = dataclasses.replace(entry, last_used_at=self._clock.now())
         self._registry[key] = entry
+        self._usage.used(entry)
         self._metrics.snapshot_hits.inc()
         return entry
 
@@ -414,6 +422,7 @@ class SnapshotManager(pykka.ThreadingActor):
             snapshot = dataclasses.replace(snapshot, own_bytes=self._own_bytes(info, snapshot))
             self._register(snapshot)
             adopted += 1
+        self._usage.restore(self._registry)
         for entry in list(self._registry.values()):
             reason = self._unusable(entry)
             if reason is not None:

@@ -37,6 +37,7 @@ from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.telemetry import Secrets
 from actors.timers import Scheduler
+from actors.usage import UsageLog, UsageStore
 from actors.watcher import Watcher
 
 __all__ = ["Actors", "Wiring", "spawner_factory", "start_actors", "start_root"]
@@ -105,9 +106,12 @@ def start_snapshots(
     clock: Clock,
     root: pykka.ActorRef[Any],
     metrics: Metrics | None = None,
+    usage: UsageStore | None = None,
 ) -> pykka.ActorRef[Any]:
-    """The SnapshotManager, a child of ``root``."""
-    ref = SnapshotManager.start(engine, settings, clock, parent=root, metrics=metrics)
+    """The SnapshotManager, a child of ``root``; ``usage`` keeps LRU order across restarts."""
+    ref = SnapshotManager.start(
+        engine, settings, clock, parent=root, metrics=metrics, usage=UsageLog(usage)
+    )
     root.tell(Supervise("snapshot-manager", ref))
     return ref
 
@@ -142,7 +146,9 @@ def start_actors(wiring: Wiring) -> Actors:
     try:
         root = actors.root = start_root(settings, clock, wiring.on_fatal)
         metrics = wiring.metrics
-        snapshots = actors.snapshots = start_snapshots(engine, settings, clock, root, metrics)
+        snapshots = actors.snapshots = start_snapshots(
+            engine, settings, clock, root, metrics, wiring.store
+        )
         if wiring.base_image_id is not None:
             snapshots.tell(SetBaseImage(wiring.base_image_id))
         reaper = actors.reaper = Reaper.start(engine, root, instance_id=sup.instance_id)

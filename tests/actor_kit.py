@@ -47,6 +47,7 @@ from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot, SnapshotKey
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
+from actors.usage import UsageStore
 from actors.wiring import spawner_factory, start_root, start_snapshots
 
 BASE_TAG = "snapyard-worker:test"
@@ -142,6 +143,8 @@ class SpawnRig(Generic[E]):
     metrics: Metrics = field(default_factory=Metrics.unscraped)
     root: pykka.ActorRef[Any] | None = None
     fatal: list[str] = field(default_factory=list)
+    # Where the manager keeps snapshot use times (None: forgotten on restart).
+    usage: UsageStore | None = None
     _next: int = 0
 
     def start(
@@ -155,7 +158,7 @@ class SpawnRig(Generic[E]):
         the Spawners from the same factory, reporting to the Collector."""
         self.root = start_root(self.settings, self.clock, self.fatal.append)
         self.manager = start_snapshots(
-            self.engine, self.settings, self.clock, self.root, self.metrics
+            self.engine, self.settings, self.clock, self.root, self.metrics, self.usage
         )
         self.collector = Collector.start(self.inbox)
         factory = spawner_factory(
@@ -178,7 +181,7 @@ class SpawnRig(Generic[E]):
         assert self.root is not None
         self.manager.stop()
         self.manager = start_snapshots(
-            self.engine, self.settings, self.clock, self.root, self.metrics
+            self.engine, self.settings, self.clock, self.root, self.metrics, self.usage
         )
 
     # --- SnapshotManager ---------------------------------------------------

@@ -19,13 +19,14 @@ import builtins
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from actors.model import Job, JobState, SnapshotKey
 from actors.settings import Settings
+from actors.usage import UsageKey
 
 __all__ = ["LOGS_TAIL_LINES", "Caps", "JobStore", "KeyHeld", "StoreError", "new_job_id"]
 
@@ -125,6 +126,17 @@ class JobStore(Protocol):
 
     def count_by_state(self) -> dict[JobState, int]:
         """Every state, zero included, so a gauge can be set from it directly."""
+        ...
+
+    def record_usage(
+        self, uses: Mapping[UsageKey, float], keep: Collection[UsageKey] | None
+    ) -> None:
+        """Snapshot last-use times (``actors.usage``): upsert, a later time
+        wins; unless ``keep`` is None, drop every row not in it."""
+        ...
+
+    def load_usage(self) -> dict[UsageKey, float]:
+        """Every recorded (project, work item, image ID) -> last use."""
         ...
 
     def batch(self) -> AbstractContextManager[None]:

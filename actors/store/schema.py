@@ -109,12 +109,29 @@ def _schema_v3(db: sqlite3.Connection) -> None:
     db.execute(f"UPDATE jobs SET env = '{{}}' WHERE state IN ({terminal})")  # noqa: S608
 
 
+def _schema_v4(db: sqlite3.Connection) -> None:
+    """When each snapshot was last used: image labels hold only the commit
+    time, so LRU order was lost on every restart (issue 11, item 8)."""
+    db.execute(
+        """
+        CREATE TABLE snapshot_usage (
+            project TEXT NOT NULL,
+            work_item TEXT NOT NULL,
+            image_id TEXT NOT NULL,
+            last_used_at REAL NOT NULL,
+            PRIMARY KEY (project, work_item, image_id)
+        )
+        """
+    )
+
+
 # MIGRATIONS[n] takes a database at user_version n to n + 1. To change the
 # schema, append a function; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _schema_v1,
     _schema_v2,
     _schema_v3,
+    _schema_v4,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

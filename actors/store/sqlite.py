@@ -20,7 +20,7 @@ import dataclasses
 import os
 import sqlite3
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,6 +30,7 @@ from actors.model import Job, JobState, SnapshotKey
 from actors.private_files import ensure_private_dir, ensure_private_file
 from actors.store.base import Caps, KeyHeld, StoreError
 from actors.store.schema import COLUMNS, MIGRATIONS, SCHEMA_VERSION, SELECT, job_of, row_of
+from actors.usage import UsageKey
 
 __all__ = ["SqliteStore"]
 
@@ -310,6 +311,33 @@ class SqliteStore:
             for row in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
                 counts[JobState(row[0])] = int(row[1])
         return counts
+
+    # --- snapshot use times (actors.usage.UsageStore) ---------------------------
+
+    def record_usage(
+        self, uses: Mapping[UsageKey, float], keep: Collection[UsageKey] | None
+    ) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO snapshot_usage (project, work_item, image_id, last_used_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (project, work_item, image_id) "
+                "DO UPDATE SET last_used_at = MAX(last_used_at, excluded.last_used_at)",
+                [(*key, at) for key, at in uses.items()],
+            )
+            if keep is not None:
+                stale = set(self.load_usage()) - set(keep)
+                db.executemany(
+                    "DELETE FROM snapshot_usage WHERE project = ? AND work_item = ? "
+                    "AND image_id = ?",
+                    list(stale),
+                )
+
+    def load_usage(self) -> dict[UsageKey, float]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT project, work_item, image_id, last_used_at FROM snapshot_usage"
+            )
+            return {(r[0], r[1], r[2]): float(r[3]) for r in rows}
 
     def explain_claim(self) -> builtins.list[str]:
         """SQLite's plan for the claim's queries, for the test that keeps them indexed."""

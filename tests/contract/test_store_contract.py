@@ -307,6 +307,30 @@ def test_a_refused_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
     assert store.count_by_state()[JobState.RUNNING] == 1
 
 
+# --- snapshot use times --------------------------------------------------------------
+
+
+def test_snapshot_use_times_keep_the_latest_and_survive_a_reopen(
+    opener: Opener, tmp_path: Path
+) -> None:
+    """Regression (issue 11, item 8): LRU order must outlive the process."""
+    a, b = ("p", "a", "sha256:" + "a" * 64), ("p", "b", "sha256:" + "b" * 64)
+    first = opener(tmp_path)
+    try:
+        assert first.load_usage() == {}
+        first.record_usage({a: NOW, b: NOW + 1}, None)
+        first.record_usage({a: NOW - 5}, None)  # an older time never wins
+    finally:
+        first.close()
+    second = opener(tmp_path)
+    try:
+        assert second.load_usage() == {a: NOW, b: NOW + 1}
+        second.record_usage({}, [b])  # a's snapshot is gone from the registry
+        assert second.load_usage() == {b: NOW + 1}
+    finally:
+        second.close()
+
+
 # --- reading ---------------------------------------------------------------------------
 
 
