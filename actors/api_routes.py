@@ -61,6 +61,8 @@ class Facade(Protocol):
 
     def prune_snapshots(self) -> list[Snapshot]: ...
 
+    def prune_jobs(self) -> int: ...
+
     def health(self) -> tuple[bool, str]: ...
 
 
@@ -188,6 +190,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         match parts:
             case ["jobs"]:
                 return "/jobs", {"GET": RequestHandler._list_jobs, "POST": RequestHandler._submit}
+            case ["jobs", "prune"]:  # before /jobs/{id}: a job ID always starts "j-"
+                return "/jobs/prune", {"POST": RequestHandler._prune_jobs}
             case ["jobs", _]:
                 return "/jobs/{id}", {
                     "GET": RequestHandler._get_job,
@@ -389,6 +393,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _prune(self, parts: list[str]) -> _Body:
         evicted = self.server.app.prune_snapshots()
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
+
+    def _prune_jobs(self, parts: list[str]) -> _Body:
+        """Retention now: 200 {"deleted": N} finished jobs older than retention_s."""
+        return HTTPStatus.OK, {"deleted": self.server.app.prune_jobs()}
 
     def _health(self, parts: list[str]) -> _Body:
         ok, reason = self.server.app.health()

@@ -34,6 +34,7 @@ from actors.messages import (
     GetStatus,
     ListJobs,
     ListSnapshots,
+    PruneJobs,
     RemoveSnapshot,
     StopDispatching,
     Submit,
@@ -325,6 +326,11 @@ class Snapyard:
             (s.key, s.image_id) for s in ref.ask(ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S)
         }
         return [s for s in before if (s.key, s.image_id) not in after]
+
+    def prune_jobs(self) -> int:
+        """Retention now: delete finished jobs older than ``supervisor.retention_s``."""
+        deleted: int = self._supervisor().ask(PruneJobs(), block=True, timeout=ASK_TIMEOUT_S)
+        return deleted
 
     def status(self) -> SupervisorStatus:
         status: SupervisorStatus = self._supervisor().ask(

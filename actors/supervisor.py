@@ -44,6 +44,7 @@ from actors.messages import (
     GetJob,
     GetStatus,
     ListJobs,
+    PruneJobs,
     Reconcile,
     Spawn,
     SpawnFailed,
@@ -76,7 +77,7 @@ MAX_REFUSED_STARTS = 10
 EARLY_EXIT_TTL_S = 600.0
 EARLY_EXIT_MAX = 10_000
 
-_ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus)
+_ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus, PruneJobs)
 
 
 class SupervisorStopped(pykka.ActorDeadError):
@@ -215,6 +216,8 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
                 self._on_terminated(message)
             case Tick(now=now):
                 self._on_tick(now)
+            case PruneJobs():
+                return self._ledger.prune(self._clock.now() - self._sup.retention_s)
             case SweepOrphans():
                 self._request_listing("sweep")
             case Reconcile():

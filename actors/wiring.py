@@ -25,7 +25,14 @@ import pykka
 from actors.clock import Clock
 from actors.engine.base import Engine
 from actors.labels import LABEL_INSTANCE
-from actors.messages import SetBaseImage, Supervise, SweepOrphans, SweepSnapshots, Tick
+from actors.messages import (
+    PruneJobs,
+    SetBaseImage,
+    Supervise,
+    SweepOrphans,
+    SweepSnapshots,
+    Tick,
+)
 from actors.metrics import Metrics
 from actors.pool import SpawnerFactory
 from actors.reaper import Reaper
@@ -43,6 +50,9 @@ from actors.watcher import Watcher
 __all__ = ["Actors", "Wiring", "spawner_factory", "start_actors", "start_root"]
 
 log = logging.getLogger(__name__)
+
+# How often finished jobs past supervisor.retention_s are deleted.
+RETENTION_SWEEP_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,10 @@ def start_actors(wiring: Wiring) -> Actors:
         # The first orphan sweep waits one grace period: re-adoption comes first.
         scheduler.every(
             sup.orphan_sweep_interval_s, supervisor, SweepOrphans, first_after_s=sup.orphan_grace_s
+        )
+        # Retention: an hourly run deletes what aged past retention_s meanwhile.
+        scheduler.every(
+            min(RETENTION_SWEEP_S, sup.retention_s), supervisor, lambda _now: PruneJobs()
         )
         if wiring.run_timers:
             scheduler.start(granularity_s=sup.tick_interval_s)

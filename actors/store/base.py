@@ -128,6 +128,12 @@ class JobStore(Protocol):
         """Every state, zero included, so a gauge can be set from it directly."""
         ...
 
+    def prune_finished(self, before: float) -> int:
+        """Delete terminal jobs that ended before ``before``, with their history;
+        return how many. A job still holding its key is kept (its container
+        is not gone yet), and so is every unfinished one."""
+        ...
+
     def record_usage(
         self, uses: Mapping[UsageKey, float], keep: Collection[UsageKey] | None
     ) -> None:

@@ -36,6 +36,7 @@ __all__ = ["SqliteStore"]
 
 UNFINISHED_STATES = (JobState.QUEUED, JobState.STARTING, JobState.RUNNING)
 _HOLDING_STATES = (JobState.STARTING, JobState.RUNNING)
+_TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in JobState if s.terminal)
 
 
 class SqliteStore:
@@ -311,6 +312,15 @@ class SqliteStore:
             for row in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
                 counts[JobState(row[0])] = int(row[1])
         return counts
+
+    def prune_finished(self, before: float) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"DELETE FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND holds_key = 0 "  # noqa: S608
+                "AND COALESCE(finished_at, created_at) < ?",
+                (before,),
+            )
+            return int(cursor.rowcount)
 
     # --- snapshot use times (actors.usage.UsageStore) ---------------------------
 

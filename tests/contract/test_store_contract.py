@@ -307,6 +307,30 @@ def test_a_refused_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
     assert store.count_by_state()[JobState.RUNNING] == 1
 
 
+# --- retention ------------------------------------------------------------------------
+
+
+def test_prune_deletes_only_finished_jobs_that_ended_before_the_cutoff(store: JobStore) -> None:
+    """Retention (issue 11): finished jobs and their history go after retention_s;
+    unfinished ones, recent ones and one still holding its key never do."""
+    old_done = dataclasses.replace(job("a"), state=JobState.SUCCEEDED, finished_at=NOW - 100)
+    old_failed = dataclasses.replace(job("b"), state=JobState.FAILED, finished_at=NOW - 50)
+    recent = dataclasses.replace(job("c"), state=JobState.SUCCEEDED, finished_at=NOW)
+    old_queued = job("d")
+    holding = job("e", state=JobState.RUNNING)
+    queue(store, old_done, old_failed, recent, old_queued, holding)
+    store.update(
+        dataclasses.replace(holding, state=JobState.CANCELLED, finished_at=NOW - 100),
+        holds_key=True,
+    )
+    assert store.prune_finished(NOW - 10) == 2
+    assert store.job_ids() == {recent.id, old_queued.id, holding.id}
+    assert store.get(old_done.id) is None
+    assert store.history(old_done.id) == []
+    assert store.count_by_state()[JobState.SUCCEEDED] == 1
+    assert store.prune_finished(NOW - 10) == 0
+
+
 # --- snapshot use times --------------------------------------------------------------
 
 

@@ -31,9 +31,11 @@ from actors.messages import (
     ContainerExited,
     Finish,
     Finished,
+    GetJob,
     GetStatus,
     ListJobs,
     ListSnapshots,
+    PruneJobs,
     Reconcile,
     Started,
     SupervisorStatus,
@@ -387,6 +389,22 @@ def test_another_instances_workers_do_not_count_against_max_workers(tmp_path: Pa
     job = yard.running_job(yard.submit(project="p", work_item="w").id)
     assert job.container_id != theirs
     assert yard.exists(theirs)
+
+
+def test_the_retention_timer_deletes_finished_jobs_past_retention_s(tmp_path: Path) -> None:
+    """Retention (issue 11): finished jobs with their history went nowhere, ever."""
+    yard = Yard(tmp_path, yard_settings(retention_s=100.0)).start()
+    done = yard.running_job(yard.submit(work_item="done").id)
+    yard.engine.exit_container(done.container_id or "", 0)
+    yard.wait_state(done.id, JobState.SUCCEEDED)
+    queued_behind = yard.submit(work_item="busy", timeout_s=10.0**6)
+    yard.clock.advance(99)
+    assert yard.sup.ask(PruneJobs(), timeout=10.0) == 0  # not old enough yet
+    yard.clock.advance(2)
+    yard.actors.scheduler.run_due()
+    assert yard.sup.ask(GetJob(done.id), timeout=10.0) is None
+    assert yard.store.history(done.id) == []
+    assert yard.sup.ask(GetJob(queued_behind.id), timeout=10.0) is not None
 
 
 # --- restart recovery -----------------------------------------------------------
