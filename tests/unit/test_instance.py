@@ -5,11 +5,16 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from actor_kit import kit_settings
+import pytest
+from actor_kit import BASE_TAG, kit_settings
 
-from actors.engine.base import ContainerState
+from actors.clock import FakeClock
+from actors.engine.base import ContainerMissing, ContainerSpec, ContainerState
+from actors.engine.memory import MemoryEngine
 from actors.instance import INSTANCE_ID_FILE, mine, resolve_instance_id
 from actors.labels import LABEL_INSTANCE, LABEL_JOB_ID, MANAGED_FILTER
+from actors.messages import RemoveContainer
+from actors.reaper import Reaper
 
 
 def test_an_empty_instance_id_is_generated_once_and_kept_0600(tmp_path: Path) -> None:
@@ -53,3 +58,25 @@ def test_ours_is_our_label_or_an_unlabelled_container_of_our_own_job() -> None:
     ]
     found = mine(containers, "me", lambda job_id: job_id in {"j1", "j3"})
     assert [c.id for c in found] == ["a", "c"]
+
+
+def test_the_reaper_never_removes_another_instances_container() -> None:
+    """Belt and braces behind the listing filter: a wrong ID from a caller
+    must not kill another instance's worker."""
+    engine = MemoryEngine(clock=FakeClock())
+    engine.add_worker_image(BASE_TAG)
+    theirs = engine.create_container(
+        ContainerSpec(image=BASE_TAG, labels={**MANAGED_FILTER, LABEL_INSTANCE: "you"})
+    )
+    ours = engine.create_container(
+        ContainerSpec(image=BASE_TAG, labels={**MANAGED_FILTER, LABEL_INSTANCE: "me"})
+    )
+    reaper = Reaper.start(engine, instance_id="me")
+    try:
+        for cid in (theirs, ours):
+            reaper.ask(RemoveContainer(cid, 0.0, "test"), timeout=10.0)
+    finally:
+        reaper.stop()
+    assert engine.inspect_container(theirs).id == theirs
+    with pytest.raises(ContainerMissing):
+        engine.inspect_container(ours)
