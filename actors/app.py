@@ -56,7 +56,7 @@ from actors.telemetry import (
 )
 from actors.watcher import Watcher
 from actors.wiring import Actors, Wiring, start_actors
-from actors.worker_image import WorkerImageError, ensure_base_image
+from actors.worker_image import WorkerImageError, ensure_worker_images
 
 __all__ = ["Snapyard", "SnapyardError", "run_forever"]
 
@@ -100,6 +100,7 @@ class Snapyard:
         self.watcher: Watcher | None = None
         self._actors: Actors | None = None
         self.base_image_id: str | None = None
+        self.base_image_ids: dict[str, str] = {}  # every configured image's ID
         self._accepting = False
         self._started = False
         self._fatal: str | None = None
@@ -131,6 +132,7 @@ class Snapyard:
                 settings.engine.url,
                 settings.engine.timeout_s,
                 secrets_dir=str(settings.data_dir / "secrets"),
+                helper_dir=str(settings.data_dir / "helper"),  # the env helper
             )
         if not isinstance(engine, MeteredEngine):
             # The one place engine errors are counted: every call goes through it.
@@ -143,17 +145,15 @@ class Snapyard:
                 f"cannot reach the container engine at {engine.describe()}: {exc}. "
                 "Start it (make engine, or config/engine.sh) or set engine.url / DOCKER_HOST."
             ) from exc
-        image = settings.worker.image
+        # Every configured image, worker.image and each agent type's (issue 13):
+        # the demo image built if needed, a user's used as is, a missing one fatal.
         try:
-            self.base_image_id, built = ensure_base_image(engine, image)
+            self.base_image_ids = ensure_worker_images(engine, settings.worker_images())
         except WorkerImageError as exc:
             raise SnapyardError(str(exc)) from exc
         except EngineError as exc:
-            raise SnapyardError(f"cannot prepare the worker image {image}: {exc}") from exc
-        if built:
-            log.info("built the worker image %s (%s)", image, self.base_image_id)
-        else:
-            log.info("worker image %s (%s)", image, self.base_image_id[:19])
+            raise SnapyardError(f"cannot prepare the worker images: {exc}") from exc
+        self.base_image_id = self.base_image_ids[settings.worker.image]
         if self._store is None:
             if (problem := loose_permissions(settings.data_dir)) is not None:
                 log.warning("%s; run `chmod -R go= %s`", problem, settings.data_dir)
@@ -178,7 +178,7 @@ class Snapyard:
                 self.clock,
                 container_labels=self._container_labels,
                 on_fatal=self._on_fatal,
-                base_image_id=self.base_image_id,
+                base_image_ids=self.base_image_ids,
                 metrics=self.metrics,
                 secrets=self.secrets,
             )

@@ -77,4 +77,5 @@ def make_engine(settings: Settings) -> Engine:
         settings.engine.url,
         timeout_s=settings.engine.timeout_s,
         secrets_dir=str(settings.data_dir / "secrets"),
+        helper_dir=str(settings.data_dir / "helper"),  # the env helper
     )

@@ -18,6 +18,7 @@ from actors.labels import LABEL_WORKER_DIGEST
 from actors.private_files import ensure_private_dir, loose_permissions
 from actors.settings import Settings, SettingsError, config_path_from_env, load_settings
 from actors.store import SqliteStore
+from actors.worker_helper import INSTALL_HINT, HelperError, write_helper_dir
 from actors.worker_image import (
     WorkerImageError,
     build_context,
@@ -105,6 +106,15 @@ def _check_api_port(settings: Settings) -> _Check:
     return "api port", True, f"{address}: free; `snapyard run` will listen there", ""
 
 
+def _check_helper(settings: Settings) -> _Check:
+    """The env helper every worker runs: the host's static busybox, written once."""
+    try:
+        path = write_helper_dir(settings.data_dir / "helper")
+    except (HelperError, OSError) as exc:
+        return "env helper", False, str(exc), INSTALL_HINT
+    return "env helper", True, str(path), ""
+
+
 def _print_checks(checks: Sequence[_Check], out: TextIO) -> int:
     width = max(len(name) for name, *_ in checks)
     for name, ok, found, fix in checks:
@@ -121,9 +131,33 @@ def _print_checks(checks: Sequence[_Check], out: TextIO) -> int:
     return EXIT_OK if not failed else EXIT_JOB_FAILED
 
 
+def _image_check_name(settings: Settings, image: str) -> str:
+    """``base image`` for worker.image; the agent types that use any other."""
+    if image == settings.worker.image:
+        return "base image"
+    users = sorted(name for name, t in settings.agent_types.items() if t.image == image)
+    return f"image of {', '.join(users)}"
+
+
+def _check_image(engine: Engine, name: str, tag: str) -> _Check:
+    try:
+        image = engine.inspect_image(tag)
+    except ImageMissing:
+        return name, False, f"{tag}: missing", missing_image_hint(tag)
+    except EngineError as exc:
+        return name, False, f"{tag}: {exc}", missing_image_hint(tag)
+    note = "" if is_demo_image(tag) else " (your image, used as it is)"
+    try:
+        if is_demo_image(tag) and image.labels.get(LABEL_WORKER_DIGEST) != build_context().digest:
+            note = f" (older than actors/worker; {_IMAGE_HINT} to refresh)"
+    except WorkerImageError as exc:
+        note = f" (cannot rebuild it here: {exc})"
+    return name, True, f"{tag}: {short_id(image.id)}{note}", ""
+
+
 def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
-    """The engine, then the base image on it (skipped when there is no engine)."""
-    tag = settings.worker.image
+    """The engine, then every configured image on it (skipped when there is no engine)."""
+    images = [(_image_check_name(settings, tag), tag) for tag in settings.worker_images()]
     engine = make_engine(settings)
     try:
         engine.ping()
@@ -135,26 +169,13 @@ def _check_engine(settings: Settings) -> tuple[Engine | None, list[_Check]]:
                 f"{engine.describe()}: {exc}",
                 "start it with `make engine` (config/engine.sh), or set engine.url / DOCKER_HOST",
             ),
-            ("base image", False, f"{tag}: not checked, no engine", "fix the engine first"),
+            *(
+                (name, False, f"{tag}: not checked, no engine", "fix the engine first")
+                for name, tag in images
+            ),
         ]
     checks: list[_Check] = [("engine", True, engine.describe(), "")]
-    try:
-        image = engine.inspect_image(tag)
-    except ImageMissing:
-        checks.append(("base image", False, f"{tag}: missing", missing_image_hint(tag)))
-    except EngineError as exc:
-        checks.append(("base image", False, f"{tag}: {exc}", missing_image_hint(tag)))
-    else:
-        note = "" if is_demo_image(tag) else " (your image, used as it is)"
-        try:
-            if (
-                is_demo_image(tag)
-                and image.labels.get(LABEL_WORKER_DIGEST) != build_context().digest
-            ):
-                note = f" (older than actors/worker; {_IMAGE_HINT} to refresh)"
-        except WorkerImageError as exc:
-            note = f" (cannot rebuild it here: {exc})"
-        checks.append(("base image", True, f"{tag}: {short_id(image.id)}{note}", ""))
+    checks.extend(_check_image(engine, name, tag) for name, tag in images)
     return engine, checks
 
 
@@ -178,7 +199,8 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
     checks.extend(_check_engine(settings)[1])
-    checks.append(_check_store(settings))
+    checks.append(_check_store(settings))  # creates the data dir, private
+    checks.append(_check_helper(settings))
     checks.append(_check_private(settings))
     checks.append(_check_api_port(settings))
     return _print_checks(checks, out)

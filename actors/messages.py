@@ -59,9 +59,14 @@ Ref = pykka.ActorRef[Any]
 
 @dataclass(frozen=True)
 class Lookup:
-    """Ask: the key's usable snapshot, or None. Refreshes last-used."""
+    """Ask: the key's usable snapshot, or None. Refreshes last-used.
+
+    With ``base_image_id`` only a snapshot grown from that base answers: a job
+    never starts from another agent type's lineage (None: any base).
+    """
 
     key: SnapshotKey
+    base_image_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,9 +111,14 @@ class RemoveSnapshot:
 
 @dataclass(frozen=True)
 class SetBaseImage:
-    """The configured base image now has this ID; older descendants are invalid."""
+    """The configured base image ``image`` now has this ID; older descendants are invalid.
+
+    ``image`` is the configured reference (``worker.image`` or an agent type's);
+    empty means ``worker.image``. Snapshots of every configured image stay valid.
+    """
 
     image_id: str
+    image: str = ""
 
 
 # --- Spawner ---------------------------------------------------------------

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
@@ -47,6 +47,13 @@ MAX_CRASHES_PER_JOB = 2
 SNAPSHOTS_ASK_S = 10.0
 
 
+class SupervisorStopped(pykka.ActorDeadError):
+    """The Supervisor gave up (Spawners crashed too often) or is shutting down.
+
+    An ActorDeadError, so callers that already treat a dead actor as
+    "unavailable, retry later" (the HTTP API answers 503) need no new case."""
+
+
 class Reconciling:
     """Listings, recovery and crashed Spawners; mixed into ``Supervisor``."""
 
@@ -64,6 +71,12 @@ class Reconciling:
     _restarts: RestartIntensity
     _list_seq: int
     _reconcile_requested: bool
+    _fatal: str | None
+    _on_fatal: Callable[[str], None] | None
+
+    if TYPE_CHECKING:  # pykka.ActorBase's: declared only, never shadowing it in the MRO
+
+        def stop(self) -> None: ...
 
     def _on_exited(self, msg: ContainerExited) -> None:
         raise NotImplementedError
@@ -78,14 +91,34 @@ class Reconciling:
     ) -> None:
         raise NotImplementedError
 
-    def _send(self, job_id: str, kind: OpKind, message: Any) -> None:
-        raise NotImplementedError
-
     def _after_change(self) -> None:
         raise NotImplementedError
 
+    # --- supervision of the Spawners ---------------------------------------
+
+    def _send(self, job_id: str, kind: OpKind, message: Any) -> None:
+        """Tell the least busy Spawner; a dead one is handled like its crash report."""
+        name = self._pool.least_busy()
+        if name is None:
+            return
+        dead_urn = self._pool.send(name, job_id, kind, message)
+        if dead_urn is not None:
+            # From our own inbox, never recursively. Its own report may be on
+            # the way too: the urn lets one of them count.
+            self.actor_ref.tell(
+                ActorCrashed(name, "the spawner is not running", None, urn=dead_urn)
+            )
+
     def _give_up(self, reason: str) -> None:
-        raise NotImplementedError
+        self._fatal = reason
+        log.critical("supervisor stopping: %s", reason)
+        capture_error(SupervisorStopped(reason), source="supervisor")
+        if self._on_fatal is not None:
+            try:
+                self._on_fatal(reason)
+            except Exception:
+                log.exception("on_fatal callback failed")
+        self.stop()
 
     # --- engine listings: reconcile, recover, sweep ------------------------
 

@@ -9,20 +9,17 @@ refuses to start must tell its operator exactly what to fix.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import re
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
+from actors._settings_values import SettingsError, build, choice, docker_repository, minimum
 from actors.layers import ENGINE_MAX_LAYERS, MIN_MAX_LAYERS
 
 __all__ = [
@@ -38,6 +35,7 @@ __all__ = [
     "SnapshotSettings",
     "SupervisorSettings",
     "WorkerSettings",
+    "auto_cpus",
     "config_path_from_env",
     "load_settings",
 ]
@@ -50,76 +48,39 @@ DEFAULT_CONFIG: Traversable = files("actors") / "defaults" / "snapyard.toml"
 DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
 
 
-class SettingsError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
-
-    def __init__(self, key: str, value: object, allowed: str) -> None:
-        self.key = key
-        self.value = value
-        self.allowed = allowed
-        super().__init__(f"invalid setting {key} = {value!r}: {allowed}")
-
-
-def _min(value: float) -> dict[str, Any]:
-    return {"min": value}
-
-
-def _choice(*values: str) -> dict[str, Any]:
-    return {"choices": values}
-
-
-# Docker's repository grammar (distribution/reference): lowercase path
-# components, an optional registry host[:port] first. "Snap" passed before and
-# then failed every commit ("repository name must be lowercase").
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-_REPOSITORY = rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
-# Room for the "/<slug>" a snapshot name adds within Docker's 255 characters.
-_MAX_REPOSITORY = 128
-
-
 # An instance ID is a Docker label value and a file's content: keep it plain.
 _INSTANCE_ID = r"(?:[A-Za-z0-9][A-Za-z0-9_.-]*)?"
-
-
-def _docker_repository() -> dict[str, Any]:
-    return {
-        "pattern": _REPOSITORY,
-        "max_length": _MAX_REPOSITORY,
-        "allowed": (
-            "must be a Docker repository name: lowercase letters, digits and "
-            "'.', '_', '-' between them, '/' between parts (e.g. snapyard-snapshot), "
-            f"at most {_MAX_REPOSITORY} characters"
-        ),
-    }
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     # Empty means DOCKER_HOST, else the local socket; load_settings resolves it.
     url: str = ""
-    timeout_s: float = field(default=60.0, metadata=_min(1))
+    timeout_s: float = field(default=60.0, metadata=minimum(1))
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     image: str = "snapyard-worker:latest"
-    command: tuple[str, ...] = ("sh", "-c", "echo job done")
+    # When a job gives none; empty: the image's own CMD (the demo's echoes "job done").
+    command: tuple[str, ...] = ()
     network: str = "none"
-    memory_mb: int = field(default=512, metadata=_min(6))
-    pids_limit: int = field(default=256, metadata=_min(8))
+    memory_mb: int = field(default=512, metadata=minimum(6))
+    pids_limit: int = field(default=256, metadata=minimum(8))
+    # CPUs per worker (Docker's --cpus, NanoCPUs; fractional). 0: see auto_cpus.
+    cpus: float = field(default=0.0, metadata=minimum(0))
     drop_all_capabilities: bool = True
     # Passed to the demo worker as SNAPYARD_SETUP_SECONDS: what a snapshot saves.
-    setup_seconds: float = field(default=2.0, metadata=_min(0))
+    setup_seconds: float = field(default=2.0, metadata=minimum(0))
 
 
 @dataclass(frozen=True)
 class SnapshotSettings:
     enabled: bool = True
-    repository: str = field(default="snapyard-snapshot", metadata=_docker_repository())
-    ttl_s: float = field(default=7 * 86400.0, metadata=_min(1))
-    max_count: int = field(default=100, metadata=_min(1))
-    max_total_bytes: int = field(default=20 * 1024**3, metadata=_min(1))
+    repository: str = field(default="snapyard-snapshot", metadata=docker_repository())
+    ttl_s: float = field(default=7 * 86400.0, metadata=minimum(1))
+    max_count: int = field(default=100, metadata=minimum(1))
+    max_total_bytes: int = field(default=20 * 1024**3, metadata=minimum(1))
     # Layers above the base image: the commit that reaches it is flattened to one.
     # Docker refuses a chain past 125 layers, base included, so above 124 no cap is met.
     max_layers: int = field(
@@ -131,30 +92,30 @@ class SnapshotSettings:
             f"Docker refuses more than {ENGINE_MAX_LAYERS} in all",
         },
     )
-    sweep_interval_s: float = field(default=300.0, metadata=_min(1))
+    sweep_interval_s: float = field(default=300.0, metadata=minimum(1))
 
 
 @dataclass(frozen=True)
 class RetrySettings:
-    attempts: int = field(default=8, metadata=_min(1))
-    backoff_initial_s: float = field(default=0.5, metadata=_min(0))
-    backoff_max_s: float = field(default=30.0, metadata=_min(0))
+    attempts: int = field(default=8, metadata=minimum(1))
+    backoff_initial_s: float = field(default=0.5, metadata=minimum(0))
+    backoff_max_s: float = field(default=30.0, metadata=minimum(0))
 
 
 @dataclass(frozen=True)
 class SupervisorSettings:
     data_dir: str = "~/.local/share/snapyard"
-    max_workers: int = field(default=4, metadata=_min(1))
-    spawners: int = field(default=4, metadata=_min(1))
-    default_timeout_s: float = field(default=3600.0, metadata=_min(1))
-    watchdog_buffer_s: float = field(default=60.0, metadata=_min(0))
-    stop_grace_s: float = field(default=10.0, metadata=_min(0))
-    orphan_grace_s: float = field(default=300.0, metadata=_min(0))
-    orphan_sweep_interval_s: float = field(default=60.0, metadata=_min(1))
-    tick_interval_s: float = field(default=1.0, metadata=_min(0.01))
-    restart_max: int = field(default=5, metadata=_min(1))
-    restart_window_s: float = field(default=60.0, metadata=_min(1))
-    shutdown_timeout_s: float = field(default=30.0, metadata=_min(1))
+    max_workers: int = field(default=4, metadata=minimum(1))
+    spawners: int = field(default=4, metadata=minimum(1))
+    default_timeout_s: float = field(default=3600.0, metadata=minimum(1))
+    watchdog_buffer_s: float = field(default=60.0, metadata=minimum(0))
+    stop_grace_s: float = field(default=10.0, metadata=minimum(0))
+    orphan_grace_s: float = field(default=300.0, metadata=minimum(0))
+    orphan_sweep_interval_s: float = field(default=60.0, metadata=minimum(1))
+    tick_interval_s: float = field(default=1.0, metadata=minimum(0.01))
+    restart_max: int = field(default=5, metadata=minimum(1))
+    restart_window_s: float = field(default=60.0, metadata=minimum(1))
+    shutdown_timeout_s: float = field(default=30.0, metadata=minimum(1))
     # False: a job for a project without a [projects.NAME] table is refused.
     allow_unknown_projects: bool = True
     # Labels what this instance creates; empty: generated once, kept in
@@ -168,7 +129,7 @@ class SupervisorSettings:
         },
     )
     # Finished jobs (history and logs) older than this are deleted by a sweep.
-    retention_s: float = field(default=30 * 86400.0, metadata=_min(1))
+    retention_s: float = field(default=30 * 86400.0, metadata=minimum(1))
 
 
 @dataclass(frozen=True)
@@ -187,8 +148,8 @@ class SentrySettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
-    format: str = field(default="auto", metadata=_choice("auto", "json", "text"))
+    level: str = field(default="INFO", metadata=choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = field(default="auto", metadata=choice("auto", "json", "text"))
 
 
 @dataclass(frozen=True)
@@ -196,15 +157,33 @@ class ProjectSettings:
     """Per-project overrides; None means "use the global value"."""
 
     snapshots_enabled: bool | None = None
-    ttl_s: float | None = field(default=None, metadata=_min(1))
-    watchdog_s: float | None = field(default=None, metadata=_min(1))
-    max_concurrent: int | None = field(default=None, metadata=_min(1))
+    ttl_s: float | None = field(default=None, metadata=minimum(1))
+    watchdog_s: float | None = field(default=None, metadata=minimum(1))
+    max_concurrent: int | None = field(default=None, metadata=minimum(1))
 
 
 @dataclass(frozen=True)
 class AgentTypeSettings:
-    max_concurrent: int | None = field(default=None, metadata=_min(1))
-    timeout_s: float | None = field(default=None, metadata=_min(1))
+    """Per-agent-type overrides; None means "use the global value" ([worker] for the rest)."""
+
+    max_concurrent: int | None = field(default=None, metadata=minimum(1))
+    timeout_s: float | None = field(default=None, metadata=minimum(1))
+    image: str | None = None
+    memory_mb: int | None = field(default=None, metadata=minimum(6))
+    cpus: float | None = field(default=None, metadata=minimum(0))
+    pids_limit: int | None = field(default=None, metadata=minimum(8))
+
+
+# The [worker] keys an [agent_types.NAME] table may override.
+_WORKER_OVERRIDES = ("image", "memory_mb", "cpus", "pids_limit")
+
+
+def auto_cpus(host_cpus: int | None = None) -> float:
+    """``worker.cpus = 0``: the host's CPUs less one, at least one. On 2 cores a
+    spinning worker leaves one to the supervisor and dockerd; on 16 a build
+    still gets 15. A cap, not a reservation: busy workers share what is left."""
+    count = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    return float(max(1, count - 1))
 
 
 @dataclass(frozen=True)
@@ -225,6 +204,26 @@ class Settings:
 
     def agent_type(self, name: str) -> AgentTypeSettings:
         return self.agent_types.get(name, AgentTypeSettings())
+
+    def worker_for(self, agent_type: str) -> WorkerSettings:
+        """``[worker]`` with the agent type's overrides, and ``cpus`` resolved (never 0)."""
+        table = self.agent_type(agent_type)
+        changes: dict[str, Any] = {
+            key: getattr(table, key) for key in _WORKER_OVERRIDES if getattr(table, key) is not None
+        }
+        worker = dataclasses.replace(self.worker, **changes)
+        if worker.cpus == 0:
+            worker = dataclasses.replace(worker, cpus=auto_cpus())
+        return worker
+
+    def worker_images(self) -> tuple[str, ...]:
+        """Every configured base image, ``worker.image`` first, each once."""
+        images = [self.worker.image]
+        for name in sorted(self.agent_types):
+            image = self.agent_types[name].image
+            if image is not None and image not in images:
+                images.append(image)
+        return tuple(images)
 
     def snapshots_enabled_for(self, project: str) -> bool:
         override = self.project(project).snapshots_enabled
@@ -259,102 +258,6 @@ _SECTIONS = {f.name for f in dataclasses.fields(Settings)} - {"projects", "agent
 _TABLES: dict[str, type[Any]] = {"projects": ProjectSettings, "agent_types": AgentTypeSettings}
 
 
-def _hint_parts(hint: Any) -> tuple[Any, bool]:
-    """The concrete type behind a hint, and whether None is allowed."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def _coerce(key: str, raw: object, hint: Any, meta: Mapping[str, Any]) -> object:
-    kind, optional = _hint_parts(hint)
-    if raw is None:
-        if optional:
-            return None
-        raise SettingsError(key, raw, "a value is required")
-    value: object
-    if kind is bool:
-        if isinstance(raw, bool):
-            value = raw
-        elif isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on"}:
-            value = True
-        elif isinstance(raw, str) and raw.lower() in {"0", "false", "no", "off"}:
-            value = False
-        else:
-            raise SettingsError(key, raw, "must be true or false")
-    elif kind is int:
-        if isinstance(raw, bool) or not isinstance(raw, int | str):
-            raise SettingsError(key, raw, "must be a whole number")
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SettingsError(key, raw, "must be a whole number") from None
-    elif kind is float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-            raise SettingsError(key, raw, "must be a number")
-        try:
-            value = float(raw)
-        except ValueError:
-            raise SettingsError(key, raw, "must be a number") from None
-        except OverflowError:  # a TOML integer past the float range
-            raise SettingsError(key, raw, "must be a finite number") from None
-        if not math.isfinite(value):
-            raise SettingsError(key, raw, "must be a finite number")
-    elif kind is str:
-        if not isinstance(raw, str):
-            raise SettingsError(key, raw, "must be a string")
-        value = raw
-    elif typing.get_origin(kind) is tuple:
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
-                raise SettingsError(
-                    key, raw, 'must be a JSON list of strings: ["sh", "-c", "..."]'
-                ) from None
-        if not isinstance(raw, list | tuple) or not all(isinstance(x, str) for x in raw):
-            raise SettingsError(key, raw, "must be a list of strings")
-        value = tuple(raw)
-    else:  # pragma: no cover - a programming error in this module
-        raise TypeError(f"unsupported setting type {hint!r} for {key}")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        why = f" ({meta['why']})" if "why" in meta else ""
-        if "min" in meta and value < meta["min"]:
-            raise SettingsError(key, raw, f"must be >= {meta['min']}{why}")
-        if "max" in meta and value > meta["max"]:
-            raise SettingsError(key, raw, f"must be <= {meta['max']}{why}")
-    if "pattern" in meta and not (
-        isinstance(value, str)
-        and len(value) <= meta["max_length"]
-        and re.fullmatch(meta["pattern"], value)
-    ):
-        raise SettingsError(key, raw, meta["allowed"])
-    if "choices" in meta and value not in meta["choices"]:
-        raise SettingsError(key, raw, f"must be one of {', '.join(meta['choices'])}")
-    return value
-
-
-def _build(cls: type[Any], prefix: str, values: Mapping[str, object]) -> Any:
-    if not isinstance(values, Mapping):
-        raise SettingsError(prefix, values, "must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise SettingsError(
-            f"{prefix}.{unknown[0]}",
-            values[unknown[0]],
-            f"unknown key; known keys: {', '.join(fields)}",
-        )
-    kwargs = {
-        name: _coerce(f"{prefix}.{name}", raw, hints[name], fields[name].metadata)
-        for name, raw in values.items()
-    }
-    return cls(**kwargs)
-
-
 def _from_mapping(data: Mapping[str, Any]) -> Settings:
     known = _SECTIONS | set(_TABLES)
     for name in data:
@@ -365,12 +268,12 @@ def _from_mapping(data: Mapping[str, Any]) -> Settings:
     hints = typing.get_type_hints(Settings)
     kwargs: dict[str, Any] = {}
     for name in _SECTIONS:
-        kwargs[name] = _build(hints[name], name, data.get(name, {}))
+        kwargs[name] = build(hints[name], name, data.get(name, {}))
     for name, cls in _TABLES.items():
         table = data.get(name, {})
         if not isinstance(table, Mapping):
             raise SettingsError(name, table, "must be a table of tables")
-        kwargs[name] = {key: _build(cls, f"{name}.{key}", sub) for key, sub in table.items()}
+        kwargs[name] = {key: build(cls, f"{name}.{key}", sub) for key, sub in table.items()}
     return Settings(**kwargs)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,16 +24,14 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
+from actors.eviction import created_at, over_limits, snapshot_from_labels
 from actors.instance import owned_snapshots
 from actors.labels import (
-    LABEL_BASE_IMAGE_ID,
-    LABEL_CREATED_AT,
-    LABEL_PROJECT,
     LABEL_ROLE,
-    LABEL_WORK_ITEM,
     ROLE_SNAPSHOT,
 )
 from actors.layers import own_bytes
+from actors.lineage import BaseImages, grew_from
 from actors.messages import (
     ActorCrashed,
     ImageDeleted,
@@ -97,7 +94,8 @@ class SnapshotManager(pykka.ThreadingActor):
         # another image, or the engine did not answer. Retried every sweep.
         self._pending: dict[str, str] = {}
         self._tombstones: OrderedDict[str, None] = OrderedDict()
-        self._base_image_id: str | None = None
+        # Every configured base image (one per agent type's) and its current ID.
+        self._bases = BaseImages(settings.worker_images())
         self._needs_rebuild = True
         self._usage = usage or UsageLog(None)  # LRU order across restarts (actors.usage)
 
@@ -169,8 +167,8 @@ class SnapshotManager(pykka.ThreadingActor):
 
     def _handle(self, message: Any) -> Any:
         match message:
-            case Lookup(key=key):
-                return self._lookup(key)
+            case Lookup(key=key, base_image_id=base_image_id):
+                return self._lookup(key, base_image_id)
             case Register(snapshot=snapshot):
                 queued = set(self._pending)
                 self._register(snapshot)
@@ -193,8 +191,8 @@ class SnapshotManager(pykka.ThreadingActor):
                 return sorted(self._registry.values(), key=lambda s: s.key)
             case RemoveSnapshot(key=key):
                 return self._remove(key)
-            case SetBaseImage(image_id=image_id):
-                self._set_base(image_id)
+            case SetBaseImage(image_id=image_id, image=image):
+                self._set_base(image or self._settings.worker.image, image_id)
                 return None
             case _DeletePending():
                 self._delete_pending()
@@ -204,7 +202,7 @@ class SnapshotManager(pykka.ThreadingActor):
 
     # --- messages ----------------------------------------------------------
 
-    def _lookup(self, key: SnapshotKey) -> Snapshot | None:
+    def _lookup(self, key: SnapshotKey, base_image_id: str | None) -> Snapshot | None:
         entry = self._registry.get(key)
         if entry is not None:
             reason = self._unusable(entry)
@@ -213,6 +211,16 @@ class SnapshotManager(pykka.ThreadingActor):
                 # Delete after this reply: the Spawner is waiting on us.
                 self.actor_ref.tell(_DeletePending())
                 entry = None
+        if entry is not None and not grew_from(entry, base_image_id):
+            # Another agent type's lineage: valid for it, so kept; this job
+            # starts from its own base and its commit replaces the entry.
+            log.info(
+                "snapshot %s grew from %s, not %s: starting from the base image",
+                key,
+                entry.base_image_id,
+                base_image_id,
+            )
+            entry = None
         if entry is None:
             self._metrics.snapshot_misses.inc()
             return None
@@ -230,9 +238,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 "ignoring Register of %s: image %s was deleted", snapshot.key, snapshot.image_id
             )
             return
-        if self._base_image_id is not None and not same_image(
-            snapshot.base_image_id, self._base_image_id
-        ):
+        if self._bases.is_old(snapshot.base_image_id):
             # Committed from a base that has since been rebuilt: never usable.
             log.info("refusing snapshot %s of an old base image", snapshot.image_id)
             self._queue_delete(snapshot.image_id, "descends from an old base image")
@@ -277,13 +283,13 @@ class SnapshotManager(pykka.ThreadingActor):
         self._delete_pending()
         return True
 
-    def _set_base(self, image_id: str) -> None:
-        if self._base_image_id is not None and same_image(self._base_image_id, image_id):
+    def _set_base(self, image: str, image_id: str) -> None:
+        previous = self._bases.get(image)
+        if not self._bases.set(image, image_id):
             return
-        log.info("base image is now %s (was %s)", image_id, self._base_image_id)
-        self._base_image_id = image_id
+        log.info("base image %s is now %s (was %s)", image, image_id, previous)
         for entry in list(self._registry.values()):
-            if not same_image(entry.base_image_id, image_id):
+            if self._bases.is_old(entry.base_image_id):
                 self._evict(entry, "descends from an old base image")
         self._delete_pending()
 
@@ -305,17 +311,14 @@ class SnapshotManager(pykka.ThreadingActor):
             reason = self._unusable(entry)
             if reason is not None:
                 self._evict(entry, reason)
-        by_lru = sorted(self._registry.values(), key=lambda s: (s.last_used_at, s.created_at))
-        while len(by_lru) > self._settings.snapshots.max_count:
-            self._evict(by_lru.pop(0), "over snapshots.max_count")
-        total = sum(s.charged_bytes for s in by_lru)
-        while by_lru and total > self._settings.snapshots.max_total_bytes:
-            victim = by_lru.pop(0)
-            total -= victim.charged_bytes
-            self._evict(victim, "over snapshots.max_total_bytes")
+        limits = self._settings.snapshots
+        for entry, reason in over_limits(
+            self._registry.values(), limits.max_count, limits.max_total_bytes
+        ):
+            self._evict(entry, reason)
         self._delete_pending(skip=None if full else queued_before)
         self._metrics.snapshots.set(len(self._registry))
-        self._metrics.snapshot_bytes.set(sum(s.charged_bytes for s in by_lru))
+        self._metrics.snapshot_bytes.set(sum(s.charged_bytes for s in self._registry.values()))
         self._metrics.snapshot_pending_deletions.set(len(self._pending))
 
     def _drop_gone(self) -> None:
@@ -338,7 +341,7 @@ class SnapshotManager(pykka.ThreadingActor):
         for info in listed:
             if bare_image_id(info.id) in owned or bare_image_id(info.id) in self._pending:
                 continue
-            if now - _created_at(info) > grace:
+            if now - created_at(info) > grace:
                 self._queue_delete(info.id, "orphaned snapshot image")
 
     def _exists(self, image_id: str) -> bool:
@@ -357,9 +360,7 @@ class SnapshotManager(pykka.ThreadingActor):
         ttl = self._settings.ttl_for(entry.key.project)
         if self._clock.now() - entry.created_at > ttl:
             return f"older than its TTL of {ttl:g}s"
-        if self._base_image_id is not None and not same_image(
-            entry.base_image_id, self._base_image_id
-        ):
+        if self._bases.is_old(entry.base_image_id):
             return "descends from an old base image"
         return None
 
@@ -397,11 +398,12 @@ class SnapshotManager(pykka.ThreadingActor):
     # --- reconciliation ----------------------------------------------------
 
     def _resolve_base(self) -> None:
-        try:
-            self._base_image_id = self._engine.inspect_image(self._settings.worker.image).id
-        except EngineError as exc:
-            # Unknown until a Spawner tells us (SetBaseImage): no base check meanwhile.
-            log.warning("base image %s not resolved: %s", self._settings.worker.image, exc)
+        for image in self._settings.worker_images():
+            try:
+                self._bases.set(image, self._engine.inspect_image(image).id)
+            except EngineError as exc:
+                # Unknown until a Spawner tells us (SetBaseImage): no base check meanwhile.
+                log.warning("base image %s not resolved: %s", image, exc)
 
     def _rebuild(self) -> None:
         """Adopt every labelled snapshot image: newest per key wins, the rest are deleted."""
@@ -410,8 +412,8 @@ class SnapshotManager(pykka.ThreadingActor):
             return
         self._needs_rebuild = False
         adopted = 0
-        for info in sorted(listed, key=lambda i: (_created_at(i), i.created_at, i.id)):
-            snapshot = _snapshot_from_labels(info)
+        for info in sorted(listed, key=lambda i: (created_at(i), i.created_at, i.id)):
+            snapshot = snapshot_from_labels(info)
             if snapshot is None:
                 log.warning("image %s is labelled a snapshot but lacks its key labels", info.id)
                 continue
@@ -455,34 +457,3 @@ class SnapshotManager(pykka.ThreadingActor):
         self._tombstones.move_to_end(bare_image_id(image_id))
         while len(self._tombstones) > _MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
-
-
-def _created_at(info: ImageInfo) -> float:
-    try:
-        return float(info.labels[LABEL_CREATED_AT])
-    except (KeyError, ValueError):
-        return info.created_at
-
-
-def _snapshot_from_labels(info: ImageInfo) -> Snapshot | None:
-    labels: Mapping[str, str] = info.labels
-    project = labels.get(LABEL_PROJECT)
-    work_item = labels.get(LABEL_WORK_ITEM)
-    base = labels.get(LABEL_BASE_IMAGE_ID)
-    if not project or not work_item or not base:
-        return None
-    created = _created_at(info)
-    return Snapshot(
-        key=SnapshotKey(project, work_item),
-        image_id=info.id,
-        tag=_first(info.tags),
-        base_image_id=base,
-        created_at=created,
-        last_used_at=created,
-        size_bytes=info.size_bytes,
-        layers=info.layers,
-    )
-
-
-def _first(tags: Iterable[str]) -> str:
-    return next(iter(tags), "")

@@ -15,7 +15,6 @@ under the same retry budget, limits and labels, so the job simply runs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,35 +34,12 @@ from actors.backoff import backoff
 from actors.clock import Clock
 from actors.engine.base import (
     ContainerMissing,
-    ContainerSpec,
     Engine,
     EngineError,
     EngineUnavailable,
-    ImageConfig,
-    ImageInfo,
     ImageMissing,
 )
-from actors.labels import (
-    CONTAINER_ENV,
-    ENV_JOB_ID,
-    ENV_SETUP_SECONDS,
-    ENV_SNAPSHOT_REUSE,
-    JOB_LABELS,
-    LABEL_AGENT_TYPE,
-    LABEL_BASE_IMAGE_ID,
-    LABEL_CREATED_AT,
-    LABEL_IMAGE_SOURCE,
-    LABEL_INSTANCE,
-    LABEL_JOB_ID,
-    LABEL_MANAGED,
-    LABEL_PROJECT,
-    LABEL_REPOSITORY,
-    LABEL_ROLE,
-    LABEL_SNAPSHOT_ENABLED,
-    LABEL_WORK_ITEM,
-    ROLE_SNAPSHOT,
-)
-from actors.layers import depth_above, must_flatten, own_bytes
+from actors.lineage import BaseImageMissing, StaleSnapshot, start_image
 from actors.masking import mask_secrets
 from actors.messages import (
     ActorCrashed,
@@ -81,9 +57,10 @@ from actors.messages import (
 )
 from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot
-from actors.naming import same_image, snapshot_image_name
 from actors.settings import Settings
+from actors.snapshotter import Snapshotter
 from actors.telemetry import capture_error, job_log
+from actors.worker_spec import worker_container_spec
 
 __all__ = [
     "BaseImageMissing",
@@ -101,30 +78,13 @@ LOOKUP_TIMEOUT_S = 30.0
 T = TypeVar("T")
 
 
-class StaleSnapshot(ImageMissing):
-    """The snapshot image the registry named is gone: fall back to the base image."""
-
-    def __init__(self, image: str, cause: ImageMissing) -> None:
-        super().__init__(image, f"snapshot image {image} is gone: {cause}")
-
-
-class BaseImageMissing(ImageMissing):
-    """The configured base image does not exist: retrying cannot help, building can."""
-
-    def __init__(self, image: str, engine: str) -> None:
-        super().__init__(
-            image,
-            f"the worker base image {image!r} does not exist on {engine}; "
-            "build it with `make image` (or `snapyard image build`), "
-            "or point worker.image at an existing image",
-        )
-
-
 @dataclass
 class _Plan:
     """What one Spawn has learned so far; the retry loop reads and updates it."""
 
     snapshots_enabled: bool
+    # The job's agent type's base image reference (worker.image or its override).
+    base_image: str
     attempts: int = 0
     looked_up: bool = False
     snapshot: Snapshot | None = None
@@ -164,8 +124,12 @@ class Spawner(pykka.ThreadingActor):
         self.name = name
         self._supervisor = supervisor
         self._extra_labels = dict(labels or {})
-        self._base_image_id: str | None = None
+        # Each base image reference's ID as last resolved, to tell the manager of a change.
+        self._base_ids: dict[str, str] = {}
         self._job_id: str | None = None
+        self._snapshotter = Snapshotter(
+            engine, settings, clock, self._patiently, self._resolve_base
+        )
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -209,13 +173,16 @@ class Spawner(pykka.ThreadingActor):
 
     def _spawn(self, msg: Spawn) -> None:
         began = self._clock.now()
-        plan = _Plan(snapshots_enabled=msg.snapshots_enabled)
+        plan = _Plan(
+            snapshots_enabled=msg.snapshots_enabled,
+            base_image=self._settings.worker_for(msg.spec.agent_type).image,
+        )
         jlog = job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item)
         try:
             launched = self._start_policy(plan)(self._launch, msg, plan)
         except EngineError as exc:
             retryable = isinstance(exc, EngineUnavailable)
-            image = plan.snapshot.image_id if plan.snapshot else self._settings.worker.image
+            image = plan.snapshot.image_id if plan.snapshot else plan.base_image
             extras: dict[str, object] = {"job_id": msg.job_id, "image": image}
             if plan.stale_image_id is not None:
                 extras["stale_image_id"] = plan.stale_image_id
@@ -283,12 +250,21 @@ class Spawner(pykka.ThreadingActor):
     def _launch(self, msg: Spawn, plan: _Plan) -> _Launched:
         """One attempt: resolve the base, look up a snapshot (once), create, start."""
         plan.attempts += 1
-        base_id = self._resolve_base()
+        base_id = self._resolve_base(plan.base_image)
         if plan.snapshots_enabled and not plan.looked_up:
-            plan.snapshot = self._lookup(msg)
+            plan.snapshot = self._lookup(msg, base_id)
             plan.looked_up = True
-        snapshot = plan.snapshot
-        spec = self._container_spec(msg, snapshot, base_id)
+        # Never another agent type's lineage, even if the manager answered one.
+        start = start_image(plan.snapshot, plan.base_image, base_id)
+        plan.snapshot = snapshot = start.snapshot
+        spec = worker_container_spec(
+            msg.job_id,
+            msg.spec,
+            start,
+            self._settings.worker_for(msg.spec.agent_type),
+            msg.snapshots_enabled,
+            self._extra_labels,
+        )
         try:
             container_id = self._engine.create_container(spec)
         except ImageMissing as exc:
@@ -311,7 +287,7 @@ class Spawner(pykka.ThreadingActor):
         """Decide what a 404 means: a stale snapshot to drop, or a base image to build."""
         snapshot = plan.snapshot
         if snapshot is None:
-            return BaseImageMissing(self._settings.worker.image, self._engine.describe())
+            return BaseImageMissing(plan.base_image, self._engine.describe())
         reason = f"404 on create/start for job {msg.job_id}: {exc}"
         self._tell(self._snapshots, Invalidate(snapshot.key, snapshot.image_id, reason))
         self._metrics.stale_snapshot_fallbacks.inc()
@@ -322,66 +298,30 @@ class Spawner(pykka.ThreadingActor):
         plan.snapshot = None
         return StaleSnapshot(snapshot.image_id, exc)
 
-    def _resolve_base(self) -> str:
-        """The base tag's current ID; a new one is told to the SnapshotManager first."""
+    def _resolve_base(self, image: str) -> str:
+        """The base image's current ID; a new one is told to the SnapshotManager first."""
         try:
-            base_id = self._engine.inspect_image(self._settings.worker.image).id
+            base_id = self._engine.inspect_image(image).id
         except ImageMissing as exc:
-            raise BaseImageMissing(self._settings.worker.image, self._engine.describe()) from exc
-        if base_id != self._base_image_id:
+            raise BaseImageMissing(image, self._engine.describe()) from exc
+        if base_id != self._base_ids.get(image):
             # Told before the Lookup that follows: the manager sees it first
             # and never hands out a snapshot of the previous base.
-            self._tell(self._snapshots, SetBaseImage(base_id))
-            self._base_image_id = base_id
+            self._tell(self._snapshots, SetBaseImage(base_id, image=image))
+            self._base_ids[image] = base_id
         return base_id
 
-    def _lookup(self, msg: Spawn) -> Snapshot | None:
+    def _lookup(self, msg: Spawn, base_id: str) -> Snapshot | None:
         try:
-            found = self._snapshots.ask(Lookup(msg.spec.key), timeout=LOOKUP_TIMEOUT_S)
+            found = self._snapshots.ask(
+                Lookup(msg.spec.key, base_image_id=base_id), timeout=LOOKUP_TIMEOUT_S
+            )
         except Exception as exc:  # dead, wedged, or failing: a base start beats a crash
             job_log(log, msg.job_id, msg.spec.project, msg.spec.work_item).warning(
                 "snapshot lookup failed (%s); starting from the base image", exc
             )
             return None
         return found if isinstance(found, Snapshot) else None
-
-    def _container_spec(self, msg: Spawn, snapshot: Snapshot | None, base_id: str) -> ContainerSpec:
-        worker = self._settings.worker
-        spec = msg.spec
-        # The job's env is secret: delivered by file, never in the container's
-        # config, which Docker copies into every snapshot committed from it.
-        env: dict[str, str] = {}
-        env[ENV_JOB_ID] = msg.job_id
-        env[ENV_SNAPSHOT_REUSE] = "1" if snapshot is not None else "0"
-        env[ENV_SETUP_SECONDS] = f"{worker.setup_seconds:g}"
-        labels = dict(self._extra_labels)
-        labels.update(
-            {
-                LABEL_MANAGED: "true",
-                LABEL_JOB_ID: msg.job_id,
-                LABEL_PROJECT: spec.project,
-                LABEL_WORK_ITEM: spec.work_item,
-                LABEL_AGENT_TYPE: spec.agent_type,
-                LABEL_SNAPSHOT_ENABLED: "true" if msg.snapshots_enabled else "false",
-                LABEL_IMAGE_SOURCE: "snapshot" if snapshot is not None else "base",
-                LABEL_BASE_IMAGE_ID: snapshot.base_image_id if snapshot is not None else base_id,
-            }
-        )
-        return ContainerSpec(
-            # A snapshot by ID (immutable); the base by tag, as configured.
-            image=snapshot.image_id if snapshot is not None else worker.image,
-            command=spec.command or worker.command,
-            env=env,
-            secret_env=dict(spec.env),
-            labels=labels,
-            memory_bytes=worker.memory_mb * 1024 * 1024,
-            pids_limit=worker.pids_limit,
-            network=worker.network,
-            init=True,
-            auto_remove=False,  # we read the logs and maybe commit before removing
-            cap_drop_all=worker.drop_all_capabilities,
-            no_new_privileges=True,
-        )
 
     # --- Finish ------------------------------------------------------------
 
@@ -427,129 +367,12 @@ class Spawner(pykka.ThreadingActor):
         )
 
     def _commit(self, msg: Finish) -> str | None:
-        """Commit the container as the key's snapshot, with no job secrets in its config."""
-        spec = msg.spec
-        state = self._patiently(self._engine.inspect_container, msg.container_id)
-        current_base = self._patiently(self._resolve_base)
-        lineage = state.labels.get(LABEL_BASE_IMAGE_ID) or current_base
-        if not same_image(lineage, current_base):
-            log.info(
-                "job %s ran on base %s, now %s: not committing", msg.job_id, lineage, current_base
-            )
+        """Commit the container as the key's snapshot (``actors.snapshotter``); register it."""
+        snapshot = self._snapshotter.commit(msg.job_id, msg.spec, msg.container_id)
+        if snapshot is None:
             return None
-        base = self._patiently(self._engine.inspect_image, lineage)
-        now = self._clock.now()
-        config = ImageConfig(
-            env=_scrubbed_env(base.env, spec),
-            cmd=base.cmd,
-            entrypoint=base.entrypoint,
-            labels={
-                **dict.fromkeys(JOB_LABELS, ""),
-                LABEL_ROLE: ROLE_SNAPSHOT,
-                LABEL_PROJECT: spec.project,
-                LABEL_WORK_ITEM: spec.work_item,
-                LABEL_BASE_IMAGE_ID: lineage,
-                LABEL_CREATED_AT: repr(now),
-                LABEL_REPOSITORY: self._settings.snapshots.repository,
-                LABEL_INSTANCE: self._settings.supervisor.instance_id,
-            },
-        )
-        repository, tag = snapshot_image_name(
-            self._settings.snapshots.repository, spec.project, spec.work_item
-        )
-        try:
-            image_id = self._engine.commit_container(msg.container_id, repository, tag, config)
-        except EngineError:
-            self._discard_failed_commit(config.labels)
-            raise
-        info = self._patiently(self._engine.inspect_image, image_id)
-        if must_flatten(depth_above(info, base), self._settings.snapshots.max_layers, base.layers):
-            info = self._flatten(info, base, repository, tag, config.labels)
-        self._tell(
-            self._snapshots,
-            Register(
-                Snapshot(
-                    key=spec.key,
-                    image_id=info.id,
-                    tag=f"{repository}:{tag}",
-                    base_image_id=lineage,
-                    created_at=now,
-                    last_used_at=now,
-                    size_bytes=info.size_bytes,
-                    layers=info.layers,
-                    own_bytes=self._own_bytes(info, base),
-                )
-            ),
-        )
-        return info.id
-
-    def _flatten(
-        self,
-        deep: ImageInfo,
-        base: ImageInfo,
-        repository: str,
-        tag: str,
-        labels: Mapping[str, str],
-    ) -> ImageInfo:
-        """Squash a commit that reached the layer cap into one layer on the base.
-
-        The run's state lives on in the flattened image; the deep commit is
-        deleted. A flatten that fails leaves no image behind, as a failed
-        commit does: the previous snapshot stays the key's entry.
-        """
-        began = self._clock.now()
-        try:
-            flat_id = self._patiently(self._engine.flatten_image, deep.id, base.id, repository, tag)
-            flat = self._patiently(self._engine.inspect_image, flat_id)
-        except EngineError:
-            self._discard_failed_commit(labels)
-            raise
-        try:
-            self._engine.remove_image(deep.id)
-        except EngineError as exc:
-            # Labelled as a snapshot and owned by no entry: the orphan sweep deletes it.
-            log.warning("could not delete %s after flattening it: %s", deep.id, exc)
-        log.info(
-            "flattened %s (%d layers above the base) into %s in %.2fs",
-            deep.id,
-            depth_above(deep, base),
-            flat.id,
-            self._clock.now() - began,
-        )
-        return flat
-
-    def _own_bytes(self, info: ImageInfo, base: ImageInfo) -> int | None:
-        """Bytes the snapshot adds over its parent (the base, for a flattened one)."""
-        if not info.parent_id or same_image(info.parent_id, base.id):
-            return own_bytes(info, base)
-        try:
-            return own_bytes(info, self._patiently(self._engine.inspect_image, info.parent_id))
-        except EngineError as exc:
-            log.warning("size of %s over its parent unknown: %s", info.id, exc)
-            return None
-
-    def _discard_failed_commit(self, labels: Mapping[str, str]) -> None:
-        """Delete the image a failed commit may have left behind.
-
-        Docker 20.10 creates the image before it links its parent; when the
-        parent was just deleted it answers 500 "unknown parent image ID" and
-        the new image stays, its ID unknown to us. Its labels (our repository
-        and this commit's own created-at) find it.
-        """
-        wanted = {k: labels[k] for k in (LABEL_ROLE, LABEL_REPOSITORY, LABEL_CREATED_AT)}
-        try:
-            leftovers = self._engine.list_images(wanted)
-        except EngineError as exc:
-            log.warning("could not look for a failed commit's image (the sweep will): %s", exc)
-            return
-        for info in leftovers:
-            if info.labels.get(LABEL_PROJECT) != labels[LABEL_PROJECT]:
-                continue
-            if info.labels.get(LABEL_WORK_ITEM) != labels[LABEL_WORK_ITEM]:
-                continue
-            log.info("deleting image %s left by a failed commit", info.id)
-            with contextlib.suppress(EngineError):
-                self._engine.remove_image(info.id, force=True)
+        self._tell(self._snapshots, Register(snapshot))
+        return snapshot.image_id
 
     # --- Terminate ---------------------------------------------------------
 
@@ -616,19 +439,3 @@ class Spawner(pykka.ThreadingActor):
 def _failed_with(state: RetryCallState, kind: type[BaseException]) -> bool:
     outcome = state.outcome
     return outcome is not None and isinstance(outcome.exception(), kind)
-
-
-def _scrubbed_env(base_env: tuple[str, ...], spec: JobSpec) -> list[str]:
-    """The base image's env, plus ``KEY=`` for every job and Snapyard key.
-
-    Docker fills a commit's env from the container for every key the
-    override does not name, so naming the job's keys is what keeps their
-    values out of the image; a key the base defines keeps the base's value.
-    """
-    env = list(base_env)
-    defined = {entry.split("=", 1)[0] for entry in base_env}
-    for key in (*spec.env, *CONTAINER_ENV):
-        if key not in defined:
-            env.append(f"{key}=")
-            defined.add(key)
-    return env

@@ -30,6 +30,7 @@ import pykka
 
 from actors.backoff import backoff
 from actors.clock import Clock
+from actors.deadlines import due_times, tick_action
 from actors.engine.base import ContainerState, Engine, EngineError
 from actors.flight import Flight, Flights, Kill, job_timeout, on_exit, outcome
 from actors.labels import MANAGED_FILTER
@@ -59,8 +60,8 @@ from actors.messages import (
 )
 from actors.metrics import Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
-from actors.pool import OpKind, SpawnerFactory, SpawnerPool
-from actors.reconcile import Reconciling
+from actors.pool import SpawnerFactory, SpawnerPool
+from actors.reconcile import Reconciling, SupervisorStopped
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.store import Caps, JobStore, new_job_id
@@ -78,13 +79,6 @@ EARLY_EXIT_TTL_S = 600.0
 EARLY_EXIT_MAX = 10_000
 
 _ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus, PruneJobs)
-
-
-class SupervisorStopped(pykka.ActorDeadError):
-    """The Supervisor gave up (Spawners crashed too often) or is shutting down.
-
-    An ActorDeadError, so callers that already treat a dead actor as
-    "unavailable, retry later" (the HTTP API answers 503) need no new case."""
 
 
 class Supervisor(Reconciling, pykka.ThreadingActor):
@@ -406,18 +400,14 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
 
     def _on_tick(self, now: float) -> None:
         for flight in self._flights.in_phase("running"):
-            deadline = flight.deadline
-            if flight.kill is None and deadline is not None and deadline <= now:
-                limit = job_timeout(self._settings, flight.spec)
-                flight.kill = Kill(JobState.TIMED_OUT, f"timed out after {limit:g}s")
-                job_logger(flight.job).warning("job timed out; stopping its container")
-                self._terminate(flight)
-            elif (
-                flight.kill is not None
-                and not flight.stop_pending
-                and now - flight.stopped_at > self._sup.stop_grace_s
-            ):
-                self._terminate(flight)  # the last stop did not end it: try again
+            match tick_action(flight, now, self._sup.stop_grace_s):
+                case "time_out":
+                    limit = job_timeout(self._settings, flight.spec)
+                    flight.kill = Kill(JobState.TIMED_OUT, f"timed out after {limit:g}s")
+                    job_logger(flight.job).warning("job timed out; stopping its container")
+                    self._terminate(flight)
+                case "stop_again":
+                    self._terminate(flight)
         stale = now - EARLY_EXIT_TTL_S
         for cid in [c for c, (_, at) in self._early_exits.items() if at < stale]:
             del self._early_exits[cid]
@@ -444,32 +434,6 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
             flight.stopped_at = self._clock.now()
             self._request_listing("terminated")
 
-    # --- supervision of the Spawners ---------------------------------------
-
-    def _send(self, job_id: str, kind: OpKind, message: Any) -> None:
-        """Tell the least busy Spawner; a dead one is handled like its crash report."""
-        name = self._pool.least_busy()
-        if name is None:
-            return
-        dead_urn = self._pool.send(name, job_id, kind, message)
-        if dead_urn is not None:
-            # From our own inbox, never recursively. Its own report may be on
-            # the way too: the urn lets one of them count.
-            self.actor_ref.tell(
-                ActorCrashed(name, "the spawner is not running", None, urn=dead_urn)
-            )
-
-    def _give_up(self, reason: str) -> None:
-        self._fatal = reason
-        log.critical("supervisor stopping: %s", reason)
-        capture_error(SupervisorStopped(reason), source="supervisor")
-        if self._on_fatal is not None:
-            try:
-                self._on_fatal(reason)
-            except Exception:
-                log.exception("on_fatal callback failed")
-        self.stop()
-
     # --- helpers -----------------------------------------------------------
 
     def _after_change(self) -> None:
@@ -485,29 +449,18 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
             pending_ops=self._pool.load(),
             spawners=len(self._pool.refs),
             dispatching=self._dispatching,
-            due=self._due() if deadlines else (),
+            due=self._due_times() if deadlines else (),
             busy_keys=frozenset(f.job.key for f in self._flights)
             | frozenset(self._leftovers.values()),
             leftovers=len(self._leftovers),
         )
 
-    def _due(self) -> tuple[tuple[str, float], ...]:
-        """When a Tick next acts on each job by itself: the times ``_on_tick`` compares."""
-        now = self._clock.now()
-        # A backoff that has ended no longer delays anything: the job waits for a place.
-        due = {
-            job.id: job.retry_at
-            for job in self._store.unfinished()
-            if job.state is JobState.QUEUED and job.retry_at is not None and job.retry_at > now
-        }
-        for flight in self._flights:
-            if flight.phase == "recovering" and self._reconcile_requested:
-                due[flight.job.id] = now  # the next Tick lists the containers again
-            elif flight.phase != "running" or flight.stop_pending:
-                continue  # a Spawner or the Reaper owes a reply
-            elif flight.kill is None and flight.deadline is not None:
-                due[flight.job.id] = flight.deadline
-            elif flight.kill is not None:
-                # The last stop did not end it: a Tick past the grace stops it again.
-                due[flight.job.id] = flight.stopped_at + self._sup.stop_grace_s
-        return tuple(sorted(due.items()))
+    def _due_times(self) -> tuple[tuple[str, float], ...]:
+        queued = (job for job in self._store.unfinished() if job.state is JobState.QUEUED)
+        return due_times(
+            self._flights,
+            queued,
+            self._clock.now(),
+            self._sup.stop_grace_s,
+            self._reconcile_requested,
+        )

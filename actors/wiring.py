@@ -67,7 +67,8 @@ class Wiring:
     clock: Clock
     container_labels: Mapping[str, str] = field(default_factory=dict)
     on_fatal: Callable[[str], None] | None = None
-    base_image_id: str | None = None
+    # Every configured base image (worker.image, each agent type's) -> its ID.
+    base_image_ids: Mapping[str, str] = field(default_factory=dict)
     watcher: bool = True
     watcher_sleep: Callable[[float], None] | None = None
     run_timers: bool = True
@@ -159,8 +160,8 @@ def start_actors(wiring: Wiring) -> Actors:
         snapshots = actors.snapshots = start_snapshots(
             engine, settings, clock, root, metrics, wiring.store
         )
-        if wiring.base_image_id is not None:
-            snapshots.tell(SetBaseImage(wiring.base_image_id))
+        for image, image_id in wiring.base_image_ids.items():
+            snapshots.tell(SetBaseImage(image_id, image=image))
         reaper = actors.reaper = Reaper.start(engine, root, instance_id=sup.instance_id)
         root.tell(Supervise("reaper", reaper))
         factory = spawner_factory(

@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import struct
+import logging
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from actors.engine.base import Engine, EngineError, ImageInfo, ImageMissing
 from actors.labels import LABEL_ROLE, LABEL_WORKER_DIGEST, ROLE_BASE
+from actors.worker_helper import BUSYBOX, INSTALL_HINT, HelperError, require_static_elf
 
 __all__ = [
     "BUSYBOX",
@@ -37,17 +38,17 @@ __all__ = [
     "build_context",
     "content_tag",
     "ensure_base_image",
+    "ensure_worker_images",
     "is_demo_image",
     "missing_image_hint",
 ]
 
+log = logging.getLogger(__name__)
+
 # Shipped inside the package (package data), so an installed wheel builds it too.
 WORKER_DIR: Traversable = files("actors") / "worker"
-BUSYBOX = Path("/bin/busybox")
 # The only repository Snapyard builds into: `snapyard-worker:<any tag>`.
 DEMO_REPOSITORY = "snapyard-worker"
-_INSTALL_HINT = "install Debian's static busybox: `apt-get install busybox-static`"
-_PT_INTERP = 3
 
 
 class WorkerImageError(Exception):
@@ -96,36 +97,16 @@ class WorkerContext:
     digest: str
 
 
-def _require_static_elf(path: Path, blob: bytes) -> None:
-    """Refuse a dynamic busybox: FROM scratch has no loader, so it could not even start.
-
-    A dynamically linked ELF names its loader in a PT_INTERP program header.
-    """
-    if blob[:4] != b"\x7fELF" or len(blob) < 64:
-        raise WorkerImageError(f"{path} is not an ELF executable; {_INSTALL_HINT}")
-    is_64 = blob[4] == 2
-    endian = "<" if blob[5] == 1 else ">"
-    if is_64:
-        (phoff,) = struct.unpack_from(endian + "Q", blob, 0x20)
-        phentsize, phnum = struct.unpack_from(endian + "HH", blob, 0x36)
-    else:
-        (phoff,) = struct.unpack_from(endian + "I", blob, 0x1C)
-        phentsize, phnum = struct.unpack_from(endian + "HH", blob, 0x2A)
-    for index in range(phnum):
-        (p_type,) = struct.unpack_from(endian + "I", blob, phoff + index * phentsize)
-        if p_type == _PT_INTERP:
-            raise WorkerImageError(
-                f"{path} is dynamically linked and cannot run in an empty image; {_INSTALL_HINT}"
-            )
-
-
 def build_context(worker_dir: Traversable = WORKER_DIR, busybox: Path = BUSYBOX) -> WorkerContext:
     """The build context as a tar, and a digest of its inputs."""
     try:
         busybox_blob = busybox.read_bytes()
     except FileNotFoundError:
-        raise WorkerImageError(f"{busybox} is missing; {_INSTALL_HINT}") from None
-    _require_static_elf(busybox, busybox_blob)
+        raise WorkerImageError(f"{busybox} is missing; {INSTALL_HINT}") from None
+    try:
+        require_static_elf(busybox, busybox_blob)
+    except HelperError as exc:
+        raise WorkerImageError(str(exc)) from None
     inputs: list[tuple[str, bytes, int]] = []
     for name in ("Dockerfile", "entrypoint.sh"):
         try:
@@ -197,3 +178,19 @@ def ensure_base_image(
         with contextlib.suppress(EngineError):
             engine.remove_image(current.id)
     return built, True
+
+
+def ensure_worker_images(engine: Engine, images: Iterable[str]) -> dict[str, str]:
+    """Ensure every configured image (``worker.image``, each agent type's); their IDs.
+
+    All or nothing: the first missing user's image stops start-up with its
+    fix, since a job of that agent type could never run.
+    """
+    ids: dict[str, str] = {}
+    for image in images:
+        ids[image], built = ensure_base_image(engine, image)
+        if built:
+            log.info("built the worker image %s (%s)", image, ids[image])
+        else:
+            log.info("worker image %s (%s)", image, ids[image][:19])
+    return ids

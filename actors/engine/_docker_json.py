@@ -77,6 +77,7 @@ def engine_event(raw: Mapping[str, Any]) -> EngineEvent | None:
 
 def container_state(raw: Mapping[str, Any]) -> ContainerState:
     state = raw.get("State") or {}
+    host = raw.get("HostConfig") or {}
     status = state.get("Status", "created")
     # Docker reports ExitCode 0 for containers that have not exited yet.
     exited = status in ("exited", "dead")
@@ -90,6 +91,10 @@ def container_state(raw: Mapping[str, Any]) -> ContainerState:
         created_at=parse_time(raw.get("Created")) or 0.0,
         started_at=parse_time(state.get("StartedAt")),
         finished_at=parse_time(state.get("FinishedAt")) if exited else None,
+        # Docker reports 0 (or null) for "no limit".
+        memory_bytes=int(host.get("Memory") or 0) or None,
+        cpus=int(host.get("NanoCpus") or 0) / 1e9 or None,
+        pids_limit=int(host.get("PidsLimit") or 0) or None,
     )
 
 

@@ -110,8 +110,14 @@ class MemoryContainer:
     labels: dict[str, str]
     # The container's config env (what a commit records); secrets are apart.
     env: dict[str, str]
+    # What the job runs as the image defines it (ENTRYPOINT, then the job's
+    # command or CMD): what the env helper execs, and what test kits play.
     cmd: tuple[str, ...] | None
     entrypoint: tuple[str, ...] | None
+    # What Docker records in the container's config (a commit merges these):
+    # under the env helper the helper's argv and an empty CMD.
+    config_cmd: tuple[str, ...] | None
+    config_entrypoint: tuple[str, ...] | None
     working_dir: str
     files: dict[str, str]
     created_at: float
@@ -128,7 +134,7 @@ class MemoryContainer:
     removed: bool = False
     log: list[tuple[str, str]] = field(default_factory=list)
     # The secret env file as the worker's bind mount holds it (never in ``files``,
-    # so a commit cannot capture it), read back as the entrypoint reads it.
+    # so a commit cannot capture it), read back as the env helper reads it.
     secret_env_file: bytes = field(default=b"", repr=False)
 
     @property
@@ -140,7 +146,10 @@ class MemoryContainer:
 
     @property
     def process_env(self) -> dict[str, str]:
-        """What the worker process sees: the config env plus the secret file's."""
+        """What the worker process sees: the config env plus the secret file's,
+        which only the env helper reads (an image alone knows nothing of it)."""
+        if not self.spec.env_helper:
+            return dict(self.env)
         return {**self.env, **decode_secret_env(self.secret_env_file)}
 
     def state(self) -> ContainerState:
@@ -154,6 +163,9 @@ class MemoryContainer:
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
+            memory_bytes=self.spec.memory_bytes or None,
+            cpus=self.spec.cpus or None,
+            pids_limit=self.spec.pids_limit or None,
         )
 
 

@@ -50,9 +50,9 @@ def encode_secret_env(env: Mapping[str, str]) -> bytes:
 
 
 def decode_secret_env(data: bytes) -> dict[str, str]:
-    """What a worker's entrypoint makes of the file: the reference reader.
+    """What the env helper makes of the file: the reference reader.
 
-    ``actors/worker/entrypoint.sh`` must agree with this byte for byte; the
+    ``actors/helper/snapyard-init`` must agree with this byte for byte; the
     engine contract suite checks both against any value hypothesis can draw.
     """
     env: dict[str, str] = {}
@@ -119,6 +119,7 @@ class ContainerSpec:
 
     ``image`` should be an image ID for snapshots (immutable), a tag only for
     the base image. ``memory_bytes`` sets memory and memory+swap alike: no swap.
+    ``command`` replaces the image's CMD and keeps its ENTRYPOINT, as in Docker.
     """
 
     image: str
@@ -127,11 +128,16 @@ class ContainerSpec:
     # Env the worker sees but the container's config never holds: Docker writes
     # a container's config, env included, into every image committed from it
     # (ContainerConfig). Delivered as a read-only file at labels.SECRET_ENV_PATH that
-    # the worker's entrypoint exports; see actors/worker/entrypoint.sh.
+    # the env helper exports (actors/worker_helper.py, actors/helper/snapyard-init).
     secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)
     memory_bytes: int | None = None
     pids_limit: int | None = None
+    # CPUs the container may use (Docker's NanoCPUs / --cpus); None: no limit.
+    cpus: float | None = None
+    # Run the image's entrypoint and command under the env helper, so any image
+    # gets ``secret_env`` unchanged. False: the image's own entrypoint, as is.
+    env_helper: bool = True
     network: str = "none"
     init: bool = True
     auto_remove: bool = False
@@ -151,6 +157,10 @@ class ContainerState:
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    # The limits the engine applied (docker inspect's HostConfig): None for none.
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
 
     @property
     def running(self) -> bool:
@@ -164,6 +174,8 @@ class ImageConfig:
     Docker merges a commit's config with the container's: keys left empty here
     are taken from the container, so to drop an env var the override must name
     it (``KEY=``), and to drop a label it must set it (to "").
+    ``entrypoint=()`` means "no entrypoint" (None: the container's); an empty
+    ``cmd`` is always the container's, as Docker merges it.
     """
 
     env: Sequence[str] = ()

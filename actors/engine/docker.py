@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import re
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,6 +35,7 @@ from actors.engine._docker_json import (
     label_filter,
     since_param,
 )
+from actors.engine._docker_mounts import HostFiles
 from actors.engine.base import (
     Conflict,
     ContainerMissing,
@@ -49,9 +48,15 @@ from actors.engine.base import (
     ImageInfo,
     ImageMissing,
     Logs,
-    encode_secret_env,
 )
 from actors.labels import SECRET_ENV_PATH
+from actors.worker_helper import (
+    HELPER_MOUNT,
+    helper_entrypoint,
+    is_helper_entrypoint,
+    job_argv,
+    unwrapped,
+)
 
 __all__ = ["DockerEngine"]
 
@@ -60,18 +65,33 @@ _BUILD_TAIL_LINES = 20
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Enough for a wait per worker plus the event stream: blocking calls hold a connection.
 _MAX_POOL_SIZE = 64
+_NANO = 1_000_000_000
 
 
 class DockerEngine:
     """The real engine. Thread-safe: docker-py's client keeps a pool of connections."""
 
-    def __init__(self, url: str, timeout_s: float = 60.0, secrets_dir: str | None = None) -> None:
-        """``secrets_dir``: a host directory (the daemon's host) for secret env files."""
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 60.0,
+        secrets_dir: str | None = None,
+        helper_dir: str | None = None,
+    ) -> None:
+        """``secrets_dir`` and ``helper_dir``: host directories (the daemon's host) for
+        secret env files and the env helper (actors/worker_helper.py)."""
         self.url = url
         self.timeout_s = timeout_s
-        self.secrets_dir = Path(secrets_dir or Path(tempfile.gettempdir()) / "snapyard-secrets")
+        self._files = HostFiles(
+            Path(secrets_dir or Path(tempfile.gettempdir()) / "snapyard-secrets"),
+            Path(helper_dir or Path(tempfile.gettempdir()) / "snapyard-helper"),
+        )
         self._client_lock = threading.Lock()
         self._client: Any = None
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self._files.secrets_dir
 
     def describe(self) -> str:
         return self.url
@@ -161,36 +181,36 @@ class DockerEngine:
     # Containers
 
     def create_container(self, spec: ContainerSpec) -> str:
-        secrets = self._write_secrets(spec.secret_env) if spec.secret_env else None
+        entrypoint: list[str] | None = None
+        if spec.env_helper:
+            # Read the image first: its 404 is the create's 404 (ImageMissing),
+            # and its entrypoint and CMD are what the helper execs.
+            image = self.inspect_image(spec.image)
+            argv = job_argv(image.entrypoint, image.cmd, spec.command)
+            entrypoint = list(helper_entrypoint(argv))
+        secrets = self._files.write_secrets(spec.secret_env) if spec.secret_env else None
         try:
-            return self._create(spec, secrets)
+            return self._create(spec, secrets, entrypoint)
         except BaseException:
             if secrets is not None:
-                secrets.unlink(missing_ok=True)
+                secrets[0].unlink(missing_ok=True)
             raise
 
-    def _write_secrets(self, secret_env: Mapping[str, str]) -> Path:
-        """One private file per container, bind-mounted read-only: never in its config."""
-        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.secrets_dir / f"{uuid.uuid4().hex}.env"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(encode_secret_env(secret_env))
-        return path
-
-    def _forget_secrets(self, mounts: list[Mapping[str, Any]]) -> None:
-        for mount in mounts:
-            source = Path(str(mount.get("Source", "")))
-            if source.parent == self.secrets_dir and source.suffix == ".env":
-                source.unlink(missing_ok=True)
-
-    def _create(self, spec: ContainerSpec, secrets: Path | None) -> str:
-        binds = {str(secrets): {"bind": SECRET_ENV_PATH, "mode": "ro"}} if secrets else None
+    def _create(
+        self, spec: ContainerSpec, secrets: tuple[Path, int] | None, entrypoint: list[str] | None
+    ) -> str:
+        binds: dict[str, dict[str, str]] = {}
+        if secrets is not None:
+            binds[str(secrets[0])] = {"bind": SECRET_ENV_PATH, "mode": "ro"}
+        if entrypoint is not None:
+            binds[str(self._files.helper())] = {"bind": HELPER_MOUNT, "mode": "ro"}
         with self._call(image=spec.image) as api:
             host_config = api.create_host_config(
-                binds=binds,
+                binds=binds or None,
+                group_add=[secrets[1]] if secrets is not None else None,
                 mem_limit=spec.memory_bytes,
                 memswap_limit=spec.memory_bytes,
+                nano_cpus=round(spec.cpus * _NANO) if spec.cpus else None,
                 pids_limit=spec.pids_limit,
                 network_mode=spec.network,
                 init=spec.init,
@@ -200,7 +220,10 @@ class DockerEngine:
             )
             created = api.create_container(
                 image=spec.image,
-                command=list(spec.command) if spec.command is not None else None,
+                # Under the helper the entrypoint holds the whole argv and CMD
+                # stays empty (see helper_entrypoint for why).
+                command=[] if entrypoint is not None else _command(spec),
+                entrypoint=entrypoint,
                 environment=dict(spec.env),
                 labels=dict(spec.labels),
                 name=spec.name,
@@ -252,7 +275,7 @@ class DockerEngine:
         with self._call(container=container_id) as api:
             mounts = api.inspect_container(container_id).get("Mounts") or []
             api.remove_container(container_id, force=force)
-        self._forget_secrets(mounts)
+        self._files.forget_secrets(mounts)
 
     def container_logs(self, container_id: str, tail: int = 200) -> Logs:
         # One call for both streams: the daemon tails its combined log in the
@@ -281,6 +304,13 @@ class DockerEngine:
         tag: str,
         config: ImageConfig,
     ) -> str:
+        if config.entrypoint is None or config.cmd is None:
+            with self._call(container=container_id) as api:
+                raw = api.inspect_container(container_id)
+                wrapped = (raw.get("Config") or {}).get("Entrypoint")
+                if is_helper_entrypoint(wrapped):
+                    own = api.inspect_image(raw["Image"]).get("Config") or {}
+                    config = unwrapped(config, wrapped, own.get("Entrypoint"), own.get("Cmd"))
         conf: dict[str, Any] = {"Labels": dict(config.labels), "WorkingDir": config.working_dir}
         if config.env:
             conf["Env"] = list(config.env)
@@ -382,6 +412,10 @@ class DockerEngine:
                 decode=True,
             )
         return DockerEventStream(self, stream)
+
+
+def _command(spec: ContainerSpec) -> list[str] | None:
+    return list(spec.command) if spec.command is not None else None
 
 
 class DockerEventStream:

@@ -65,6 +65,7 @@ from actors.engine.base import (
     encode_secret_env,
 )
 from actors.labels import LABEL_ROLE, ROLE_BASE
+from actors.worker_helper import helper_entrypoint, job_argv, unwrapped
 
 __all__ = ["MemoryContainer", "MemoryEngine", "MemoryImage", "normalize_tag"]
 
@@ -228,6 +229,11 @@ class MemoryEngine(ImageStore):
             env_entries = merge_env([f"{k}={v}" for k, v in spec.env.items()], image.env)
             env = {env_key(entry): entry.partition("=")[2] for entry in env_entries}
             command = tuple(spec.command) if spec.command else None
+            # The config Docker records: under the env helper, all in the entrypoint.
+            config_entrypoint, config_cmd = image.entrypoint, command or image.cmd
+            if spec.env_helper:
+                argv = job_argv(image.entrypoint, image.cmd, command)
+                config_entrypoint, config_cmd = helper_entrypoint(argv), ()
             record = MemoryContainer(
                 id=self._new_container_id(),
                 spec=spec,
@@ -236,6 +242,8 @@ class MemoryEngine(ImageStore):
                 env=env,
                 cmd=command or image.cmd,
                 entrypoint=image.entrypoint,
+                config_cmd=config_cmd,
+                config_entrypoint=config_entrypoint,
                 working_dir=image.working_dir,
                 files=dict(image.files),
                 created_at=self.clock.now(),
@@ -360,13 +368,17 @@ class MemoryEngine(ImageStore):
                 raise ImageMissing(
                     record.image_id, f"failed to get digest {record.image_id}: image deleted"
                 )
+            image = self._images[record.image_id]
+            config = unwrapped(config, record.config_entrypoint, image.entrypoint, image.cmd)
             entrypoint = None if config.entrypoint is None else tuple(config.entrypoint)
             cmd = None if config.cmd is None else tuple(config.cmd)
+            # Merged with the config the container was created with, the helper's
+            # entrypoint included: daemon/commit.go merge().
             if not entrypoint:
                 if not cmd:
-                    cmd = record.cmd
+                    cmd = record.config_cmd
                 if config.entrypoint is None:
-                    entrypoint = record.entrypoint
+                    entrypoint = record.config_entrypoint
             labels = dict(config.labels)
             for key, value in record.labels.items():
                 labels.setdefault(key, value)

@@ -3,24 +3,14 @@
 # (think: clone, install dependencies) and keeps the result in /workspace, so
 # a container started from a snapshot finds the marker and skips the setup.
 # SIGTERM ends it promptly: the sleeps run in the background and are waited on.
+#
+# The job's env is already exported when this runs: Snapyard's env helper
+# (actors/helper/snapyard-init) is every worker's entrypoint and execs this
+# one, so this image, like any other, needs nothing of Snapyard's.
 set -eu
 
 marker=/workspace/.snapyard-setup-done
 
-# The job's env arrives as a read-only file, never in the container's config:
-# Docker copies that config into every image committed from the container.
-# One NAME=<base64 of the value> a line (actors/engine/base.py, encode_secret_env).
-# Split at the first '=' only: base64 padding is '=' too. The trailing 'x'
-# keeps $(...) from eating newlines that end a value.
-secrets=/run/snapyard/env
-if [ -f "$secrets" ]; then
-    while IFS= read -r line; do
-        name=${line%%=*}
-        [ -n "$name" ] && [ "$name" != "$line" ] || continue
-        value=$(printf '%s' "${line#*=}" | base64 -d; printf x)
-        export "$name=${value%x}"
-    done < "$secrets"
-fi
 on_term() {
     echo "worker: SIGTERM received, exiting" >&2
     [ -n "${child:-}" ] && kill "$child" 2>/dev/null

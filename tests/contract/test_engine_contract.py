@@ -146,6 +146,7 @@ class Rig:
             labels=self.labels,
             memory_bytes=64 * 1024 * 1024,
             pids_limit=64,
+            cpus=0.5,
         )
         container_id = self.engine.create_container(spec)
         if isinstance(self.engine, MemoryEngine):
@@ -161,9 +162,12 @@ class Rig:
         """A committed image from a clean run, as a Spawner would make it."""
         container_id, code = self.run(WRITE, image)
         assert code == 0
-        image_id = self.engine.commit_container(
-            container_id, self.repo, tag, ImageConfig(labels={LABEL_ROLE: "snapshot"})
+        # The image's own entrypoint and CMD, or the env helper's argv would be kept.
+        own = self.engine.inspect_image(image or self.base)
+        config = ImageConfig(
+            labels={LABEL_ROLE: "snapshot"}, entrypoint=own.entrypoint or (), cmd=own.cmd
         )
+        image_id = self.engine.commit_container(container_id, self.repo, tag, config)
         self.engine.remove_container(container_id)
         return image_id
 
@@ -367,11 +371,40 @@ def test_commit_merges_config_like_docker(rig: Rig) -> None:
     assert info.labels["snapyard.key"] == "k1"
     assert info.labels["snapyard.contract"] == rig.labels["snapyard.contract"]
     assert info.labels[LABEL_WORKER_DIGEST] == base.labels[LABEL_WORKER_DIGEST]
+    # Unnamed, they are the image's own: the engine takes out the env helper it put
+    # in (Docker alone would copy the helper's argv, the job's command in it).
     assert info.entrypoint == base.entrypoint
-    assert info.cmd == DONE
+    assert info.cmd == base.cmd
     assert info.tags == (f"{rig.repo}:merge",)
     assert info.layers == base.layers + 1
     assert info.size_bytes >= base.size_bytes
+
+
+def test_inspect_shows_the_limits_the_container_runs_under(rig: Rig) -> None:
+    """``docker inspect``'s HostConfig: what per-agent-type limits are checked by."""
+    state = rig.engine.inspect_container(rig.create(DONE))
+    assert (state.memory_bytes, state.cpus, state.pids_limit) == (64 * 1024 * 1024, 0.5, 64)
+
+
+def test_commit_restores_the_images_own_entrypoint_and_cmd(rig: Rig) -> None:
+    """What the Spawner's snapshot config relies on: ``entrypoint=()`` means none
+    (Docker keeps an empty list), a named CMD replaces the container's, and
+    nothing of the helper's argv is left in the image."""
+    container_id, code = rig.run(DONE)
+    assert code == 0
+    base = rig.engine.inspect_image(rig.base_id)
+    kept = rig.engine.inspect_image(
+        rig.engine.commit_container(
+            container_id, rig.repo, "own", ImageConfig(entrypoint=base.entrypoint, cmd=base.cmd)
+        )
+    )
+    assert (kept.entrypoint, kept.cmd) == (base.entrypoint, base.cmd)
+    cmd_only = rig.engine.inspect_image(
+        rig.engine.commit_container(
+            container_id, rig.repo, "cmd-only", ImageConfig(entrypoint=(), cmd=READ)
+        )
+    )
+    assert (tuple(cmd_only.entrypoint or ()), cmd_only.cmd) == ((), READ)
 
 
 def test_secret_env_reaches_the_worker_but_no_committed_config(rig: Rig) -> None:
@@ -680,3 +713,21 @@ def test_events_since_replays_what_happened(rig: Rig) -> None:
         replay.close()
     assert exited.exit_code == 0
     assert not replay.thread.is_alive()
+
+
+def test_a_commit_without_entrypoint_or_cmd_takes_the_images_own_not_the_helpers(
+    rig: Rig,
+) -> None:
+    """Found merging issues 11 and 13: Docker fills a commit's unset entrypoint from
+    the container's, which under the env helper held the helper and the job's own
+    command; a raw engine commit then baked both into the image."""
+    base = rig.engine.inspect_image(rig.base)
+    container_id, code = rig.run(WRITE)
+    assert code == 0
+    image_id = rig.engine.commit_container(container_id, rig.repo, "plain", ImageConfig())
+    committed = rig.engine.inspect_image(image_id)
+    assert committed.entrypoint == base.entrypoint
+    assert committed.cmd == base.cmd
+    assert not any(
+        WRITE[-1] in part for part in (*(committed.entrypoint or ()), *(committed.cmd or ()))
+    )

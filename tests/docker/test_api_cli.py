@@ -140,7 +140,7 @@ def test_doctor_checks_engine_base_image_store_and_the_running_api(
     code, out, _ = cli(supervisor.env, "doctor")
     lines = {line.split()[1]: line for line in out.splitlines() if line[:4] in ("ok  ", "FAIL")}
     assert code == 0, out
-    assert set(lines) == {"config", "engine", "base", "store", "permissions", "api"}
+    assert set(lines) == {"config", "engine", "base", "env", "store", "permissions", "api"}
     assert all(line.startswith("ok  ") for line in lines.values()), out
     assert base_image in lines["base"]
     assert supervisor.env["SNAPYARD_DATA_DIR"] in lines["store"]

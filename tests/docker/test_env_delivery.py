@@ -1,10 +1,9 @@
 """A job's env arrives byte for byte, the whole way: submit -> store -> Spawner ->
-secret file -> the worker image's entrypoint -> the job's process.
+secret file -> the env helper (actors/helper/snapyard-init) -> the job's process.
 
-The engine contract suite pins the file format and the entrypoint's reader on
+The engine contract suite pins the file format and the helper's reader on
 both engines; this drives a real Snapyard on the real engine, so the store's
-round trip and a start from a snapshot (whose entrypoint reads the file too)
-are covered. Every job prints ``sha256sum`` of each value's bytes.
+round trip and a start from a snapshot (run under the helper too) are covered. Every job prints ``sha256sum`` of each value's bytes.
 """
 
 from __future__ import annotations
@@ -108,7 +107,7 @@ def test_any_env_reaches_the_job_byte_for_byte(app: Snapyard) -> None:
         assert got == [hashlib.sha256(v.encode()).hexdigest() for v in env.values()]
 
     delivered()
-    # Later jobs of the key start from a snapshot, whose entrypoint reads the file too.
+    # Later jobs of the key start from a snapshot, run under the helper too.
     assert any(seen_snapshot)
 
 

@@ -34,6 +34,7 @@ RUN ["/bin/sh", "-c", "mkdir -p /etc /workspace && echo '{MARKER}' > /etc/acme-m
 ENV PATH=/bin
 CMD ["sh", "-c", "echo the image's own command"]
 """
+IMAGE_CMD = ("sh", "-c", "echo the image's own command")
 
 
 def _context() -> bytes:
@@ -84,6 +85,11 @@ def test_snapyard_run_uses_a_users_image_and_leaves_it_untouched(
         assert job["image_id"] == image_id  # the job ran on the user's image
         code, out, _ = cli(sup.env, "job", job["id"], "--logs", "--json")
         assert MARKER in json.loads(out)["logs"]
+        # Its snapshot looks like it: no entrypoint (it has only CMD), its own CMD.
+        code, out, _ = cli(sup.env, "snapshots", "--json")
+        (snapshot,) = [s for s in json.loads(out) if s["project"] == project]
+        info = docker_engine.inspect_image(snapshot["image_id"])
+        assert (tuple(info.entrypoint or ()), info.cmd) == ((), IMAGE_CMD)
         sup.process.send_signal(signal.SIGTERM)
         assert sup.process.wait(timeout=40) == 0
         log = sup.log.read_text()

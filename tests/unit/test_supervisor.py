@@ -870,6 +870,9 @@ def test_one_spawner_crash_is_handled_once_when_a_dispatch_also_finds_it_dead(
     yard = Yard(tmp_path, yard_settings(spawners=1))
     yard.engine.before("create_container", boom, once=True)
     yard.start()
+    # Its first reply comes after on_start, which starts the pool (pykka runs
+    # on_start on the actor's thread, after start() has returned).
+    yard.sup.ask(GetStatus(), timeout=10)
     (spawner,) = pykka.ActorRegistry.get_by_class(Spawner)
     first = yard.submit(work_item="a")
     eventually(spawner.is_alive, lambda alive: not alive, "the spawner to die")
