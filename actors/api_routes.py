@@ -91,6 +91,8 @@ class Facade(Protocol):
 
     def prune_snapshots(self) -> list[Snapshot]: ...
 
+    def prune_jobs(self) -> int: ...
+
     def health(self) -> tuple[bool, str]: ...
 
 
@@ -313,6 +315,10 @@ class ApiApp:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no snapshot for {key}")
         return HTTPStatus.OK, {"removed": True, "project": key.project, "work_item": key.work_item}
 
+    async def prune_jobs(self, call: Call, app: Facade) -> _Answer:
+        """Retention now: 200 {"deleted": N} finished jobs older than retention_s."""
+        return HTTPStatus.OK, {"deleted": await run_in_threadpool(app.prune_jobs)}
+
     async def prune(self, call: Call, app: Facade) -> _Answer:
         evicted = await run_in_threadpool(app.prune_snapshots)
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
@@ -366,6 +372,8 @@ def _routes(parts: list[str], path: str) -> tuple[str, dict[str, _Route]]:
     match parts:
         case ["jobs"]:
             return "/jobs", {"GET": ApiApp.list_jobs, "POST": ApiApp.submit}
+        case ["jobs", "prune"]:  # before /jobs/{id}: a job ID always starts "j-"
+            return "/jobs/prune", {"POST": ApiApp.prune_jobs}
         case ["jobs", _]:
             return "/jobs/{id}", {"GET": ApiApp.get_job, "DELETE": ApiApp.cancel}
         case ["jobs", _, "logs"]:

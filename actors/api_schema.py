@@ -183,6 +183,11 @@ def openapi_document() -> dict[str, Any]:
             "logs": {"type": "string"},
         },
     }
+    deleted = {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": {"type": "integer", "minimum": 0}},
+    }
     removed = {
         "type": "object",
         "required": ["removed", "project", "work_item"],
@@ -224,6 +229,12 @@ def openapi_document() -> dict[str, Any]:
                     "422": unprocessable,
                 },
                 body={"required": True, "content": {_JSON: {"schema": _ref("JobSubmission")}}},
+            ),
+        },
+        "/jobs/prune": {
+            "post": _operation(
+                "Delete finished jobs older than supervisor.retention_s, with their history",
+                {"200": _json(deleted, "how many jobs were deleted")},
             ),
         },
         "/jobs/{id}": {

@@ -27,12 +27,14 @@ from prometheus_client import CollectorRegistry
 from actors.clock import Clock, SystemClock
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
+from actors.instance import resolve_instance_id
 from actors.messages import (
     Cancel,
     GetJob,
     GetStatus,
     ListJobs,
     ListSnapshots,
+    PruneJobs,
     RemoveSnapshot,
     StopDispatching,
     Submit,
@@ -123,7 +125,7 @@ class Snapyard:
     def start(self) -> Snapyard:
         if self._started:
             return self
-        settings = self.settings
+        settings = self.settings = resolve_instance_id(self.settings)
         engine = self._engine
         if engine is None:
             engine = DockerEngine(
@@ -324,6 +326,11 @@ class Snapyard:
             (s.key, s.image_id) for s in ref.ask(ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S)
         }
         return [s for s in before if (s.key, s.image_id) not in after]
+
+    def prune_jobs(self) -> int:
+        """Retention now: delete finished jobs older than ``supervisor.retention_s``."""
+        deleted: int = self._supervisor().ask(PruneJobs(), block=True, timeout=ASK_TIMEOUT_S)
+        return deleted
 
     def status(self) -> SupervisorStatus:
         status: SupervisorStatus = self._supervisor().ask(

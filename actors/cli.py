@@ -102,7 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--project")
     jobs.add_argument("--limit", type=int, default=100)
     jobs.add_argument("--json", action="store_true")
-    jobs.set_defaults(func=_lazy("actors.cli_jobs", "cmd_jobs"))
+    jobs.set_defaults(func=_lazy("actors.cli_jobs", "cmd_jobs"), jobs_cmd=None)
+    jobs_sub = jobs.add_subparsers(dest="jobs_cmd", metavar="{prune}", parser_class=_Parser)
+    prune_jobs = jobs_sub.add_parser(
+        "prune", parents=[common], help="delete finished jobs older than supervisor.retention_s"
+    )
+    prune_jobs.add_argument("--json", action="store_true")
 
     job = sub.add_parser("job", parents=[common], help="show one job")
     job.add_argument("id")

@@ -256,6 +256,13 @@ def _poll(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
 
 @_speaks_api
 def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.jobs_cmd == "prune":
+        deleted = _client(args).prune_jobs()
+        if args.json:
+            _print_json({"deleted": deleted}, out)
+        else:
+            print(f"deleted {deleted} finished job(s)", file=out)
+        return EXIT_OK
     jobs = _client(args).jobs(state=args.state, project=args.project, limit=args.limit)
     if args.json:
         _print_json(jobs, out)

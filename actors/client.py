@@ -220,6 +220,9 @@ class ApiClient:
     def prune(self) -> list[dict[str, Any]]:
         return list(self.request("POST", "/snapshots/prune", {})[1]["evicted"])
 
+    def prune_jobs(self) -> int:
+        return int(self.request("POST", "/jobs/prune", {})[1]["deleted"])
+
     def health(self) -> tuple[bool, str]:
         try:
             _, body = self.request("GET", "/healthz")

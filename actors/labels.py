@@ -24,6 +24,7 @@ __all__ = [
     "LABEL_CREATED_AT",
     "LABEL_DEMO",
     "LABEL_IMAGE_SOURCE",
+    "LABEL_INSTANCE",
     "LABEL_JOB_ID",
     "LABEL_MANAGED",
     "LABEL_PROJECT",
@@ -52,6 +53,10 @@ LABEL_AGENT_TYPE: Final = "snapyard.agent_type"
 LABEL_SNAPSHOT_ENABLED: Final = "snapyard.snapshot.enabled"
 LABEL_IMAGE_SOURCE: Final = "snapyard.image.source"
 LABEL_BASE_IMAGE_ID: Final = "snapyard.base_image_id"
+# Which Snapyard instance (supervisor.instance_id) created the container or
+# snapshot: sweeps, counts, re-adoption and registry rebuilds touch only their
+# own instance's, so several instances can share one engine.
+LABEL_INSTANCE: Final = "snapyard.instance"
 
 # The filter for "containers this Snapyard runs": listings and event streams.
 MANAGED_FILTER: Final[Mapping[str, str]] = {LABEL_MANAGED: "true"}

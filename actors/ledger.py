@@ -57,6 +57,14 @@ class Ledger:
     def load(self) -> None:
         self._counts = dict(self._store.count_by_state())
 
+    def prune(self, before: float) -> int:
+        """Retention: finished jobs that ended before ``before`` leave the store."""
+        deleted = self._store.prune_finished(before)
+        if deleted:
+            log.info("retention: deleted %d finished job(s)", deleted)
+            self.load()
+        return deleted
+
     @property
     def queued(self) -> int:
         return self._counts.get(JobState.QUEUED, 0)

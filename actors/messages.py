@@ -32,6 +32,7 @@ __all__ = [
     "ListJobs",
     "ListSnapshots",
     "Lookup",
+    "PruneJobs",
     "Reconcile",
     "Register",
     "RemoveContainer",
@@ -272,6 +273,12 @@ class SweepOrphans:
     """Timer: list managed containers; stop and remove those no unfinished job owns."""
 
     now: float
+
+
+@dataclass(frozen=True)
+class PruneJobs:
+    """Ask (and timer): delete finished jobs, with their history and logs, that
+    ended more than ``supervisor.retention_s`` ago. Replies how many went."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import pykka
 
 from actors.engine.base import ContainerMissing, Engine, EngineError
-from actors.labels import LABEL_MANAGED, MANAGED_FILTER
+from actors.labels import LABEL_INSTANCE, LABEL_MANAGED, MANAGED_FILTER
 from actors.messages import ActorCrashed, ContainersListed, ListContainers, RemoveContainer
 from actors.telemetry import capture_error
 
@@ -28,10 +28,17 @@ class Reaper(pykka.ThreadingActor):
     """Lists managed containers and removes the ones the Supervisor names."""
 
     def __init__(
-        self, engine: Engine, parent: pykka.ActorRef[Any] | None = None, name: str = "reaper"
+        self,
+        engine: Engine,
+        parent: pykka.ActorRef[Any] | None = None,
+        name: str = "reaper",
+        *,
+        instance_id: str | None = None,
     ) -> None:
-        """``parent`` hears of every bug (``ActorCrashed``): it counts them."""
+        """``parent`` hears of every bug (``ActorCrashed``): it counts them.
+        ``instance_id``: never remove a container labelled with another one."""
         super().__init__()
+        self._instance_id = instance_id
         self._engine = engine
         self._parent = parent
         self._name = name
@@ -83,6 +90,10 @@ class Reaper(pykka.ThreadingActor):
             # if a caller got an ID wrong.
             if state.labels.get(LABEL_MANAGED) != "true":
                 log.error("reaper: refusing to remove unmanaged container %s", cid)
+                return
+            owner = state.labels.get(LABEL_INSTANCE)
+            if self._instance_id is not None and owner not in (None, self._instance_id):
+                log.error("reaper: refusing to remove %s of instance %s", cid, owner)
                 return
             if state.running:
                 self._engine.stop_container(cid, message.grace_s)

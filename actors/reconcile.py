@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors import recovery
+from actors import instance, recovery
 from actors.clock import Clock
 from actors.engine.base import ContainerState
 from actors.flight import Flight, Flights, Kill, job_timeout
@@ -136,6 +136,7 @@ class Reconciling:
             if msg.reason == "recover" or self._flights.in_phase("recovering"):
                 self._reconcile_requested = True
             return
+        msg = dataclasses.replace(msg, containers=tuple(self._mine(msg.containers)))
         settled = [f for f in self._flights.in_phase("recovering") if f.seq < msg.seq]
         for flight in settled:
             self._flights.remove(flight.id)
@@ -161,6 +162,11 @@ class Reconciling:
                 self._remove_container(cid, self._sup.stop_grace_s, "orphan")
         self._note_leftovers(msg.containers)
         self._after_change()
+
+    def _mine(self, containers: Iterable[ContainerState]) -> list[ContainerState]:
+        """Only this instance's containers: another's are never swept, counted or adopted."""
+        known = lambda job_id: self._store.get(job_id) is not None  # noqa: E731
+        return instance.mine(containers, self._sup.instance_id, known)
 
     def _container_vanished(self, flight: Flight) -> None:
         note = "its container disappeared (removed outside Snapyard?); the exit code is unknown"

@@ -49,6 +49,10 @@ DEFAULT_CONFIG: Traversable = files("actors") / "defaults" / CONFIG_FILE
 DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
 
 
+# An instance ID is a Docker label value and a file's content: keep it plain.
+_INSTANCE_ID = r"(?:[A-Za-z0-9][A-Za-z0-9_.-]*)?"
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     # Empty means DOCKER_HOST, else the local socket; load_settings resolves it.
@@ -115,6 +119,18 @@ class SupervisorSettings:
     shutdown_timeout_s: float = field(default=30.0, metadata=minimum(1))
     # False: a job for a project without a [projects.NAME] table is refused.
     allow_unknown_projects: bool = True
+    # Labels what this instance creates; empty: generated once, kept in
+    # <data_dir>/instance-id (actors.instance.resolve_instance_id).
+    instance_id: str = field(
+        default="",
+        metadata={
+            "pattern": _INSTANCE_ID,
+            "max_length": 64,
+            "allowed": "letters, digits and '_', '.', '-' (not first), at most 64 characters",
+        },
+    )
+    # Finished jobs (history and logs) older than this are deleted by a sweep.
+    retention_s: float = field(default=30 * 86400.0, metadata=minimum(1))
 
 
 @dataclass(frozen=True)

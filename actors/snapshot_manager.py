@@ -25,8 +25,8 @@ import pykka
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
 from actors.eviction import created_at, over_limits, snapshot_from_labels
+from actors.instance import owned_snapshots
 from actors.labels import (
-    LABEL_REPOSITORY,
     LABEL_ROLE,
     ROLE_SNAPSHOT,
 )
@@ -48,6 +48,7 @@ from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
 from actors.settings import Settings
 from actors.telemetry import capture_error
+from actors.usage import UsageLog
 
 __all__ = [
     "SnapshotManager",
@@ -76,6 +77,7 @@ class SnapshotManager(pykka.ThreadingActor):
         name: str = "snapshot-manager",
         *,
         metrics: Metrics | None = None,
+        usage: UsageLog | None = None,
     ) -> None:
         """``parent`` hears every crash (``ActorCrashed``) and decides past how many
         the manager must stop (``actors.restarts.Root``); ``metrics`` is the app's
@@ -95,6 +97,7 @@ class SnapshotManager(pykka.ThreadingActor):
         # Every configured base image (one per agent type's) and its current ID.
         self._bases = BaseImages(settings.worker_images())
         self._needs_rebuild = True
+        self._usage = usage or UsageLog(None)  # LRU order across restarts (actors.usage)
 
     # --- life cycle --------------------------------------------------------
 
@@ -108,6 +111,9 @@ class SnapshotManager(pykka.ThreadingActor):
             capture_error(exc, source="snapshot_manager")
             self._report(f"{type(exc).__name__}: {exc}")
             raise
+
+    def on_stop(self) -> None:
+        self._usage.flush(self._registry.values(), complete=not self._needs_rebuild)
 
     def on_failure(
         self,
@@ -179,6 +185,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 return None
             case SweepSnapshots():
                 self._sweep()
+                self._usage.flush(self._registry.values(), complete=not self._needs_rebuild)
                 return None
             case ListSnapshots():
                 return sorted(self._registry.values(), key=lambda s: s.key)
@@ -221,6 +228,7 @@ class SnapshotManager(pykka.ThreadingActor):
         # flattened (Spawner), so a deep entry is still a hit and keeps its state.
         entry = dataclasses.replace(entry, last_used_at=self._clock.now())
         self._registry[key] = entry
+        self._usage.used(entry)
         self._metrics.snapshot_hits.inc()
         return entry
 
@@ -416,6 +424,7 @@ class SnapshotManager(pykka.ThreadingActor):
             snapshot = dataclasses.replace(snapshot, own_bytes=self._own_bytes(info, snapshot))
             self._register(snapshot)
             adopted += 1
+        self._usage.restore(self._registry)
         for entry in list(self._registry.values()):
             reason = self._unusable(entry)
             if reason is not None:
@@ -440,8 +449,8 @@ class SnapshotManager(pykka.ThreadingActor):
         except EngineError as exc:
             log.warning("could not list snapshot images (retrying next sweep): %s", exc)
             return None
-        repository = self._settings.snapshots.repository
-        return [i for i in images if i.labels.get(LABEL_REPOSITORY, repository) == repository]
+        snapshots = self._settings.snapshots
+        return owned_snapshots(images, snapshots.repository, self._settings.supervisor.instance_id)
 
     def _tombstone(self, image_id: str) -> None:
         self._tombstones[bare_image_id(image_id)] = None

@@ -22,6 +22,7 @@ from actors.labels import (
     JOB_LABELS,
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
+    LABEL_INSTANCE,
     LABEL_PROJECT,
     LABEL_REPOSITORY,
     LABEL_ROLE,
@@ -87,6 +88,7 @@ class Snapshotter:
                 LABEL_BASE_IMAGE_ID: lineage,
                 LABEL_CREATED_AT: repr(now),
                 LABEL_REPOSITORY: self._settings.snapshots.repository,
+                LABEL_INSTANCE: self._settings.supervisor.instance_id,
             },
         )
         repository, tag = snapshot_image_name(

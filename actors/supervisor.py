@@ -45,6 +45,7 @@ from actors.messages import (
     GetJob,
     GetStatus,
     ListJobs,
+    PruneJobs,
     Reconcile,
     Spawn,
     SpawnFailed,
@@ -77,7 +78,7 @@ MAX_REFUSED_STARTS = 10
 EARLY_EXIT_TTL_S = 600.0
 EARLY_EXIT_MAX = 10_000
 
-_ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus)
+_ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus, PruneJobs)
 
 
 class Supervisor(Reconciling, pykka.ThreadingActor):
@@ -143,7 +144,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         # the engine's truth before it dispatches anything.
         containers: list[ContainerState] | None
         try:
-            containers = self._engine.list_containers(MANAGED_FILTER)
+            containers = self._mine(self._engine.list_containers(MANAGED_FILTER))
         except EngineError as exc:
             log.warning("engine unreachable at start-up (%s); recovery waits for it", exc)
             containers = None
@@ -209,6 +210,8 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
                 self._on_terminated(message)
             case Tick(now=now):
                 self._on_tick(now)
+            case PruneJobs():
+                return self._ledger.prune(self._clock.now() - self._sup.retention_s)
             case SweepOrphans():
                 self._request_listing("sweep")
             case Reconcile():

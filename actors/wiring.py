@@ -24,7 +24,15 @@ import pykka
 
 from actors.clock import Clock
 from actors.engine.base import Engine
-from actors.messages import SetBaseImage, Supervise, SweepOrphans, SweepSnapshots, Tick
+from actors.labels import LABEL_INSTANCE
+from actors.messages import (
+    PruneJobs,
+    SetBaseImage,
+    Supervise,
+    SweepOrphans,
+    SweepSnapshots,
+    Tick,
+)
 from actors.metrics import Metrics
 from actors.pool import SpawnerFactory
 from actors.reaper import Reaper
@@ -36,11 +44,15 @@ from actors.store import JobStore
 from actors.supervisor import Supervisor
 from actors.telemetry import Secrets
 from actors.timers import Scheduler
+from actors.usage import UsageLog, UsageStore
 from actors.watcher import Watcher
 
 __all__ = ["Actors", "Wiring", "spawner_factory", "start_actors", "start_root"]
 
 log = logging.getLogger(__name__)
+
+# How often finished jobs past supervisor.retention_s are deleted.
+RETENTION_SWEEP_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -105,9 +117,12 @@ def start_snapshots(
     clock: Clock,
     root: pykka.ActorRef[Any],
     metrics: Metrics | None = None,
+    usage: UsageStore | None = None,
 ) -> pykka.ActorRef[Any]:
-    """The SnapshotManager, a child of ``root``."""
-    ref = SnapshotManager.start(engine, settings, clock, parent=root, metrics=metrics)
+    """The SnapshotManager, a child of ``root``; ``usage`` keeps LRU order across restarts."""
+    ref = SnapshotManager.start(
+        engine, settings, clock, parent=root, metrics=metrics, usage=UsageLog(usage)
+    )
     root.tell(Supervise("snapshot-manager", ref))
     return ref
 
@@ -121,7 +136,8 @@ def spawner_factory(
     metrics: Metrics | None = None,
 ) -> SpawnerFactory:
     """Builds (and, after a crash, rebuilds) the Spawner ``name`` under ``parent``."""
-    stamped = dict(labels or {})
+    # The instance label rides on every container, whatever the caller stamps.
+    stamped = {**(labels or {}), LABEL_INSTANCE: settings.supervisor.instance_id}
 
     def start(name: str, parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         return Spawner.start(
@@ -135,14 +151,18 @@ def start_actors(wiring: Wiring) -> Actors:
     """Start every actor in dependency order; on a failure, stop what started."""
     engine, settings, clock = wiring.engine, wiring.settings, wiring.clock
     sup = settings.supervisor
+    if not sup.instance_id:
+        raise ValueError("supervisor.instance_id is empty: resolve it first (resolve_instance_id)")
     actors = Actors(Scheduler(clock))
     try:
         root = actors.root = start_root(settings, clock, wiring.on_fatal)
         metrics = wiring.metrics
-        snapshots = actors.snapshots = start_snapshots(engine, settings, clock, root, metrics)
+        snapshots = actors.snapshots = start_snapshots(
+            engine, settings, clock, root, metrics, wiring.store
+        )
         for image, image_id in wiring.base_image_ids.items():
             snapshots.tell(SetBaseImage(image_id, image=image))
-        reaper = actors.reaper = Reaper.start(engine, root)
+        reaper = actors.reaper = Reaper.start(engine, root, instance_id=sup.instance_id)
         root.tell(Supervise("reaper", reaper))
         factory = spawner_factory(
             engine, snapshots, settings, clock, wiring.container_labels, metrics
@@ -181,6 +201,10 @@ def start_actors(wiring: Wiring) -> Actors:
         # The first orphan sweep waits one grace period: re-adoption comes first.
         scheduler.every(
             sup.orphan_sweep_interval_s, supervisor, SweepOrphans, first_after_s=sup.orphan_grace_s
+        )
+        # Retention: an hourly run deletes what aged past retention_s meanwhile.
+        scheduler.every(
+            min(RETENTION_SWEEP_S, sup.retention_s), supervisor, lambda _now: PruneJobs()
         )
         if wiring.run_timers:
             scheduler.start(granularity_s=sup.tick_interval_s)

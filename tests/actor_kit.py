@@ -25,6 +25,7 @@ from actors.flight import commit_decision
 from actors.labels import (
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
+    LABEL_INSTANCE,
     LABEL_PROJECT,
     LABEL_REPOSITORY,
     LABEL_ROLE,
@@ -46,9 +47,12 @@ from actors.metrics import Metrics
 from actors.model import JobSpec, Snapshot, SnapshotKey
 from actors.naming import snapshot_image_name
 from actors.settings import Settings
+from actors.usage import UsageStore
 from actors.wiring import spawner_factory, start_root, start_snapshots
 
 BASE_TAG = "snapyard-worker:test"
+# The instance every kit's actors run as (and label their objects with).
+KIT_INSTANCE = "kit"
 REPLY_TIMEOUT_S = 10.0
 # Ask a Collector this to wait until everything told to it before is queued.
 SYNC = "sync"
@@ -61,7 +65,10 @@ def kit_settings(
 ) -> Settings:
     """Settings for actors under test: the kit's base image, the worker's setup
     cost (none unless asked), then each section's overrides."""
-    settings = Settings().replace(worker={"image": base_tag, "setup_seconds": setup_seconds})
+    settings = Settings().replace(
+        worker={"image": base_tag, "setup_seconds": setup_seconds},
+        supervisor={"instance_id": KIT_INSTANCE},
+    )
     return settings.replace(**sections)
 
 
@@ -86,7 +93,11 @@ def drain(inbox: queue.Queue[Any]) -> list[Any]:
 
 
 def snapshot_labels(
-    key: SnapshotKey, base_id: str, created_at: float, repository: str = "snapyard-snapshot"
+    key: SnapshotKey,
+    base_id: str,
+    created_at: float,
+    repository: str = "snapyard-snapshot",
+    instance: str = KIT_INSTANCE,
 ) -> dict[str, str]:
     """The labels a committed snapshot carries (the registry is rebuilt from them)."""
     return {
@@ -96,7 +107,12 @@ def snapshot_labels(
         LABEL_BASE_IMAGE_ID: base_id,
         LABEL_CREATED_AT: repr(created_at),
         LABEL_REPOSITORY: repository,
+        LABEL_INSTANCE: instance,
     }
+
+
+def _without_none(labels: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if not (k == LABEL_INSTANCE and v == "")}
 
 
 @dataclass
@@ -127,6 +143,8 @@ class SpawnRig(Generic[E]):
     metrics: Metrics = field(default_factory=Metrics.unscraped)
     root: pykka.ActorRef[Any] | None = None
     fatal: list[str] = field(default_factory=list)
+    # Where the manager keeps snapshot use times (None: forgotten on restart).
+    usage: UsageStore | None = None
     _next: int = 0
 
     def start(
@@ -140,7 +158,7 @@ class SpawnRig(Generic[E]):
         the Spawners from the same factory, reporting to the Collector."""
         self.root = start_root(self.settings, self.clock, self.fatal.append)
         self.manager = start_snapshots(
-            self.engine, self.settings, self.clock, self.root, self.metrics
+            self.engine, self.settings, self.clock, self.root, self.metrics, self.usage
         )
         self.collector = Collector.start(self.inbox)
         factory = spawner_factory(
@@ -163,7 +181,7 @@ class SpawnRig(Generic[E]):
         assert self.root is not None
         self.manager.stop()
         self.manager = start_snapshots(
-            self.engine, self.settings, self.clock, self.root, self.metrics
+            self.engine, self.settings, self.clock, self.root, self.metrics, self.usage
         )
 
     # --- SnapshotManager ---------------------------------------------------
@@ -267,14 +285,16 @@ class MemoryRig(SpawnRig[MemoryEngine]):
         layers: int = 4,
         base_id: str | None = None,
         repository: str = "snapyard-snapshot",
+        instance: str | None = KIT_INSTANCE,
     ) -> Snapshot:
-        """Seed a snapshot image in the engine (not the registry) and return its entry."""
+        """Seed a snapshot image in the engine (not the registry) and return its entry;
+        ``instance`` None: made before the instance label existed."""
         created = self.clock.now() if created_at is None else created_at
         base = base_id or self.base_id
         repo, tag = snapshot_image_name(repository, key.project, key.work_item)
         image_id = self.engine.add_image(
             f"{repo}:{tag}-{created}",
-            labels=snapshot_labels(key, base, created, repository),
+            labels=_without_none(snapshot_labels(key, base, created, repository, instance or "")),
             layers=layers,
             size_bytes=size_bytes,
         )

@@ -19,13 +19,14 @@ import builtins
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from actors.model import Job, JobState, SnapshotKey
 from actors.settings import Settings
+from actors.usage import UsageKey
 
 __all__ = ["LOGS_TAIL_LINES", "Caps", "JobStore", "KeyHeld", "StoreError", "new_job_id"]
 
@@ -77,6 +78,9 @@ class JobStore(Protocol):
 
     def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
         """Write every field of ``job``; a state change also appends a history row.
+
+        A terminal job's env is deleted (``spec.env`` reads back empty): nothing
+        after a job ends needs its secrets, so the store does not keep them.
 
         ``holds_key`` None: a starting or running job holds its key, any other
         releases it. True keeps a terminal job holding it (cancelled, but its
@@ -133,6 +137,23 @@ class JobStore(Protocol):
 
     def count_by_state(self) -> dict[JobState, int]:
         """Every state, zero included, so a gauge can be set from it directly."""
+        ...
+
+    def prune_finished(self, before: float) -> int:
+        """Delete terminal jobs that ended before ``before``, with their history;
+        return how many. A job still holding its key is kept (its container
+        is not gone yet), and so is every unfinished one."""
+        ...
+
+    def record_usage(
+        self, uses: Mapping[UsageKey, float], keep: Collection[UsageKey] | None
+    ) -> None:
+        """Snapshot last-use times (``actors.usage``): upsert, a later time
+        wins; unless ``keep`` is None, drop every row not in it."""
+        ...
+
+    def load_usage(self) -> dict[UsageKey, float]:
+        """Every recorded (project, work item, image ID) -> last use."""
         ...
 
     def batch(self) -> AbstractContextManager[None]:

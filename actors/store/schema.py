@@ -100,9 +100,39 @@ def _schema_v2(db: sqlite3.Connection) -> None:
     )
 
 
+def _schema_v3(db: sqlite3.Connection) -> None:
+    """A job's env is kept only while it may still run: scrub the finished ones.
+
+    Before this, ``snapyard.db`` kept every job's secrets forever (issue 11, 4).
+    """
+    terminal = ", ".join(f"'{state.value}'" for state in JobState if state.terminal)
+    db.execute(f"UPDATE jobs SET env = '{{}}' WHERE state IN ({terminal})")  # noqa: S608
+
+
+def _schema_v4(db: sqlite3.Connection) -> None:
+    """When each snapshot was last used: image labels hold only the commit
+    time, so LRU order was lost on every restart (issue 11, item 8)."""
+    db.execute(
+        """
+        CREATE TABLE snapshot_usage (
+            project TEXT NOT NULL,
+            work_item TEXT NOT NULL,
+            image_id TEXT NOT NULL,
+            last_used_at REAL NOT NULL,
+            PRIMARY KEY (project, work_item, image_id)
+        )
+        """
+    )
+
+
 # MIGRATIONS[n] takes a database at user_version n to n + 1. To change the
 # schema, append a function; never edit one that has shipped.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1, _schema_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _schema_v1,
+    _schema_v2,
+    _schema_v3,
+    _schema_v4,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 COLUMNS = (
@@ -139,7 +169,8 @@ def row_of(job: Job) -> tuple[Any, ...]:
         spec.work_item,
         spec.agent_type,
         None if spec.command is None else json.dumps(list(spec.command)),
-        json.dumps(dict(spec.env), sort_keys=True),
+        # A finished job never runs again: its secrets leave the store with it.
+        "{}" if job.state.terminal else json.dumps(dict(spec.env), sort_keys=True),
         spec.timeout_s,
         job.state.value,
         job.created_at,

@@ -5,9 +5,10 @@ that means. Only the Supervisor actor writes; the API may read from other
 threads. One connection guarded by a lock keeps that simple and correct: the
 store is never the bottleneck next to starting a container.
 
-A job's ``env`` is stored (a queued job must be runnable after a restart)
-but it is secret: this module never logs it, and ``Job``/``JobSpec`` reprs
-hide it.
+A job's ``env`` is stored (a queued job must be runnable after a restart,
+a running one re-adoptable) but it is secret: it is blanked when the job ends
+(with ``secure_delete``, so the old bytes are zeroed, not left in free space),
+this module never logs it, and ``Job``/``JobSpec`` reprs hide it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import os
 import sqlite3
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,11 +30,13 @@ from actors.model import Job, JobState, SnapshotKey
 from actors.private_files import ensure_private_dir, ensure_private_file
 from actors.store.base import Caps, KeyHeld, StoreError
 from actors.store.schema import COLUMNS, MIGRATIONS, SCHEMA_VERSION, SELECT, job_of, row_of
+from actors.usage import UsageKey
 
 __all__ = ["SqliteStore"]
 
 UNFINISHED_STATES = (JobState.QUEUED, JobState.STARTING, JobState.RUNNING)
 _HOLDING_STATES = (JobState.STARTING, JobState.RUNNING)
+_TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in JobState if s.terminal)
 
 
 class SqliteStore:
@@ -58,6 +61,8 @@ class SqliteStore:
             # returns. batch() shares one fsync among a message's writes.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # A finished job's env is overwritten: zero the old bytes on disk too.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
             # 32 MB of page cache (allocated as used): a claim touches the same
             # few index pages, and with the default 2 MB a 100k-job queue made
@@ -323,6 +328,42 @@ class SqliteStore:
             for row in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
                 counts[JobState(row[0])] = int(row[1])
         return counts
+
+    def prune_finished(self, before: float) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"DELETE FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND holds_key = 0 "  # noqa: S608
+                "AND COALESCE(finished_at, created_at) < ?",
+                (before,),
+            )
+            return int(cursor.rowcount)
+
+    # --- snapshot use times (actors.usage.UsageStore) ---------------------------
+
+    def record_usage(
+        self, uses: Mapping[UsageKey, float], keep: Collection[UsageKey] | None
+    ) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO snapshot_usage (project, work_item, image_id, last_used_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (project, work_item, image_id) "
+                "DO UPDATE SET last_used_at = MAX(last_used_at, excluded.last_used_at)",
+                [(*key, at) for key, at in uses.items()],
+            )
+            if keep is not None:
+                stale = set(self.load_usage()) - set(keep)
+                db.executemany(
+                    "DELETE FROM snapshot_usage WHERE project = ? AND work_item = ? "
+                    "AND image_id = ?",
+                    list(stale),
+                )
+
+    def load_usage(self) -> dict[UsageKey, float]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT project, work_item, image_id, last_used_at FROM snapshot_usage"
+            )
+            return {(r[0], r[1], r[2]): float(r[3]) for r in rows}
 
     def explain_claim(self) -> builtins.list[str]:
         """SQLite's plan for the claim's queries, for the test that keeps them indexed."""

@@ -96,6 +96,41 @@ def test_a_job_round_trips_every_field(store: JobStore) -> None:
     assert store.get("j-missing") is None
 
 
+@pytest.mark.parametrize("state", [s for s in JobState if s.terminal])
+def test_a_terminal_jobs_env_is_deleted_and_stays_deleted(
+    opener: Opener, tmp_path: Path, state: JobState
+) -> None:
+    """Regression (issue 11, item 4): the job env (secrets) was kept forever."""
+    first = opener(tmp_path)
+    try:
+        running, ended_at_once = queue(
+            first, job("a", state=JobState.RUNNING), dataclasses.replace(job("b"), state=state)
+        )
+        first.update(dataclasses.replace(running, state=state, finished_at=NOW))
+        for j in (running, ended_at_once):
+            stored = first.get(j.id)
+            assert stored is not None
+            assert stored.state is state
+            assert stored.spec.env == {}
+    finally:
+        first.close()
+    second = opener(tmp_path)
+    try:
+        assert all(j.spec.env == {} for j in second.list())
+    finally:
+        second.close()
+
+
+def test_an_unfinished_jobs_env_is_kept_for_its_run(store: JobStore) -> None:
+    """Queued jobs must run after a restart, running ones be re-adopted: their env stays."""
+    queued, running = queue(store, job("a"), job("b", state=JobState.RUNNING))
+    store.update(dataclasses.replace(queued, retry_at=NOW + 5))
+    for j in (queued, running):
+        stored = store.get(j.id)
+        assert stored is not None
+        assert stored.spec.env == {"TOKEN": "secret"}
+
+
 def test_a_state_change_appends_history_and_a_field_change_does_not(store: JobStore) -> None:
     (j,) = queue(store, job())
     store.update(dataclasses.replace(j, error="still queued"))
@@ -270,6 +305,54 @@ def test_a_refused_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
     assert store.get(held.id) == held
     assert store.get(other.id) == other
     assert store.count_by_state()[JobState.RUNNING] == 1
+
+
+# --- retention ------------------------------------------------------------------------
+
+
+def test_prune_deletes_only_finished_jobs_that_ended_before_the_cutoff(store: JobStore) -> None:
+    """Retention (issue 11): finished jobs and their history go after retention_s;
+    unfinished ones, recent ones and one still holding its key never do."""
+    old_done = dataclasses.replace(job("a"), state=JobState.SUCCEEDED, finished_at=NOW - 100)
+    old_failed = dataclasses.replace(job("b"), state=JobState.FAILED, finished_at=NOW - 50)
+    recent = dataclasses.replace(job("c"), state=JobState.SUCCEEDED, finished_at=NOW)
+    old_queued = job("d")
+    holding = job("e", state=JobState.RUNNING)
+    queue(store, old_done, old_failed, recent, old_queued, holding)
+    store.update(
+        dataclasses.replace(holding, state=JobState.CANCELLED, finished_at=NOW - 100),
+        holds_key=True,
+    )
+    assert store.prune_finished(NOW - 10) == 2
+    assert store.job_ids() == {recent.id, old_queued.id, holding.id}
+    assert store.get(old_done.id) is None
+    assert store.history(old_done.id) == []
+    assert store.count_by_state()[JobState.SUCCEEDED] == 1
+    assert store.prune_finished(NOW - 10) == 0
+
+
+# --- snapshot use times --------------------------------------------------------------
+
+
+def test_snapshot_use_times_keep_the_latest_and_survive_a_reopen(
+    opener: Opener, tmp_path: Path
+) -> None:
+    """Regression (issue 11, item 8): LRU order must outlive the process."""
+    a, b = ("p", "a", "sha256:" + "a" * 64), ("p", "b", "sha256:" + "b" * 64)
+    first = opener(tmp_path)
+    try:
+        assert first.load_usage() == {}
+        first.record_usage({a: NOW, b: NOW + 1}, None)
+        first.record_usage({a: NOW - 5}, None)  # an older time never wins
+    finally:
+        first.close()
+    second = opener(tmp_path)
+    try:
+        assert second.load_usage() == {a: NOW, b: NOW + 1}
+        second.record_usage({}, [b])  # a's snapshot is gone from the registry
+        assert second.load_usage() == {b: NOW + 1}
+    finally:
+        second.close()
 
 
 # --- reading ---------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from actors.api import ApiServer, check_bind_allowed, is_loopback
 from actors.api_routes import MAX_BODY_BYTES
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.metrics import Metrics
-from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
 from actors.settings import ApiSettings, SentrySettings, SettingsError
+from actors.store import new_job_id
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS, iso_time, job_json, snapshot_json
 
@@ -86,6 +87,9 @@ class FakeApp:
 
     def remove_snapshot(self, key: SnapshotKey) -> bool:
         return self.snaps.pop(key, None) is not None
+
+    def prune_jobs(self) -> int:
+        return 0
 
     def prune_snapshots(self) -> list[Snapshot]:
         evicted = list(self.snaps.values())
@@ -630,6 +634,21 @@ def test_prune_runs_the_eviction_sweep_now(tmp_path: Path) -> None:
     assert [s["work_item"] for s in body["evicted"]] == sorted(before - after)
 
 
+def test_post_jobs_prune_deletes_finished_jobs_past_retention(tmp_path: Path) -> None:
+    """Retention now: ``POST /jobs/prune`` -> 200 {"deleted": N}."""
+    with served(tmp_path, supervisor={"retention_s": 3600.0}) as live:
+        now = time.time()
+        old = Job(new_job_id(), validate_spec("p", "old"), JobState.SUCCEEDED, now - 7300)
+        live.app.store.add(dataclasses.replace(old, finished_at=now - 7200))
+        kept = finished(live, submit(live, project="p", work_item="new")["id"])
+        status, _, body = post_json(live.server, "/jobs/prune", {})
+        assert status == 200
+        assert body == {"deleted": 1}
+        assert live.app.get(old.id) is None
+        assert live.app.get(kept["id"]) is not None
+        assert post_json(live.server, "/jobs/prune", {})[2] == {"deleted": 0}
+
+
 def test_healthz_is_200_when_engine_and_actors_answer(live: Served) -> None:
     status, _, body = raw(live.server, "GET", "/healthz")
     assert status == 200
@@ -691,6 +710,7 @@ def test_bearer_token_guards_every_endpoint_but_healthz(tmp_path: Path) -> None:
             ("DELETE", "/jobs/x"),
             ("GET", "/snapshots"),
             ("POST", "/snapshots/prune"),
+            ("POST", "/jobs/prune"),
             ("GET", "/metrics"),
             ("POST", "/jobs"),
             ("GET", "/events"),

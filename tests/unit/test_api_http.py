@@ -249,6 +249,7 @@ def test_openapi_document_lists_every_route_and_the_error_shape(server: ApiServe
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {
         "/jobs",
+        "/jobs/prune",
         "/jobs/{id}",
         "/jobs/{id}/logs",
         "/snapshots",

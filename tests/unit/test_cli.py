@@ -8,6 +8,7 @@ shapes are asserted field by field, and every documented exit code has a test:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ import pytest
 from api_kit import BASE_TAG, WAIT_S, Served, served
 
 from actors.cli import main
-from actors.model import validate_spec
+from actors.model import Job, JobState, validate_spec
+from actors.store import new_job_id
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
 SECRET = "cli-secret-value-0451"
@@ -104,7 +107,7 @@ def test_submit_wait_exits_0_on_success_with_the_final_job(live: Served) -> None
     assert SECRET not in run.err
     stored = live.app.get(job["id"])
     assert stored is not None
-    assert stored.spec.env == {"API_TOKEN": SECRET}
+    assert stored.spec.env == {}  # the job ended: its secrets left the store (issue 11, 4)
     assert stored.spec.timeout_s == 60.0
 
 
@@ -236,6 +239,18 @@ def test_cancel_a_running_job(live: Served) -> None:
     again = cli("cancel", job["id"])
     assert again.code == 1
     assert again.err == f"snapyard: job {job['id']} already ended (cancelled); nothing to cancel\n"
+
+
+def test_jobs_prune_deletes_finished_jobs_past_retention(live: Served) -> None:
+    now = time.time()
+    old = Job(new_job_id(), validate_spec("p", "old"), JobState.FAILED, now - 10**7)
+    live.app.store.add(dataclasses.replace(old, finished_at=now - 10**7))  # > 30 days
+    submit_wait()
+    pruned = cli("jobs", "prune")
+    assert pruned.code == 0
+    assert pruned.out == "deleted 1 finished job(s)\n"
+    assert cli("jobs", "prune", "--json").json() == {"deleted": 0}
+    assert [j["work_item"] for j in cli("jobs", "--json").json()] == ["w"]
 
 
 # --- snapshots ----------------------------------------------------------------------

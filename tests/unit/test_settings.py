@@ -248,3 +248,16 @@ def test_env_value_colliding_with_a_file_value(tmp_path: Path) -> None:
 def test_docker_repository_names_are_accepted(repository: str) -> None:
     settings = load_settings(env={"SNAPYARD_SNAPSHOTS__REPOSITORY": repository})
     assert settings.snapshots.repository == repository
+
+
+@pytest.mark.parametrize("instance_id", ["", "host-a", "sy-0123abcd", "A_1.b"])
+def test_instance_ids_are_accepted(instance_id: str) -> None:
+    settings = load_settings(env={"SNAPYARD_SUPERVISOR__INSTANCE_ID": instance_id})
+    assert settings.supervisor.instance_id == instance_id
+
+
+@pytest.mark.parametrize("instance_id", ["-a", "a b", "a/b", "x" * 65, "\u200b"])
+def test_an_instance_id_that_is_no_plain_label_value_is_refused(instance_id: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"SNAPYARD_SUPERVISOR__INSTANCE_ID": instance_id})
+    assert info.value.key == "supervisor.instance_id"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -17,6 +18,7 @@ from actors.messages import ImageDeleted, Invalidate, RemoveSnapshot, SetBaseIma
 from actors.model import JobSpec, SnapshotKey
 from actors.settings import ProjectSettings
 from actors.snapshot_manager import SnapshotManager
+from actors.store import SqliteStore
 
 KEY = SnapshotKey("proj", "item-1")
 OTHER = SnapshotKey("proj", "item-2")
@@ -154,6 +156,51 @@ def test_max_count_evicts_the_least_recently_used_and_deletes_it() -> None:
         pykka.ActorRegistry.stop_all()
 
 
+def test_lru_order_survives_a_restart(tmp_path: Path) -> None:
+    """Regression (issue 11, item 8): use A, use B, restart, use nothing, evict
+    by count: A (the least recently used) must go, not the older commit B."""
+    with SqliteStore(tmp_path / "jobs.db") as store:
+        rig = make_rig(spawn_settings(snapshots={"max_count": 2}))
+        rig.usage = store
+        rig.start(spawners=0)
+        try:
+            b = rig.add_snapshot(SnapshotKey("p", "b"))  # committed first
+            rig.clock.advance(1)
+            a = rig.add_snapshot(SnapshotKey("p", "a"))
+            rig.restart_manager()  # adopts both from their labels
+            rig.clock.advance(5)
+            assert rig.lookup(a.key) is not None
+            rig.clock.advance(5)
+            assert rig.lookup(b.key) is not None
+            rig.restart_manager()  # stopping writes the uses; the rebuild reads them
+            rig.clock.advance(5)
+            c = rig.add_snapshot(SnapshotKey("p", "c"))
+            rig.register(c)  # over max_count: the least recently used goes
+            assert {s.key for s in rig.snapshots()} == {b.key, c.key}
+            assert a.image_id not in rig.image_ids()
+        finally:
+            pykka.ActorRegistry.stop_all()
+
+
+def test_snapshot_uses_are_written_in_one_batch_per_sweep(tmp_path: Path) -> None:
+    """Lookups are hot: nothing reaches the store until the sweep (or stop)."""
+    with SqliteStore(tmp_path / "jobs.db") as store:
+        rig = make_rig(spawn_settings())
+        rig.usage = store
+        rig.start(spawners=0)
+        try:
+            a = rig.add_snapshot(KEY)
+            rig.register(a)
+            rig.clock.advance(3)
+            for _ in range(3):
+                assert rig.lookup(KEY) is not None
+            assert store.load_usage() == {}
+            rig.sweep()
+            assert store.load_usage() == {("proj", "item-1", a.image_id): rig.clock.now()}
+        finally:
+            pykka.ActorRegistry.stop_all()
+
+
 def test_max_total_bytes_evicts_least_recently_used_until_it_fits() -> None:
     rig = make_rig(spawn_settings(snapshots={"max_total_bytes": 2500})).start(spawners=0)
     try:
@@ -282,6 +329,19 @@ def test_restart_leaves_another_repositorys_snapshots_alone(rig: MemoryRig) -> N
     rig.sweep()
     assert rig.snapshots() == []
     assert foreign.image_id in rig.image_ids()
+
+
+def test_restart_leaves_another_instances_snapshots_alone(rig: MemoryRig) -> None:
+    """Regression (issue 11, item 1): two instances sharing one repository
+    adopted, and evicted, each other's snapshots on restart. Unlabelled ones
+    (from before the instance label) may be another's: left alone too."""
+    theirs = rig.add_snapshot(KEY, instance="other")
+    unlabelled = rig.add_snapshot(OTHER, instance=None)
+    ours = rig.add_snapshot(SnapshotKey("p", "mine"))
+    rig.restart_manager()
+    rig.sweep()
+    assert [s.image_id for s in rig.snapshots()] == [ours.image_id]
+    assert {theirs.image_id, unlabelled.image_id} <= set(rig.image_ids())
 
 
 def test_new_base_image_invalidates_and_deletes_snapshots_of_the_old_base(rig: MemoryRig) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pykka
 import pytest
-from actor_kit import BASE_TAG, Collector, MemoryRig, make_rig, spawn_settings
+from actor_kit import BASE_TAG, KIT_INSTANCE, Collector, MemoryRig, make_rig, spawn_settings
 
 from actors import spawner as spawner_module
 from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, ImageMissing
@@ -22,6 +22,7 @@ from actors.labels import (
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
     LABEL_IMAGE_SOURCE,
+    LABEL_INSTANCE,
     LABEL_JOB_ID,
     LABEL_MANAGED,
     LABEL_PROJECT,
@@ -246,6 +247,7 @@ def test_base_start_carries_the_label_env_and_limits_contract(rig: MemoryRig) ->
         "SNAPYARD_SETUP_SECONDS": "1",
     }
     assert spec.labels == {
+        LABEL_INSTANCE: KIT_INSTANCE,
         LABEL_MANAGED: "true",
         LABEL_JOB_ID: "job-1",
         LABEL_PROJECT: "proj",

@@ -369,9 +369,48 @@ def test_a_version_1_database_is_migrated_and_its_active_jobs_hold_their_keys(
         )
     db.close()
     with SqliteStore(path) as store, contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert [j.id for j in store.unfinished()] == ["j-1", "j-2", "j-3"]
         # j-1 still holds item-1, so its queued successor waits; item-2 runs.
         assert [j.id for j in store.claim(5, 10.0, Caps.none())] == ["j-3"]
         with pytest.raises(KeyHeld):
             store.add(make_job("j-5", work_item="item-1", state=JobState.RUNNING))
+
+
+def test_a_finished_jobs_secret_is_gone_from_the_database_file(tmp_path: Path) -> None:
+    """Regression (issue 11, item 4): ``grep hunter2 snapyard.db`` found every
+    job's secrets, forever. Blanked at the end, and zeroed (secure_delete)."""
+    path = tmp_path / "jobs.db"
+    with SqliteStore(path) as store:
+        job = make_job(state=JobState.RUNNING)
+        store.add(job)
+        store.update(dataclasses.replace(job, state=JobState.SUCCEEDED, finished_at=2.0))
+    # Closing checkpoints the WAL into the main file and removes it.
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("jobs.db")]
+    assert files
+    assert all(SECRET.encode() not in p.read_bytes() for p in files)
+
+
+def test_the_migration_scrubs_the_env_of_jobs_finished_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    MIGRATIONS[0](db)
+    MIGRATIONS[1](db)
+    db.execute("PRAGMA user_version = 2")
+    columns = (
+        "id, project, work_item, agent_type, command, env, timeout_s, state, created_at, "
+        "attempts, from_snapshot, snapshot_committed, logs_tail"
+    )
+    for job_id, item, state in (("j-1", "a", "failed"), ("j-2", "b", "queued")):
+        db.execute(
+            f"INSERT INTO jobs ({columns}) VALUES (?, 'proj', ?, 'review', NULL, ?, NULL,"
+            " ?, 1.0, 0, 0, 0, '')",
+            (job_id, item, f'{{"TOKEN": "{SECRET}"}}', state),
+        )
+    db.close()
+    with SqliteStore(path) as store:
+        finished, queued = store.get("j-1"), store.get("j-2")
+        assert finished is not None
+        assert queued is not None
+        assert finished.spec.env == {}
+        assert queued.spec.env == {"TOKEN": SECRET}

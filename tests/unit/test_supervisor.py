@@ -14,19 +14,28 @@ from typing import Any
 
 import pykka
 import pytest
-from actor_kit import Collector
+from actor_kit import KIT_INSTANCE, Collector
 from yard_kit import Yard, eventually, yard_settings
 
 from actors.engine.base import ContainerMissing, EngineUnavailable
-from actors.labels import LABEL_JOB_ID, LABEL_MANAGED, MANAGED_FILTER
+from actors.labels import (
+    LABEL_INSTANCE,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_WORK_ITEM,
+    MANAGED_FILTER,
+)
 from actors.messages import (
     Cancel,
     ContainerExited,
     Finish,
     Finished,
+    GetJob,
     GetStatus,
     ListJobs,
     ListSnapshots,
+    PruneJobs,
     Reconcile,
     Started,
     SupervisorStatus,
@@ -326,19 +335,28 @@ def test_cancel_running_terminates_without_commit(tmp_path: Path) -> None:
 
 
 def test_orphan_sweep_removes_only_ours_and_only_after_grace(tmp_path: Path) -> None:
+    """Ours: managed and labelled with this instance. Another instance's
+    workers and unlabelled ones of no job of ours (made before the instance
+    label) may be another Snapyard's: never removed (issue 11 item 1)."""
     yard = Yard(tmp_path, yard_settings(orphan_grace_s=300.0)).start()
     job = yard.running_job(yard.submit().id)
-    ours_running = yard.foreign_container({**MANAGED_FILTER, LABEL_JOB_ID: "j-gone"})
-    ours_exited = yard.foreign_container(dict(MANAGED_FILTER))
+    ours = {**MANAGED_FILTER, LABEL_INSTANCE: KIT_INSTANCE}
+    ours_running = yard.foreign_container({**ours, LABEL_JOB_ID: "j-gone"})
+    ours_exited = yard.foreign_container(dict(ours))
     yard.engine.exit_container(ours_exited, 0)
     not_ours = yard.foreign_container({"com.example": "x"})
     not_ours_exited = yard.foreign_container({LABEL_MANAGED: "false"})
     yard.engine.exit_container(not_ours_exited, 1)
+    other_instance = yard.foreign_container(
+        {**MANAGED_FILTER, LABEL_INSTANCE: "other", LABEL_JOB_ID: "j-theirs"}
+    )
+    unlabelled = yard.foreign_container({**MANAGED_FILTER, LABEL_JOB_ID: "j-unknown"})
+    spared = (not_ours, not_ours_exited, other_instance, unlabelled)
 
     yard.clock.advance(299)
     yard.sup.tell(SweepOrphans(yard.clock.now()))
     yard.reconcile_rounds()
-    assert all(yard.exists(c) for c in (ours_running, ours_exited, not_ours, not_ours_exited))
+    assert all(yard.exists(c) for c in (ours_running, ours_exited, *spared))
 
     yard.clock.advance(2)
     yard.sup.tell(SweepOrphans(yard.clock.now()))
@@ -348,10 +366,45 @@ def test_orphan_sweep_removes_only_ours_and_only_after_grace(tmp_path: Path) -> 
         "both orphans removed",
     )
     yard.reconcile_rounds()
-    assert yard.exists(not_ours)
-    assert yard.exists(not_ours_exited)
+    assert all(yard.exists(c) for c in spared)
     assert yard.exists(job.container_id or "")
     assert yard.job(job.id).state is JobState.RUNNING
+
+
+def test_another_instances_workers_do_not_count_against_max_workers(tmp_path: Path) -> None:
+    """Regression (issue 11, item 1): a (re)started instance counted the
+    running workers of another instance on the engine as its own leftovers,
+    so with ``max_workers = 1`` nothing ever started (and their keys blocked)."""
+    yard = Yard(tmp_path, yard_settings(max_workers=1))
+    theirs = yard.foreign_container(
+        {
+            **MANAGED_FILTER,
+            LABEL_INSTANCE: "other",
+            LABEL_JOB_ID: "j-theirs",
+            LABEL_PROJECT: "p",
+            LABEL_WORK_ITEM: "w",
+        }
+    )
+    yard.start()
+    job = yard.running_job(yard.submit(project="p", work_item="w").id)
+    assert job.container_id != theirs
+    assert yard.exists(theirs)
+
+
+def test_the_retention_timer_deletes_finished_jobs_past_retention_s(tmp_path: Path) -> None:
+    """Retention (issue 11): finished jobs with their history went nowhere, ever."""
+    yard = Yard(tmp_path, yard_settings(retention_s=100.0)).start()
+    done = yard.running_job(yard.submit(work_item="done").id)
+    yard.engine.exit_container(done.container_id or "", 0)
+    yard.wait_state(done.id, JobState.SUCCEEDED)
+    queued_behind = yard.submit(work_item="busy", timeout_s=10.0**6)
+    yard.clock.advance(99)
+    assert yard.sup.ask(PruneJobs(), timeout=10.0) == 0  # not old enough yet
+    yard.clock.advance(2)
+    yard.actors.scheduler.run_due()
+    assert yard.sup.ask(GetJob(done.id), timeout=10.0) is None
+    assert yard.store.history(done.id) == []
+    assert yard.sup.ask(GetJob(queued_behind.id), timeout=10.0) is not None
 
 
 # --- restart recovery -----------------------------------------------------------
