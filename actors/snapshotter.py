@@ -75,7 +75,7 @@ class Snapshotter:
         base = self._patiently(self._engine.inspect_image, lineage)
         now = self._clock.now()
         config = ImageConfig(
-            env=scrubbed_env(base.env, spec),
+            env=scrubbed_env(base.env),
             # The image's own: the container ran the env helper's argv, and an
             # unnamed entrypoint would be copied from it (() names "none").
             cmd=base.cmd,
@@ -183,16 +183,19 @@ class Snapshotter:
                 self._engine.remove_image(info.id, force=True)
 
 
-def scrubbed_env(base_env: tuple[str, ...], spec: JobSpec) -> list[str]:
-    """The base image's env, plus ``KEY=`` for every job and Snapyard key.
+def scrubbed_env(base_env: tuple[str, ...]) -> list[str]:
+    """The base image's env, plus ``KEY=`` for each of Snapyard's container env keys.
 
     Docker fills a commit's env from the container for every key the
-    override does not name, so naming the job's keys is what keeps their
-    values out of the image; a key the base defines keeps the base's value.
+    override does not name, so Snapyard's own keys (the job ID...) must be
+    named to stay out. The job's env is never in the container's config (it
+    travels by file), so its names are not written either: a snapshot's env
+    is the base image's (regression: ``MYVAR=`` appeared in every snapshot,
+    and the next job of the key saw ``MYVAR`` set).
     """
     env = list(base_env)
     defined = {entry.split("=", 1)[0] for entry in base_env}
-    for key in (*spec.env, *CONTAINER_ENV):
+    for key in CONTAINER_ENV:
         if key not in defined:
             env.append(f"{key}=")
             defined.add(key)
