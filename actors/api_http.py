@@ -19,6 +19,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from actors.wire import MAX_BODY_BYTES
+
 __all__ = [
     "BODY_TIMEOUT_S",
     "JSON_TYPE",
@@ -33,9 +35,6 @@ __all__ = [
     "read_json",
 ]
 
-# A job spec is a few kilobytes; env values are capped at 32 KiB each by the
-# model, but nobody needs a megabyte. Refusing early keeps a bad client cheap.
-MAX_BODY_BYTES = 1024 * 1024
 # A body announced and not sent holds only a coroutine, but not forever.
 BODY_TIMEOUT_S = 30.0
 # The longest request target (path and query) served; longer is 414. The

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from actors.settings import ApiSettings
-from actors.wire import client_host
+from actors.wire import MAX_BODY_BYTES, client_host
 
 __all__ = ["ApiClient", "ApiError", "ApiUnreachable", "JobEvent"]
 
@@ -85,6 +85,12 @@ class ApiClient:
         if query:
             url += "?" + urlencode(query)
         data = None if body is None else json.dumps(body).encode()
+        if data is not None and len(data) > MAX_BODY_BYTES:
+            # The server's own 413, said before sending: it would close the
+            # connection mid-body, which reads as "unreachable" (exit 3).
+            raise ApiError(
+                413, f"the body is {len(data)} bytes; at most {MAX_BODY_BYTES} are accepted"
+            )
         req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http only
         if data is not None:
             req.add_header("Content-Type", "application/json")

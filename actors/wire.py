@@ -15,6 +15,7 @@ from actors.model import Job, JobSpec, Snapshot, validate_spec
 
 __all__ = [
     "JOB_FIELDS",
+    "MAX_BODY_BYTES",
     "SNAPSHOT_FIELDS",
     "SUBMIT_FIELDS",
     "WireError",
@@ -25,6 +26,12 @@ __all__ = [
     "snapshot_json",
     "spec_from_json",
 ]
+
+# A job spec is a few kilobytes; env values are capped at 32 KiB each by the
+# model, but nobody needs a megabyte. Refusing early keeps a bad client cheap.
+# The client checks it too: the server answers 413 and closes while a large
+# body is still being sent, which a client would see as a broken pipe.
+MAX_BODY_BYTES = 1024 * 1024
 
 # The stable JSON shapes, in order. Env is deliberately absent: it is a secret.
 JOB_FIELDS = (

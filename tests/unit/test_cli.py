@@ -462,3 +462,17 @@ def test_output_piped_into_head_exits_quietly(live: Served) -> None:
     process.stdout.close()
     assert process.wait(timeout=60) == 0
     assert process.stderr.read() == b""
+
+
+def test_an_oversized_submit_is_refused_as_input_never_as_unreachable(live: Served) -> None:
+    """Regression: 2 of 9 tries said 'cannot reach the supervisor ([Errno 32] Broken pipe)',
+    exit 3: the server answered 413 and closed while the body was still being sent."""
+    values = [f"V{n}={'x' * 4500}" for n in range(250)]  # ~1.1 MB of env
+    argv = ["submit", "--project", "p", "--work-item", "big"]
+    for value in values:
+        argv += ["--env", value]
+    for _ in range(3):
+        run = cli(*argv)
+        assert run.code == 2, run.err
+        assert "at most 1048576 are accepted" in run.err
+    assert live.app.jobs() == []
