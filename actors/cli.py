@@ -175,7 +175,8 @@ def main(
     """Run one ``snapyard`` command; return its exit code (never raises for user errors)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    as_json = False
+    # Read before parsing: a usage error (a bad --limit) must be JSON too.
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)
         as_json = bool(getattr(args, "json", False))

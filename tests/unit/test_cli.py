@@ -476,3 +476,12 @@ def test_an_oversized_submit_is_refused_as_input_never_as_unreachable(live: Serv
         assert run.code == 2, run.err
         assert "at most 1048576 are accepted" in run.err
     assert live.app.jobs() == []
+
+
+def test_json_usage_errors_are_json_too() -> None:
+    """Regression: `jobs --limit abc --json` printed argparse's usage text."""
+    run = cli("jobs", "--limit", "abc", "--json")
+    assert run.code == 2
+    error = json.loads(run.err)
+    assert "--limit" in error["error"]
+    assert error["field"] is None
