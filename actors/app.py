@@ -221,10 +221,11 @@ class Snapyard:
         if math.isinf(wait_s):
             deadline = time.monotonic() + limit
         self._stop_actors(timeout_s=max(1.0, deadline - time.monotonic()))
+        # Before the store closes: a read from then on is "stopped", not a closed database.
+        self._started = False
         if self._owns_store and self._store is not None:
             self._store.close()
         flush_sentry(min(2.0, max(0.1, deadline - time.monotonic())))
-        self._started = False
         self.stopped.set()
         log.info("snapyard stopped")
 
@@ -288,8 +289,11 @@ class Snapyard:
     def get(self, job_id: str) -> Job | None:
         ref = self.supervisor_ref
         if ref is None or not ref.is_alive():
-            # Read-only questions still have an answer when the actors are gone.
-            return self._store.get(job_id) if self._store is not None and self._started else None
+            # Read-only questions still have an answer while the store is open;
+            # once stopped, "stopped" (503), never "no such job" (404).
+            if self._store is not None and self._started:
+                return self._store.get(job_id)
+            raise SupervisorStopped(self._fatal or "Snapyard is not running")
         job: Job | None = ref.ask(GetJob(job_id), block=True, timeout=ASK_TIMEOUT_S)
         return job
 

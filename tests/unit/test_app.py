@@ -76,6 +76,10 @@ def test_stop_detaches_and_the_next_start_readopts(
     assert engine.inspect_container(cid).running  # stopping never kills a worker
     with pytest.raises(SupervisorStopped):
         app.submit(validate_spec("p", "x"))
+    # Regression: a stopped app said "no job with id ..." (a 404, exit 1) to a
+    # client following that job; it is "stopped" (503, exit 3) like the rest.
+    with pytest.raises(SupervisorStopped):
+        app.get(job.id)
 
     app2 = Snapyard(settings, engine=engine, clock=clock).start()
     adopted = app2.get(job.id)
