@@ -8,23 +8,18 @@ round trip and a start from a snapshot (run under the helper too) are covered. E
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from app_kit import real_app
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from session_labels import TEST_LABELS
 
 from actors.app import Snapyard
-from actors.engine.base import EngineError
 from actors.engine.docker import DockerEngine
 from actors.model import MAX_ENV_VALUE_BYTES, JobState, validate_spec
-from actors.settings import load_settings
 
 pytestmark = pytest.mark.docker
 
@@ -54,22 +49,9 @@ def digests_command(names: list[str]) -> list[str]:
 def app(
     docker_engine: DockerEngine, base_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Snapyard]:
-    data_dir: Path = tmp_path_factory.mktemp("env-delivery")
-    repository = f"snapyard-test-env-{uuid.uuid4().hex[:8]}"
-    configured = load_settings(env=os.environ)
-    app_settings = configured.replace(
-        worker={"image": base_image, "setup_seconds": 0.0},
-        snapshots={"repository": repository},
-        supervisor={"data_dir": str(data_dir), "tick_interval_s": 0.05},
-        sentry={"dsn": ""},
-    )
-    app = Snapyard(app_settings, engine=docker_engine, container_labels=TEST_LABELS).start()
-    yield app
-    app.stop(timeout_s=30.0)
-    for _ in range(5):  # children before parents: one generation per pass
-        for image in docker_engine.list_images({"snapyard.repository": repository}):
-            with contextlib.suppress(EngineError):
-                docker_engine.remove_image(image.id, force=True)
+    data_dir = tmp_path_factory.mktemp("env")
+    with real_app(docker_engine, base_image, data_dir, "env") as app:
+        yield app
 
 
 def run_and_digest(app: Snapyard, env: dict[str, str]) -> tuple[list[str], bool]:

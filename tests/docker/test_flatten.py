@@ -10,20 +10,18 @@ makes a flatten every third run, so 300 runs cross about 100 of them.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from app_kit import real_app
 from session_labels import TEST_LABELS
 
 from actors.app import Snapyard
 from actors.engine.base import ContainerSpec, EngineError, ImageConfig
 from actors.engine.docker import DockerEngine
 from actors.model import JobState, validate_spec
-from actors.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -46,22 +44,9 @@ APPEND_AFTER_PREVIOUS = [
 def app(
     docker_engine: DockerEngine, base_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Snapyard]:
-    data_dir: Path = tmp_path_factory.mktemp("flatten")
-    repository = f"snapyard-test-flatten-{uuid.uuid4().hex[:8]}"
-    configured = load_settings(env=os.environ)
-    app_settings = configured.replace(
-        worker={"image": base_image, "setup_seconds": 0.0},
-        snapshots={"repository": repository, "max_layers": MAX_LAYERS},
-        supervisor={"data_dir": str(data_dir), "tick_interval_s": 0.05},
-        sentry={"dsn": ""},
-    )
-    app = Snapyard(app_settings, engine=docker_engine, container_labels=TEST_LABELS).start()
-    yield app
-    app.stop(timeout_s=30.0)
-    for _ in range(5):  # children before parents: one generation per pass
-        for image in docker_engine.list_images({"snapyard.repository": repository}):
-            with contextlib.suppress(EngineError):
-                docker_engine.remove_image(image.id, force=True)
+    data_dir = tmp_path_factory.mktemp("flatten")
+    with real_app(docker_engine, base_image, data_dir, "flatten", max_layers=MAX_LAYERS) as app:
+        yield app
 
 
 def test_300_runs_of_one_work_item_keep_the_workspace_and_stay_under_the_cap(
