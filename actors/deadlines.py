@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from actors.flight import Flight
-from actors.model import Job
+from actors.model import Job, JobState
 
 __all__ = ["TickAction", "due_times", "next_due", "tick_action"]
 
@@ -44,7 +44,7 @@ def next_due(flight: Flight, now: float, grace_s: float, relisting: bool) -> flo
 
 def due_times(
     flights: Iterable[Flight],
-    queued: Iterable[Job],
+    unfinished: Iterable[Job],
     now: float,
     grace_s: float,
     relisting: bool,
@@ -53,7 +53,9 @@ def due_times(
     off (a backoff that has ended delays nothing: the job waits for a place),
     then every flight's own next time."""
     due = {
-        job.id: job.retry_at for job in queued if job.retry_at is not None and job.retry_at > now
+        job.id: job.retry_at
+        for job in unfinished
+        if job.state is JobState.QUEUED and job.retry_at is not None and job.retry_at > now
     }
     for flight in flights:
         at = next_due(flight, now, grace_s, relisting)

@@ -18,6 +18,7 @@ from actors.model import Job, JobSpec, JobState
 from actors.settings import Settings
 
 __all__ = [
+    "EarlyExits",
     "Flight",
     "Flights",
     "Kill",
@@ -166,3 +167,26 @@ def outcome(
     if flight.exit is not None and flight.exit.oom:
         what += " (out of memory: killed by the OOM killer)"
     return JobState.FAILED, f"{what}: {error}" if error else what
+
+
+class EarlyExits:
+    """Exits seen before their container's Started: the Watcher can see a container
+    exit before the Spawner's reply reaches the Supervisor. Kept a while, bounded."""
+
+    TTL_S = 600.0
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self._exits: dict[str, tuple[ContainerExited, float]] = {}
+
+    def keep(self, exit: ContainerExited, now: float) -> None:
+        if len(self._exits) < self.MAX:
+            self._exits[exit.container_id] = (exit, now)
+
+    def take(self, container_id: str) -> ContainerExited | None:
+        kept = self._exits.pop(container_id, None)
+        return None if kept is None else kept[0]
+
+    def expire(self, now: float) -> None:
+        for cid in [c for c, (_, at) in self._exits.items() if at < now - self.TTL_S]:
+            del self._exits[cid]

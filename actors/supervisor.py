@@ -32,7 +32,7 @@ from actors.backoff import backoff
 from actors.clock import Clock
 from actors.deadlines import due_times, tick_action
 from actors.engine.base import ContainerState, Engine, EngineError
-from actors.flight import Flight, Flights, Kill, job_timeout, on_exit, outcome
+from actors.flight import EarlyExits, Flight, Flights, Kill, job_timeout, on_exit, outcome
 from actors.labels import MANAGED_FILTER
 from actors.ledger import Ledger, job_logger
 from actors.messages import (
@@ -73,11 +73,6 @@ log = logging.getLogger(__name__)
 
 # Re-queues of a job whose start the daemon answered with a 5xx each time.
 MAX_REFUSED_STARTS = 10
-# How long an exit of a not-yet-known container is kept: the Watcher can see
-# an exit before the Spawner's Started reaches us.
-EARLY_EXIT_TTL_S = 600.0
-EARLY_EXIT_MAX = 10_000
-
 _ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus, PruneJobs)
 
 
@@ -128,7 +123,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         # they are gone they hold their key and a worker place.
         self._leftovers: dict[str, SnapshotKey] = {}
         self._restarts = RestartIntensity(self._sup.restart_max, self._sup.restart_window_s)
-        self._early_exits: dict[str, tuple[ContainerExited, float]] = {}
+        self._early_exits = EarlyExits()
         self._list_seq = 0
         self._reconcile_requested = False
         self._dispatching = True
@@ -297,9 +292,8 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         job_logger(job).info("job running")
         if flight.kill is not None:
             self._terminate(flight)
-        early = self._early_exits.pop(msg.container_id, None)
-        if early is not None:
-            self._on_exited(early[0])
+        if (early := self._early_exits.take(msg.container_id)) is not None:
+            self._on_exited(early)
         self._ledger.publish()
 
     def _on_spawn_failed(self, msg: SpawnFailed) -> None:
@@ -331,8 +325,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
             return
         if flight is None:
             # Maybe its Started is still on the way; else an orphan (the sweep's).
-            if len(self._early_exits) < EARLY_EXIT_MAX:
-                self._early_exits[msg.container_id] = (msg, self._clock.now())
+            self._early_exits.keep(msg, self._clock.now())
             return
         if flight.phase == "finishing":
             return  # a duplicate: the first exit already started the finish
@@ -408,9 +401,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
                     self._terminate(flight)
                 case "stop_again":
                     self._terminate(flight)
-        stale = now - EARLY_EXIT_TTL_S
-        for cid in [c for c, (_, at) in self._early_exits.items() if at < stale]:
-            del self._early_exits[cid]
+        self._early_exits.expire(now)
         if self._reconcile_requested:
             self._request_listing("recover")
         self._after_change()
@@ -449,18 +440,16 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
             pending_ops=self._pool.load(),
             spawners=len(self._pool.refs),
             dispatching=self._dispatching,
-            due=self._due_times() if deadlines else (),
+            due=due_times(
+                self._flights,
+                self._store.unfinished(),
+                self._clock.now(),
+                self._sup.stop_grace_s,
+                self._reconcile_requested,
+            )
+            if deadlines
+            else (),
             busy_keys=frozenset(f.job.key for f in self._flights)
             | frozenset(self._leftovers.values()),
             leftovers=len(self._leftovers),
-        )
-
-    def _due_times(self) -> tuple[tuple[str, float], ...]:
-        queued = (job for job in self._store.unfinished() if job.state is JobState.QUEUED)
-        return due_times(
-            self._flights,
-            queued,
-            self._clock.now(),
-            self._sup.stop_grace_s,
-            self._reconcile_requested,
         )
