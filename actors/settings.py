@@ -26,6 +26,7 @@ from actors.layers import ENGINE_MAX_LAYERS, MIN_MAX_LAYERS
 __all__ = [
     "AgentTypeSettings",
     "ApiSettings",
+    "ClusterSettings",
     "EngineSettings",
     "LogSettings",
     "ProjectSettings",
@@ -141,6 +142,35 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Past one host. Empty ``database_url``: a single host on SQLite, as ever."""
+
+    # postgresql://user@127.0.0.1:5432/snapyard (libpq URL or key=value string).
+    database_url: str = ""
+    # Empty: this machine's host name. Unique in the cluster; stable across restarts.
+    host_id: str = field(
+        default="",
+        metadata={
+            "pattern": _INSTANCE_ID,
+            "max_length": 64,
+            "allowed": "letters, digits and '_', '.', '-' (not first), at most 64 characters",
+        },
+    )
+    # An OCI registry as host:port (e.g. 127.0.0.1:5000). Empty: snapshots stay
+    # on the host that made them, and a job elsewhere starts from its base.
+    registry: str = ""
+    # How long a job whose key's newest snapshot is on a live host waits for it.
+    locality_wait_s: float = field(default=10.0, metadata=minimum(0))
+    heartbeat_s: float = field(default=2.0, metadata=minimum(0.1))
+    # A host that has not renewed for this long is dead: its jobs are re-queued.
+    lease_s: float = field(default=10.0, metadata=minimum(0.5))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.database_url)
+
+
+@dataclass(frozen=True)
 class SentrySettings:
     dsn: str = ""
     environment: str = "production"
@@ -195,6 +225,7 @@ class Settings:
     retry: RetrySettings = RetrySettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     api: ApiSettings = ApiSettings()
+    cluster: ClusterSettings = ClusterSettings()
     sentry: SentrySettings = SentrySettings()
     log: LogSettings = LogSettings()
     projects: Mapping[str, ProjectSettings] = field(default_factory=dict)
