@@ -1,7 +1,7 @@
 """One suite, every store: what a job store must do to be Snapyard's queue.
 
-Each test runs against every implementation in ``STORES`` (SQLite today; the
-cluster's PostgreSQL store joins the list and must pass unchanged). The
+Each test runs against every implementation: SQLite, and the cluster's
+PostgreSQL store (a throwaway server, emptied per test) which must pass unchanged. The
 admission rules pinned here are the ones the Supervisor relied on when the
 queue lived in its memory: FIFO within the constraints, one active job per
 (project, work item), per-project and per-agent-type caps, requeue backoff,
@@ -25,14 +25,16 @@ NOW = 1_800_000_000.0
 
 Opener = Callable[[Path], JobStore]
 
-STORES: dict[str, Opener] = {
-    "sqlite": lambda path: SqliteStore(path / "jobs.db", FakeClock(NOW)),
-}
 
-
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def opener(request: pytest.FixtureRequest) -> Opener:
-    return STORES[request.param]
+    """Opens the store under test; a second call is a reopen of the same data."""
+    if request.param == "sqlite":
+        return lambda path: SqliteStore(path / "jobs.db", FakeClock(NOW))
+    from actors.store.postgres import PostgresStore
+
+    url = request.getfixturevalue("postgres_url")
+    return lambda _path: PostgresStore(url, "host-a", FakeClock(NOW))
 
 
 @pytest.fixture
