@@ -6,8 +6,8 @@ shapes, each against its own fill of the queue:
   claim, through the snapshot index by host);
 - ``queue``: no local snapshots, and every third key waits for another live
   host (step 2, the walk of the queue that skips them).
-Each sample is one ``claim(1)``; the job then ends, so the queue stays the
-same length. Run alone: ``python -m bench.claim_cost [--quick]``; the scenario
+Each sample is one ``claim(1)``; the job then ends and its key gets a new
+job, so the queue keeps its length. Run alone: ``python -m bench.claim_cost [--quick]``; the scenario
 function ``claim_cost`` returns a ``ScenarioResult`` for ``python -m bench``.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 from typing import Any
 
@@ -63,14 +64,24 @@ def _snapshots(store: PostgresStore, other: PostgresStore, keys: int, shape: str
         )
 
 
-def _measure(store: PostgresStore, claims: int) -> list[float]:
+_resubmitted = itertools.count(1)
+
+
+def _measure(store: PostgresStore, other: PostgresStore, claims: int) -> list[float]:
+    """Time ``claims`` claims of ``store``; the other host claims its own work in
+    between (untimed), as it would in a cluster. Each claimed job ends and its
+    key gets a new job at the back of the queue: the queue keeps its length and mix."""
     samples: list[float] = []
     for _ in range(claims):
         started = time.perf_counter()
         got = store.claim(1, NOW + 1, Caps.none())
         samples.append(time.perf_counter() - started)
-        for job in got:
-            store.update(dataclasses.replace(job, state=JobState.SUCCEEDED, finished_at=NOW + 1))
+        for host, job in [(store, job) for job in got] + [
+            (other, job) for job in other.claim(1, NOW + 1, Caps.none())
+        ]:
+            host.update(dataclasses.replace(job, state=JobState.SUCCEEDED, finished_at=NOW + 1))
+            again = Job(new_job_id(), job.spec, JobState.QUEUED, NOW + next(_resubmitted))
+            host.add(dataclasses.replace(again, queued_at=NOW))
     return samples
 
 
@@ -88,26 +99,25 @@ def _compare(server: LocalPostgres, shape: str, claims: int) -> dict[int, list[f
     """Claims on every queue length in turn, a round at a time: the machine's
     load drifts alike for all of them (other work shares these cores)."""
     stores: dict[int, PostgresStore] = {}
-    others: list[PostgresStore] = []
+    others: dict[int, PostgresStore] = {}
     try:
         for size in SIZES:
             url = _database(server, f"bench_{shape}_{size // 1000}k")
             _fill(url, size)
             store = PostgresStore(url, "bench", locality_wait_s=WAIT_S)
             other = PostgresStore(url, "other", locality_wait_s=WAIT_S)
-            stores[size] = store
-            others.append(other)
+            stores[size], others[size] = store, other
             for host in (store, other):
                 host.heartbeat(NOW, 3600.0, api="127.0.0.1:0", max_workers=4, running=0)
             _snapshots(store, other, max(1, size // JOBS_PER_KEY), shape)
-            _measure(store, 20)  # warm the caches and the prepared statements
+            _measure(store, other, 20)  # warm the caches and the prepared statements
         samples: dict[int, list[float]] = {size: [] for size in SIZES}
         for _ in range(claims // ROUND):
             for size, store in stores.items():
-                samples[size] += _measure(store, ROUND)
+                samples[size] += _measure(store, others[size], ROUND)
         return samples
     finally:
-        for opened in (*stores.values(), *others):
+        for opened in (*stores.values(), *others.values()):
             opened.close()
 
 

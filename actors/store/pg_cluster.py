@@ -11,7 +11,7 @@ from collections.abc import Collection
 
 from actors.model import Job, SnapshotKey
 from actors.store.cluster import HostInfo, SnapshotRecord
-from actors.store.pg_schema import RESCUE_LOCK
+from actors.store.pg_schema import HISTORY_ROWS, RESCUE_LOCK
 from actors.store.pg_session import PgSession
 from actors.store.rows import COLUMNS, job_of
 
@@ -114,10 +114,15 @@ class ClusterOps:
                 return []
             rows = conn.execute(_RESCUE, {"now": now}).fetchall()
             conn.execute(_RELEASE_DEAD, {"now": now})
-            for row in rows:
+            if rows:
                 conn.execute(
-                    "INSERT INTO job_history (job_id, state, at, note) VALUES (%s, %s, %s, %s)",
-                    (row["id"], "queued", now, f"rescued: host {row['was_on']} missed its lease"),
+                    HISTORY_ROWS,
+                    (
+                        [row["id"] for row in rows],
+                        ["queued"] * len(rows),
+                        [now] * len(rows),
+                        [f"rescued: host {row['was_on']} missed its lease" for row in rows],
+                    ),
                 )
             if rows:
                 conn.execute(_NOTIFY)

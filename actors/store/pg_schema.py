@@ -16,12 +16,35 @@ import psycopg
 
 from actors.store.base import StoreError
 
-__all__ = ["CLAIM_LOCK", "MIGRATIONS", "RESCUE_LOCK", "SCHEMA_VERSION", "migrate"]
+__all__ = [
+    "CLAIM_LOCK",
+    "HISTORY_ROWS",
+    "MIGRATIONS",
+    "RESCUE_LOCK",
+    "SCHEMA_VERSION",
+    "migrate",
+]
 
 # Advisory lock keys ("snap" + a number): one namespace for the whole database.
 CLAIM_LOCK = 0x736E_6170_0001  # cluster-wide caps: one capped claim at a time
 RESCUE_LOCK = 0x736E_6170_0002  # the rescue election
 _MIGRATE_LOCK = 0x736E_6170_0003
+_HISTORY_LOCK = 0x736E_6170_0004
+
+# History rows, one per (job ID, state, at, note) of the arrays given, in order.
+# ``changes`` promises that seq only grows for a follower: but a seq is taken at
+# insert, not at commit, so a later seq could commit first and a follower skip
+# the earlier one for good. Writers of history therefore take a lock first and
+# hold it to their commit: seqs commit in order. (A write costs this wait only
+# while another transaction that wrote history is still open: milliseconds.)
+HISTORY_ROWS = f"""
+INSERT INTO job_history (job_id, state, at, note)
+SELECT h.job_id, h.state, h.at, h.note
+FROM (SELECT pg_advisory_xact_lock({_HISTORY_LOCK})) AS serialised,
+     unnest(%s::text[], %s::text[], %s::float8[], %s::text[])
+         WITH ORDINALITY AS h(job_id, state, at, note, n)
+ORDER BY h.n
+"""  # noqa: S608 - constant SQL
 
 _SCHEMA_V1 = (
     """
@@ -63,16 +86,13 @@ _SCHEMA_V1 = (
     "CREATE INDEX jobs_queue ON jobs (created_at, id) WHERE state = 'queued'",
     "CREATE INDEX jobs_queue_by_key ON jobs (project, work_item, created_at, id) "
     "WHERE state = 'queued'",
-    # xid: a reader of ``changes`` sees a seq only once every transaction that
-    # could still commit a smaller one has ended (seqs are taken, not committed, in order).
     """
     CREATE TABLE job_history (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
         state TEXT NOT NULL,
         at DOUBLE PRECISION NOT NULL,
-        note TEXT,
-        xid xid8 NOT NULL DEFAULT pg_current_xact_id()
+        note TEXT
     )
     """,
     "CREATE INDEX job_history_job ON job_history (job_id, seq)",

@@ -29,7 +29,7 @@ from actors.store.base import Caps
 from actors.store.cluster import Fenced
 from actors.store.pg_claim import Claim
 from actors.store.pg_cluster import ClusterOps
-from actors.store.pg_schema import migrate
+from actors.store.pg_schema import HISTORY_ROWS, migrate
 from actors.store.pg_session import Conn, PgSession
 from actors.store.rows import COLUMNS, job_of, row_of
 from actors.usage import UsageKey
@@ -42,14 +42,8 @@ CHANNEL = "snapyard_jobs"
 _HOLDING = (JobState.STARTING.value, JobState.RUNNING.value)
 _TERMINAL = [s.value for s in JobState if s.terminal]
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"  # noqa: S608 - constant column list
-_HISTORY = "INSERT INTO job_history (job_id, state, at, note) VALUES (%s, %s, %s, %s)"
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
-# A change is shown once no transaction that could commit a smaller seq is still open.
-_SETTLED = "xid < pg_snapshot_xmin(pg_current_snapshot())"
-_CHANGES = (
-    f"SELECT seq, job_id, state, at FROM job_history WHERE seq > %s AND {_SETTLED} "  # noqa: S608
-    "ORDER BY seq LIMIT %s"
-)
+_CHANGES = "SELECT seq, job_id, state, at FROM job_history WHERE seq > %s ORDER BY seq LIMIT %s"
 
 
 class PostgresStore(ClusterOps):
@@ -99,7 +93,7 @@ class PostgresStore(ClusterOps):
                 f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
                 (*row_of(job), job.state.value in _HOLDING),
             )
-            conn.execute(_HISTORY, (job.id, job.state.value, job.created_at, note))
+            conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [job.created_at], [note]))
             if job.state is JobState.QUEUED:
                 conn.execute(_NOTIFY)
 
@@ -120,7 +114,8 @@ class PostgresStore(ClusterOps):
                 (*row_of(job)[1:], holds, job.id, job.attempt),
             )
             if current["state"] != job.state.value:
-                conn.execute(_HISTORY, (job.id, job.state.value, self._history_time(job), note))
+                at = self._history_time(job)
+                conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [at], [note]))
             requeued = job.state is JobState.QUEUED and current["state"] != job.state.value
             if requeued or (current["holds_key"] and not holds):
                 conn.execute(_NOTIFY)
@@ -149,11 +144,9 @@ class PostgresStore(ClusterOps):
                 "host = %s WHERE id = ANY(%s)",
                 (self.host_id, ids),
             )
+            starting = JobState.STARTING.value
             conn.execute(
-                "INSERT INTO job_history (job_id, state, at, note) "
-                "SELECT id, 'starting', %s, %s FROM unnest(%s::text[]) WITH ORDINALITY AS c(id, n) "
-                "ORDER BY n",
-                (now, note, ids),
+                HISTORY_ROWS, (ids, [starting] * len(ids), [now] * len(ids), [note] * len(ids))
             )
         return [
             dataclasses.replace(job, state=JobState.STARTING, retry_at=None, host=self.host_id)
@@ -215,9 +208,7 @@ class PostgresStore(ClusterOps):
 
     def last_change(self) -> int:
         with self._session.session() as conn:
-            row = conn.execute(
-                f"SELECT COALESCE(max(seq), 0) AS seq FROM job_history WHERE {_SETTLED}"  # noqa: S608
-            ).fetchone()
+            row = conn.execute("SELECT COALESCE(max(seq), 0) AS seq FROM job_history").fetchone()
         return 0 if row is None else int(row["seq"])
 
     def job_ids(self) -> set[str]:

@@ -10,13 +10,16 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from waiting import eventually
 
 from actors.clock import FakeClock
 from actors.localcluster import LocalPostgres
 from actors.model import Job, JobSpec, JobState
 from actors.store import Caps, StoreUnavailable, new_job_id
 from actors.store.postgres import PostgresStore
+from actors.store.rows import COLUMNS, row_of
 
 pytestmark = pytest.mark.postgres
 
@@ -142,3 +145,83 @@ def test_waiting_across_a_restart_reports_it_then_listens_again(
         assert waiter.wait_for_work(5) is True
     finally:
         waiter.close()
+
+
+def test_a_follower_never_skips_a_change_that_commits_after_a_later_seq(
+    server: LocalPostgres, store: PostgresStore
+) -> None:
+    """Two hosts write history at once: the first one's seq is taken but not yet
+    committed when the second commits. A follower of ``changes`` reading then
+    must not see the second (it would resume past the first, for good)."""
+    other = PostgresStore(server.url, "b", FakeClock(NOW))
+    reader = PostgresStore(server.url, "c", FakeClock(NOW))
+    first, second = job("a"), job("b")
+    try:
+        thread = threading.Thread(target=other.add, args=(second,))
+        with store.batch():
+            store.add(first)
+            thread.start()
+            eventually(
+                lambda: waiting_on_the_history_lock(server),
+                bool,
+                "the second writer to wait for the first's commit",
+            )
+            assert reader.changes(0) == []
+        thread.join(timeout=30)
+        assert [job_id for _, job_id, _, _ in reader.changes(0)] == [first.id, second.id]
+    finally:
+        other.close()
+        reader.close()
+
+
+def waiting_on_the_history_lock(server: LocalPostgres) -> int:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+        ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def test_the_claim_walks_indexes_never_the_whole_queue(
+    server: LocalPostgres, store: PostgresStore
+) -> None:
+    """The claim's two queries stay index walks (``actors.store.pg_claim``)."""
+    from actors.store import pg_claim
+
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        with conn.cursor().copy(f"COPY jobs ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            for i in range(5000):
+                copy.write_row(row_of(job(f"w{i % 500}")))
+        with conn.cursor().copy(
+            "COPY snapshots (project, work_item, agent_type, host_id, image_id, created_at) "
+            "FROM STDIN"
+        ) as copy:
+            for i in range(500):
+                copy.write_row(("p", f"w{i}", "default", "abc"[i % 3], f"sha256:{i:064x}", NOW))
+        conn.execute("ANALYZE")
+        params = {
+            "now": NOW,
+            "me": "a",
+            "page": 16,
+            "wait": 10.0,
+            "after_at": float("-inf"),
+            "after_id": "",
+            "taken_p": [],
+            "taken_w": [],
+        }
+        plans = {
+            name: "\n".join(
+                str(row[0])
+                for row in conn.execute(f"EXPLAIN {sql}", params)  # type: ignore[call-overload]
+            )
+            for name, sql in (("local", pg_claim._LOCAL), ("rest", pg_claim._REST))
+        }
+    # Local: one probe of the queue per local snapshot key (a small table may be scanned).
+    assert "Seq Scan on jobs" not in plans["local"], plans["local"]
+    assert "jobs_queue_by_key" in plans["local"], plans["local"]
+    # The rest: a walk of the queue in order that stops at the page, with a
+    # lookup per row, never a sort of the queue or a scan of the snapshot index.
+    assert "Seq Scan on jobs" not in plans["rest"], plans["rest"]
+    assert "Seq Scan on snapshots" not in plans["rest"], plans["rest"]
+    assert "Sort" not in plans["rest"], plans["rest"]
+    assert "Index Scan using jobs_queue on jobs j" in plans["rest"], plans["rest"]
