@@ -147,7 +147,7 @@ class ClusterOps:
                     key.project,
                     key.work_item,
                     record.agent_type,
-                    self.host_id if record.host_id == "" else record.host_id,
+                    record.host_id,
                     record.image_id,
                     record.created_at,
                     record.digest,

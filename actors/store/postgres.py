@@ -46,6 +46,15 @@ _NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
 _CHANGES = "SELECT seq, job_id, state, at FROM job_history WHERE seq > %s ORDER BY seq LIMIT %s"
 
 
+def _row(job: Job) -> tuple[Any, ...]:
+    """``row_of``, with NUL characters replaced: PostgreSQL text cannot hold them,
+    and a worker's log may print one (SQLite keeps them; IDs and env never have any)."""
+    return tuple(
+        value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+        for value in row_of(job)
+    )
+
+
 class PostgresStore(ClusterOps):
     """Jobs, hosts and the snapshot index of a cluster, in one PostgreSQL database."""
 
@@ -91,7 +100,7 @@ class PostgresStore(ClusterOps):
         with self._session.transaction() as conn:
             conn.execute(
                 f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
-                (*row_of(job), job.state.value in _HOLDING),
+                (*_row(job), job.state.value in _HOLDING),
             )
             conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [job.created_at], [note]))
             if job.state is JobState.QUEUED:
@@ -111,7 +120,7 @@ class PostgresStore(ClusterOps):
                 raise Fenced(job.id, job.attempt)
             conn.execute(
                 f"UPDATE jobs SET {assignments} WHERE id = %s AND attempt = %s",  # noqa: S608
-                (*row_of(job)[1:], holds, job.id, job.attempt),
+                (*_row(job)[1:], holds, job.id, job.attempt),
             )
             if current["state"] != job.state.value:
                 at = self._history_time(job)

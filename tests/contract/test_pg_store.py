@@ -95,6 +95,22 @@ def test_a_connection_lost_inside_a_batch_rolls_it_back_and_says_so(
     assert store.job_ids() == {second.id}
 
 
+def test_a_nul_in_a_workers_output_is_stored_as_a_replacement_character(
+    store: PostgresStore,
+) -> None:
+    """PostgreSQL text cannot hold NUL; a worker's log may print one. The write
+    must not fail (it would lose the job's outcome)."""
+    running = dataclasses.replace(job(), state=JobState.RUNNING)
+    store.add(running)
+    ended = dataclasses.replace(
+        running, state=JobState.FAILED, logs_tail="a\x00b\n", error="exit\x00", finished_at=NOW
+    )
+    store.update(ended)
+    stored = store.get(running.id)
+    assert stored is not None
+    assert (stored.logs_tail, stored.error) == ("a\ufffdb\n", "exit\ufffd")
+
+
 def test_a_new_job_wakes_a_waiting_host(server: LocalPostgres, store: PostgresStore) -> None:
     waiter = PostgresStore(server.url, "b", FakeClock(NOW))
     try:
