@@ -138,10 +138,21 @@ class PostgresStore(ClusterOps):
         blocked: Collection[SnapshotKey] = (),
         note: str | None = None,
     ) -> builtins.list[Job]:
-        """Up to ``slots`` queued jobs to STARTING on this host (see ``actors.store.pg_claim``)."""
+        """Up to ``slots`` queued jobs to STARTING on this host (see ``actors.store.pg_claim``).
+
+        Nothing while this host's lease has ended: another host may be rescuing
+        its jobs right now, and would rescue a job claimed now as well, so it
+        would run twice. (A host that never heartbeated has no lease to check:
+        the cluster's hosts beat before they claim.)
+        """
         if slots <= 0 or self._draining:
             return []
         with self._session.transaction() as conn:
+            lease = conn.execute(
+                "SELECT lease_until FROM hosts WHERE host_id = %s", (self.host_id,)
+            ).fetchone()
+            if lease is not None and lease["lease_until"] <= now:
+                return []
             chosen = Claim(
                 conn, self.host_id, slots, now, caps, self._locality_wait_s, blocked
             ).choose()

@@ -183,6 +183,17 @@ def test_rescue_frees_the_key_of_a_dead_hosts_cancelled_holder(open_host: Open) 
         a.update(cancelled)
 
 
+def test_a_host_whose_lease_ended_claims_nothing_until_it_renews(open_host: Open) -> None:
+    """Partition healed: host a reconnects before its lease actor renews. A job it
+    claimed now would be rescued by b with the rest of a's, and run twice."""
+    a = open_host("a")
+    beat(a)
+    (j,) = queue(a, job())
+    assert a.claim(1, NOW + LEASE_S, Caps.none()) == []
+    beat(a, NOW + LEASE_S)
+    assert [c.id for c in a.claim(1, NOW + LEASE_S, Caps.none())] == [j.id]
+
+
 def test_unfinished_is_every_queued_job_and_this_hosts_own(open_host: Open) -> None:
     a, b = open_host("a"), open_host("b")
     x, y, z = queue(a, job("x"), job("y"), job("z"))

@@ -17,7 +17,8 @@ from waiting import eventually
 from actors.clock import FakeClock
 from actors.localcluster import LocalPostgres
 from actors.model import Job, JobSpec, JobState
-from actors.store import Caps, StoreUnavailable, new_job_id
+from actors.store import Caps, StoreError, StoreUnavailable, new_job_id
+from actors.store.pg_schema import SCHEMA_VERSION
 from actors.store.postgres import PostgresStore
 from actors.store.rows import COLUMNS, row_of
 
@@ -241,3 +242,51 @@ def test_the_claim_walks_indexes_never_the_whole_queue(
     assert "Seq Scan on snapshots" not in plans["rest"], plans["rest"]
     assert "Sort" not in plans["rest"], plans["rest"]
     assert "Index Scan using jobs_queue on jobs j" in plans["rest"], plans["rest"]
+
+
+def test_hosts_starting_together_on_a_new_database_migrate_it_once(
+    server: LocalPostgres,
+) -> None:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS fresh")
+        conn.execute("CREATE DATABASE fresh")
+    url = server.url.rsplit("/", 1)[0] + "/fresh"
+    opened: list[PostgresStore] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_one(host_id: str) -> None:
+        try:
+            start.wait()
+            opened.append(PostgresStore(url, host_id, FakeClock(NOW)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(f"h{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert errors == []
+        assert len(opened) == 4
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+                (SCHEMA_VERSION,)
+            ]
+    finally:
+        for store in opened:
+            store.close()
+
+
+def test_a_database_of_a_newer_snapyard_is_refused(server: LocalPostgres) -> None:
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS newer")
+        conn.execute("CREATE DATABASE newer")
+    url = server.url.rsplit("/", 1)[0] + "/newer"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="Upgrade Snapyard") as refused:
+        PostgresStore(url, "a", FakeClock(NOW))
+    assert f"127.0.0.1:{server.port}/newer" in str(refused.value)
