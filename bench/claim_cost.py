@@ -2,10 +2,11 @@
 
 Issue 14's target: flat, the 100k claim within 1.5x of the 1k one. Two
 shapes, each against its own fill of the queue:
-- ``local``: the host holds the newest snapshot of some keys (step 1 of the
-  claim, through the snapshot index by host);
-- ``queue``: no local snapshots, and every third key waits for another live
-  host (step 2, the walk of the queue that skips them).
+- ``local``: the host holds the newest snapshot of every third key (step 1
+  of the claim: its own queued work, in order, through ``jobs_home``);
+- ``queue``: another live host holds every third key's, which waits for it
+  (step 2: the walk of the queue that skips them).
+Either way the snapshot index grows with the queue (a third of its keys).
 Each sample is one ``claim(1)``; the job then ends and its key gets a new
 job, so the queue keeps its length. Run alone: ``python -m bench.claim_cost [--quick]``; the scenario
 function ``claim_cost`` returns a ``ScenarioResult`` for ``python -m bench``.
@@ -51,13 +52,10 @@ def _fill(url: str, queued: int) -> None:
 
 
 def _snapshots(store: PostgresStore, other: PostgresStore, keys: int, shape: str) -> None:
-    """``local``: this host has the newest snapshot of 50 keys. ``queue``: another
-    live host has every third key's, spread through the queue."""
-    if shape == "local":
-        mine = [(store, key) for key in range(50)]
-    else:
-        mine = [(other, key) for key in range(0, keys, 3)]
-    for host, key in mine:
+    """Every third key's newest snapshot is on this host (``local``) or on the
+    other live host (``queue``): the snapshot index grows with the queue."""
+    host = store if shape == "local" else other
+    for key in range(0, keys, 3):
         spec = JobSpec(f"project-{key % 7}", f"item-{key}")
         host.record_snapshot(
             SnapshotRecord(spec.key, "default", host.host_id, f"sha256:{key:064x}", NOW, None)

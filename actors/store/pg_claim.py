@@ -2,7 +2,9 @@
 
 Two indexed steps, as the SQLite claim walks its queue:
 1. Local: the queued heads of the keys whose newest snapshot is on this host,
-   found from the snapshot index by host (one index probe per such key).
+   in queue order through ``jobs_home`` (each queued job carries its key's
+   snapshot host, ``home``), so the cost follows the jobs looked at, never
+   how many snapshots this host holds.
 2. The rest: the queue in submission order through ``jobs_queue``, keys'
    oldest jobs only, skipping a key whose newest snapshot is on another live
    host until ``queued_at + locality_wait_s`` (delay scheduling).
@@ -44,13 +46,11 @@ _COMMON = """
 
 _LOCAL = f"""
 SELECT {_COLS} FROM jobs j
-WHERE j.state = 'queued'
-  AND j.id IN (
-        SELECT head.id FROM snapshots s CROSS JOIN LATERAL (
-            SELECT q.id FROM jobs q
-            WHERE q.state = 'queued' AND q.project = s.project AND q.work_item = s.work_item
-            ORDER BY q.created_at, q.id LIMIT 1) head
-        WHERE s.host_id = %(me)s)
+WHERE j.state = 'queued' AND j.home = %(me)s
+  AND NOT EXISTS (
+        SELECT 1 FROM jobs e
+        WHERE e.state = 'queued' AND e.project = j.project AND e.work_item = j.work_item
+          AND (e.created_at, e.id) < (j.created_at, j.id))
   AND {_COMMON}
 ORDER BY j.created_at, j.id
 LIMIT %(page)s

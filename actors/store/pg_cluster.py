@@ -28,7 +28,8 @@ WITH dead AS (
     FOR UPDATE OF j
 )
 UPDATE jobs j SET state = 'queued', attempt = j.attempt + 1, holds_key = false, host = NULL,
-    container_id = NULL, retry_at = NULL, queued_at = %(now)s
+    container_id = NULL, retry_at = NULL, queued_at = %(now)s, home = (
+        SELECT s.host_id FROM snapshots s WHERE s.project = j.project AND s.work_item = j.work_item)
 FROM dead WHERE j.id = dead.id
 RETURNING {", ".join(f"j.{name}" for name in COLUMNS)}, dead.host AS was_on
 """  # noqa: S608 - constant SQL
@@ -153,6 +154,12 @@ class ClusterOps:
                     record.digest,
                 ),
             ).fetchone()
+            if row is not None:  # the key's queued jobs now live where this snapshot is
+                conn.execute(
+                    "UPDATE jobs SET home = %s WHERE state = 'queued' AND project = %s "
+                    "AND work_item = %s AND home IS DISTINCT FROM %s",
+                    (record.host_id, key.project, key.work_item, record.host_id),
+                )
         return row is not None
 
     def record_digest(self, key: SnapshotKey, image_id: str, digest: str) -> None:
@@ -174,10 +181,17 @@ class ClusterOps:
 
     def forget_snapshot(self, key: SnapshotKey, image_id: str) -> None:
         with self._session.transaction() as conn:
-            conn.execute(
-                "DELETE FROM snapshots WHERE project = %s AND work_item = %s AND image_id = %s",
+            gone = conn.execute(
+                "DELETE FROM snapshots WHERE project = %s AND work_item = %s AND image_id = %s "
+                "RETURNING host_id",
                 (key.project, key.work_item, image_id),
-            )
+            ).fetchone()
+            if gone is not None:
+                conn.execute(
+                    "UPDATE jobs SET home = NULL WHERE state = 'queued' AND project = %s "
+                    "AND work_item = %s AND home = %s",
+                    (key.project, key.work_item, gone["host_id"]),
+                )
 
     def snapshots(self) -> builtins.list[SnapshotRecord]:
         with self._session.session() as conn:

@@ -19,6 +19,7 @@ from actors.store.base import StoreError
 __all__ = [
     "CLAIM_LOCK",
     "HISTORY_ROWS",
+    "HOME",
     "MIGRATIONS",
     "RESCUE_LOCK",
     "SCHEMA_VERSION",
@@ -74,7 +75,11 @@ _SCHEMA_V1 = (
         attempt INTEGER NOT NULL DEFAULT 0,
         host TEXT,
         queued_at DOUBLE PRECISION,
-        holds_key BOOLEAN NOT NULL DEFAULT false
+        holds_key BOOLEAN NOT NULL DEFAULT false,
+        -- Not a Job field: the host of the key's newest snapshot, kept on queued
+        -- jobs so a host finds its local work through jobs_home, in queue order.
+        -- A hint (the snapshot index is the truth): stale only costs locality.
+        home TEXT
     )
     """,
     "CREATE INDEX jobs_state ON jobs (state, created_at)",
@@ -86,6 +91,7 @@ _SCHEMA_V1 = (
     "CREATE INDEX jobs_queue ON jobs (created_at, id) WHERE state = 'queued'",
     "CREATE INDEX jobs_queue_by_key ON jobs (project, work_item, created_at, id) "
     "WHERE state = 'queued'",
+    "CREATE INDEX jobs_home ON jobs (home, created_at, id) WHERE state = 'queued'",
     """
     CREATE TABLE job_history (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -132,8 +138,11 @@ _SCHEMA_V1 = (
         PRIMARY KEY (project, work_item)
     )
     """,
-    "CREATE INDEX snapshots_host ON snapshots (host_id)",
 )
+
+# The ``home`` of a job of a key: set from the snapshot index whenever the job
+# is written, and on every queued job of the key when its newest snapshot moves.
+HOME = "(SELECT s.host_id FROM snapshots s WHERE s.project = %s AND s.work_item = %s)"
 
 # To change the schema, append a tuple of statements; never edit one that has shipped.
 MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1,)

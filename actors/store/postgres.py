@@ -29,7 +29,7 @@ from actors.store.base import Caps
 from actors.store.cluster import Fenced
 from actors.store.pg_claim import Claim
 from actors.store.pg_cluster import ClusterOps
-from actors.store.pg_schema import HISTORY_ROWS, migrate
+from actors.store.pg_schema import HISTORY_ROWS, HOME, migrate
 from actors.store.pg_session import Conn, PgSession
 from actors.store.rows import COLUMNS, job_of, row_of
 from actors.usage import UsageKey
@@ -95,12 +95,13 @@ class PostgresStore(ClusterOps):
         return self._clock.now()
 
     def add(self, job: Job, note: str | None = None) -> None:
-        columns = (*COLUMNS, "holds_key")
-        marks = ", ".join("%s" for _ in columns)
+        columns = (*COLUMNS, "holds_key", "home")
+        marks = ", ".join("%s" for _ in columns[:-1])
+        key = job.key
         with self._session.transaction() as conn:
             conn.execute(
-                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
-                (*_row(job), job.state.value in _HOLDING),
+                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks}, {HOME})",  # noqa: S608
+                (*_row(job), job.state.value in _HOLDING, key.project, key.work_item),
             )
             conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [job.created_at], [note]))
             if job.state is JobState.QUEUED:
@@ -119,8 +120,9 @@ class PostgresStore(ClusterOps):
             if current["attempt"] != job.attempt:
                 raise Fenced(job.id, job.attempt)
             conn.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = %s AND attempt = %s",  # noqa: S608
-                (*_row(job)[1:], holds, job.id, job.attempt),
+                f"UPDATE jobs SET {assignments}, home = {HOME} "  # noqa: S608
+                "WHERE id = %s AND attempt = %s",
+                (*_row(job)[1:], holds, job.key.project, job.key.work_item, job.id, job.attempt),
             )
             if current["state"] != job.state.value:
                 at = self._history_time(job)

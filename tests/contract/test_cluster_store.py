@@ -26,6 +26,8 @@ pytestmark = pytest.mark.postgres
 NOW = 1_800_000_000.0
 LEASE_S = 10.0
 WAIT_S = 30.0
+KEY = SnapshotKey("p", "w")
+OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 Open = Callable[[str], PostgresStore]
 
@@ -57,6 +59,12 @@ def queue(store: PostgresStore, *jobs: Job) -> list[Job]:
     for j in jobs:
         store.add(j, note="submitted")
     return list(jobs)
+
+
+def stored(store: PostgresStore, job_id: str) -> Job:
+    found = store.get(job_id)
+    assert found is not None
+    return found
 
 
 def beat(store: PostgresStore, now: float = NOW) -> None:
@@ -284,8 +292,10 @@ def test_never_two_holders_of_a_key_under_concurrent_claims(open_host: Open) -> 
 # --- locality: work follows its snapshot --------------------------------------------------
 
 
-def snapshot_on(store: PostgresStore, work_item: str, image: str = "sha256:" + "a" * 64) -> None:
-    record = SnapshotRecord(SnapshotKey("p", work_item), "default", store.host_id, image, NOW, None)
+def snapshot_on(
+    store: PostgresStore, work_item: str, image: str = "sha256:" + "a" * 64, at: float = NOW
+) -> None:
+    record = SnapshotRecord(SnapshotKey("p", work_item), "default", store.host_id, image, at, None)
     assert store.record_snapshot(record)
 
 
@@ -340,6 +350,24 @@ def test_a_host_takes_its_local_work_before_older_work(open_host: Open) -> None:
     assert [j.id for j in a.claim(1, NOW, Caps.none())] == [older.id]
 
 
+def test_local_work_follows_its_snapshot_as_it_is_recorded_moved_and_forgotten(
+    open_host: Open,
+) -> None:
+    a, b = open_host("a"), open_host("b")
+    for host in (a, b):
+        beat(host)
+    older, first, second = queue(a, job("other"), job("w"), job("w"))
+    snapshot_on(a, "w", OLD)  # recorded after the jobs were queued
+    assert [j.id for j in a.claim(1, NOW, Caps.none())] == [first.id]
+    a.update(dataclasses.replace(stored(a, first.id), state=JobState.SUCCEEDED, finished_at=NOW))
+    snapshot_on(b, "w", NEW, NOW + 1)  # the key's newest snapshot moves to b
+    assert [j.id for j in b.claim(1, NOW, Caps.none())] == [second.id]
+    b.update(dataclasses.replace(stored(b, second.id), state=JobState.QUEUED, host=None))
+    b.forget_snapshot(KEY, NEW)  # evicted: nobody's local work any more, FIFO again
+    assert [j.id for j in a.claim(1, NOW, Caps.none())] == [older.id]
+    assert [j.id for j in a.claim(1, NOW, Caps.none())] == [second.id]
+
+
 def test_local_work_keeps_its_keys_order_and_backoff(open_host: Open) -> None:
     a = open_host("a")
     snapshot_on(a, "mine")
@@ -351,9 +379,6 @@ def test_local_work_keeps_its_keys_order_and_backoff(open_host: Open) -> None:
 
 
 # --- the snapshot index ---------------------------------------------------------------------
-
-KEY = SnapshotKey("p", "w")
-OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 
 def test_the_newest_snapshot_wins_and_older_copies_are_superseded(open_host: Open) -> None:

@@ -215,6 +215,10 @@ def test_the_claim_walks_indexes_never_the_whole_queue(
         ) as copy:
             for i in range(500):
                 copy.write_row(("p", f"w{i}", "default", "abc"[i % 3], f"sha256:{i:064x}", NOW))
+        conn.execute(
+            "UPDATE jobs j SET home = s.host_id FROM snapshots s "
+            "WHERE s.project = j.project AND s.work_item = j.work_item"
+        )
         conn.execute("ANALYZE")
         params = {
             "now": NOW,
@@ -233,9 +237,10 @@ def test_the_claim_walks_indexes_never_the_whole_queue(
             )
             for name, sql in (("local", pg_claim._LOCAL), ("rest", pg_claim._REST))
         }
-    # Local: one probe of the queue per local snapshot key (a small table may be scanned).
-    assert "Seq Scan on jobs" not in plans["local"], plans["local"]
-    assert "jobs_queue_by_key" in plans["local"], plans["local"]
+    # Local: this host's queued jobs in order, never a probe per snapshot it holds.
+    assert "Seq Scan" not in plans["local"], plans["local"]
+    assert "Sort" not in plans["local"], plans["local"]
+    assert "Index Scan using jobs_home on jobs j" in plans["local"], plans["local"]
     # The rest: a walk of the queue in order that stops at the page, with a
     # lookup per row, never a sort of the queue or a scan of the snapshot index.
     assert "Seq Scan on jobs" not in plans["rest"], plans["rest"]
