@@ -34,7 +34,7 @@ from actors.store.pg_session import Conn, PgSession
 from actors.store.rows import COLUMNS, job_of, row_of
 from actors.usage import UsageKey
 
-__all__ = ["CHANNEL", "PostgresStore"]
+__all__ = ["CHANNEL", "HeldElsewhere", "PostgresStore"]
 
 # NOTIFY'd when work may have become claimable: a job added or re-queued, a key released.
 CHANNEL = "snapyard_jobs"
@@ -44,6 +44,18 @@ _TERMINAL = [s.value for s in JobState if s.terminal]
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"  # noqa: S608 - constant column list
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
 _CHANGES = "SELECT seq, job_id, state, at FROM job_history WHERE seq > %s ORDER BY seq LIMIT %s"
+
+
+class HeldElsewhere(Fenced):
+    """A write to a job that another host of the cluster has claimed."""
+
+    def __init__(self, job_id: str, attempt: int, holder: str) -> None:
+        super().__init__(job_id, attempt)
+        self.holder = holder
+        self.args = (
+            f"job {job_id} is claimed by host {holder}; only that host writes it now "
+            "(this write is dropped)",
+        )
 
 
 def _row(job: Job) -> tuple[Any, ...]:
@@ -108,17 +120,26 @@ class PostgresStore(ClusterOps):
                 conn.execute(_NOTIFY)
 
     def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
-        """Write every field of ``job`` while its attempt is current, else ``Fenced``."""
+        """Write every field of ``job`` while its attempt is current, else ``Fenced``.
+
+        Also ``Fenced`` (``HeldElsewhere``): a job another host has claimed is
+        that host's to write. A write from a copy read while it was queued (a
+        cancel racing a claim elsewhere) would release its key under a running
+        container, or put it back in the queue to run twice.
+        """
         holds = job.state.value in _HOLDING if holds_key is None else holds_key
         assignments = ", ".join(f"{name} = %s" for name in (*COLUMNS[1:], "holds_key"))
         with self._session.transaction() as conn:
             current = conn.execute(
-                "SELECT state, attempt, holds_key FROM jobs WHERE id = %s FOR UPDATE", (job.id,)
+                "SELECT state, attempt, holds_key, host FROM jobs WHERE id = %s FOR UPDATE",
+                (job.id,),
             ).fetchone()
             if current is None:
                 raise KeyError(job.id)
             if current["attempt"] != job.attempt:
                 raise Fenced(job.id, job.attempt)
+            if current["host"] not in (None, self.host_id):
+                raise HeldElsewhere(job.id, job.attempt, current["host"])
             conn.execute(
                 f"UPDATE jobs SET {assignments}, home = {HOME} "  # noqa: S608
                 "WHERE id = %s AND attempt = %s",

@@ -19,7 +19,7 @@ from actors.model import Job, JobSpec, JobState, SnapshotKey
 from actors.store import Caps, Fenced, new_job_id
 from actors.store.cluster import ClusterStore, SnapshotRecord
 from actors.store.pg_schema import RESCUE_LOCK
-from actors.store.postgres import PostgresStore
+from actors.store.postgres import HeldElsewhere, PostgresStore
 
 pytestmark = pytest.mark.postgres
 
@@ -175,6 +175,21 @@ def test_a_late_write_of_a_rescued_attempt_is_fenced_and_changes_nothing(
     assert b.get(running.id) == rescued
     assert [s for s, _, note in b.history(running.id) if note == "a's late outcome"] == []
     assert a.unfinished() == [rescued]  # a adopts nothing of its own any more
+
+
+def test_a_host_cannot_overwrite_a_job_another_host_claimed(open_host: Open) -> None:
+    """A cancel from a's copy of a queued job races b's claim of it: b's run
+    must keep its key and its state, and a learns the write was dropped."""
+    a, b = open_host("a"), open_host("b")
+    (queued,) = queue(a, job())
+    (claimed,) = b.claim(1, NOW, Caps.none())
+    cancel = dataclasses.replace(queued, state=JobState.CANCELLED, finished_at=NOW)
+    with pytest.raises(Fenced, match="claimed by host b") as refused:
+        a.update(cancel)
+    assert isinstance(refused.value, HeldElsewhere)
+    assert refused.value.holder == "b"
+    assert a.get(queued.id) == claimed
+    b.update(dataclasses.replace(claimed, state=JobState.RUNNING, started_at=NOW))
 
 
 def test_rescue_frees_the_key_of_a_dead_hosts_cancelled_holder(open_host: Open) -> None:
