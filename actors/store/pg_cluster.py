@@ -11,13 +11,11 @@ from collections.abc import Collection
 
 from actors.model import Job, SnapshotKey
 from actors.store.cluster import HostInfo, SnapshotRecord
-from actors.store.pg_schema import HISTORY_ROWS, RESCUE_LOCK
+from actors.store.pg_schema import HISTORY_ROWS, NOTIFY, RESCUE_LOCK
 from actors.store.pg_session import PgSession
 from actors.store.rows import COLUMNS, job_of
 
 __all__ = ["ClusterOps"]
-
-_NOTIFY = "SELECT pg_notify('snapyard_jobs', '')"
 
 # Starting and running jobs of every host whose lease has ended go back to the
 # queue with a new attempt; the CTE remembers which host each one was on.
@@ -126,7 +124,7 @@ class ClusterOps:
                     ),
                 )
             if rows:
-                conn.execute(_NOTIFY)
+                conn.execute(NOTIFY)
         return sorted((job_of(row) for row in rows), key=lambda job: (job.created_at, job.id))
 
     # --- the snapshot index -----------------------------------------------

@@ -17,10 +17,12 @@ import psycopg
 from actors.store.base import StoreError
 
 __all__ = [
+    "CHANNEL",
     "CLAIM_LOCK",
     "HISTORY_ROWS",
     "HOME",
     "MIGRATIONS",
+    "NOTIFY",
     "RESCUE_LOCK",
     "SCHEMA_VERSION",
     "migrate",
@@ -139,6 +141,10 @@ _SCHEMA_V1 = (
     )
     """,
 )
+
+# NOTIFY'd when work may have become claimable: a job added or re-queued, a key released.
+CHANNEL = "snapyard_jobs"
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
 
 # The ``home`` of a job of a key: set from the snapshot index whenever the job
 # is written, and on every queued job of the key when its newest snapshot moves.

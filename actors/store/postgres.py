@@ -29,20 +29,16 @@ from actors.store.base import Caps
 from actors.store.cluster import Fenced
 from actors.store.pg_claim import Claim
 from actors.store.pg_cluster import ClusterOps
-from actors.store.pg_schema import HISTORY_ROWS, HOME, migrate
+from actors.store.pg_schema import CHANNEL, HISTORY_ROWS, HOME, NOTIFY, migrate
 from actors.store.pg_session import Conn, PgSession
-from actors.store.rows import COLUMNS, job_of, row_of
+from actors.store.rows import COLUMNS, history_time, job_of, row_of
 from actors.usage import UsageKey
 
 __all__ = ["CHANNEL", "HeldElsewhere", "PostgresStore"]
 
-# NOTIFY'd when work may have become claimable: a job added or re-queued, a key released.
-CHANNEL = "snapyard_jobs"
-
 _HOLDING = (JobState.STARTING.value, JobState.RUNNING.value)
 _TERMINAL = [s.value for s in JobState if s.terminal]
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"  # noqa: S608 - constant column list
-_NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
 _CHANGES = "SELECT seq, job_id, state, at FROM job_history WHERE seq > %s ORDER BY seq LIMIT %s"
 
 
@@ -98,14 +94,6 @@ class PostgresStore(ClusterOps):
     def batch(self) -> contextlib.AbstractContextManager[None]:
         return self._session.batch()
 
-    def _history_time(self, job: Job) -> float:
-        """The moment of a transition, from the job when it says so (as SQLite does)."""
-        if job.state.terminal and job.finished_at is not None:
-            return job.finished_at
-        if job.state is JobState.RUNNING and job.started_at is not None:
-            return job.started_at
-        return self._clock.now()
-
     def add(self, job: Job, note: str | None = None) -> None:
         columns = (*COLUMNS, "holds_key", "home")
         marks = ", ".join("%s" for _ in columns[:-1])
@@ -117,7 +105,7 @@ class PostgresStore(ClusterOps):
             )
             conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [job.created_at], [note]))
             if job.state is JobState.QUEUED:
-                conn.execute(_NOTIFY)
+                conn.execute(NOTIFY)
 
     def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
         """Write every field of ``job`` while its attempt is current, else ``Fenced``.
@@ -146,11 +134,11 @@ class PostgresStore(ClusterOps):
                 (*_row(job)[1:], holds, job.key.project, job.key.work_item, job.id, job.attempt),
             )
             if current["state"] != job.state.value:
-                at = self._history_time(job)
+                at = history_time(job, self._clock)
                 conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [at], [note]))
             requeued = job.state is JobState.QUEUED and current["state"] != job.state.value
             if requeued or (current["holds_key"] and not holds):
-                conn.execute(_NOTIFY)
+                conn.execute(NOTIFY)
 
     def claim(
         self,
