@@ -30,7 +30,7 @@ from actors.store.cluster import Fenced
 from actors.store.pg_claim import Claim
 from actors.store.pg_cluster import ClusterOps
 from actors.store.pg_schema import CHANNEL, HISTORY_ROWS, HOME, NOTIFY, migrate
-from actors.store.pg_session import Conn, PgSession
+from actors.store.pg_session import IDLE_IN_TRANSACTION_S, Conn, PgSession
 from actors.store.rows import COLUMNS, history_time, job_of, row_of
 from actors.usage import UsageKey
 
@@ -72,11 +72,15 @@ class PostgresStore(ClusterOps):
         host_id: str,
         clock: Clock | None = None,
         locality_wait_s: float = 10.0,
+        *,
+        idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
+        """``idle_in_transaction_s``: how long the server lets this host's session
+        sit in an open transaction (a frozen host) before it ends it."""
         self.host_id = host_id
         self._clock = clock or SystemClock()
         self._locality_wait_s = locality_wait_s
-        self._session = PgSession(database_url)
+        self._session = PgSession(database_url, idle_in_transaction_s)
         self._draining = False
         self._heartbeats = 0  # the first one of this process sets started_at
         self._listen_lock = threading.Lock()

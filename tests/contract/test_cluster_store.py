@@ -157,6 +157,26 @@ def test_only_the_election_winner_rescues(open_host: Open, postgres_url: str) ->
     assert [j.id for j in b.rescue_expired(later)] == [claimed.id]
 
 
+def test_hosts_rescuing_at_once_rescue_each_job_once(open_host: Open) -> None:
+    a = open_host("a")
+    beat(a)
+    queue(a, *(job(f"w{i}") for i in range(20)))
+    claimed = a.claim(20, NOW, Caps.none())
+    rescuers = [open_host(f"r{i}") for i in range(3)]
+    rescued: list[Job] = []
+    lock = threading.Lock()
+
+    def rescue(store: PostgresStore) -> None:
+        for _ in range(5):
+            got = store.rescue_expired(NOW + LEASE_S + 1)
+            with lock:
+                rescued.extend(got)
+
+    assert claim_from_threads(rescuers, rescue) == []
+    assert sorted(j.id for j in rescued) == sorted(j.id for j in claimed)
+    assert {j.attempt for j in rescued} == {1}
+
+
 def test_a_late_write_of_a_rescued_attempt_is_fenced_and_changes_nothing(
     open_host: Open,
 ) -> None:

@@ -295,3 +295,30 @@ def test_a_database_of_a_newer_snapyard_is_refused(server: LocalPostgres) -> Non
     with pytest.raises(StoreError, match="Upgrade Snapyard") as refused:
         PostgresStore(url, "a", FakeClock(NOW))
     assert f"127.0.0.1:{server.port}/newer" in str(refused.value)
+
+
+def test_a_host_frozen_inside_a_transaction_does_not_hold_up_the_others(
+    server: LocalPostgres,
+) -> None:
+    """A host stopped (SIGSTOP, a cut cable) mid-batch holds the history lock:
+    the server ends its session after idle_in_transaction_s, the others go on,
+    and the frozen host learns its batch was lost."""
+    frozen = PostgresStore(server.url, "a", FakeClock(NOW), idle_in_transaction_s=0.5)
+    other = PostgresStore(server.url, "b", FakeClock(NOW))
+    first, second = job("a"), job("b")
+    try:
+
+        def freeze_inside_a_batch() -> None:
+            with frozen.batch():
+                frozen.add(first)  # holds the history lock until its commit
+                writer = threading.Thread(target=other.add, args=(second,))
+                writer.start()
+                writer.join(timeout=30)  # the server ends a's session; b's write goes through
+                assert not writer.is_alive()
+
+        with pytest.raises(StoreUnavailable, match="idle-in-transaction"):
+            freeze_inside_a_batch()
+        assert other.job_ids() == {second.id}
+    finally:
+        frozen.close()
+        other.close()
