@@ -70,11 +70,15 @@ class PgSession:
         # A host frozen or cut off inside a transaction holds its locks (the
         # claim's, history's) until the server notices: the server ends such a
         # session after this long, and a waiter gives up after LOCK_WAIT_S.
+        # Generic plans: psycopg prepares a statement on its 5th use, and at
+        # 100k queued jobs the server then re-planned the claim on every use
+        # (0.65 ms against 0.35 ms; the plan is the same index walk either way).
         self._options = {
             **_CONNECT_OPTIONS,
             "options": (
                 f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_s * 1000)} "
-                f"-c lock_timeout={int(LOCK_WAIT_S * 1000)}"
+                f"-c lock_timeout={int(LOCK_WAIT_S * 1000)} "
+                "-c plan_cache_mode=force_generic_plan"
             ),
         }
         self.where = describe(url)
