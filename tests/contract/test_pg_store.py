@@ -77,6 +77,19 @@ def test_a_stopped_server_raises_store_unavailable_until_it_is_back(
     assert [j.id for j in store.claim(1, NOW, Caps.none())] == [queued.id]
 
 
+def test_a_batch_after_a_restart_starts_on_a_new_connection(
+    server: LocalPostgres, store: PostgresStore
+) -> None:
+    """Nothing ran on the dead idle connection yet: the batch's BEGIN retries once,
+    so the Supervisor's next message is not lost to a restart it did not see."""
+    first, second = job("a"), job("b")
+    store.add(first)
+    server.restart()
+    with store.batch():
+        store.add(second)
+    assert store.job_ids() == {first.id, second.id}
+
+
 def test_a_connection_lost_inside_a_batch_rolls_it_back_and_says_so(
     server: LocalPostgres, store: PostgresStore
 ) -> None:
