@@ -1,0 +1,1 @@
+"""Snapyard across several hosts: leases, the snapshot index and the registry."""
