@@ -15,11 +15,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+
+from actors.localcluster._process import free_port
 
 __all__ = ["LocalPostgres", "LocalPostgresError", "find_bin_dir"]
 
@@ -43,13 +44,6 @@ def find_bin_dir(version: str = "15") -> Path:
             "run `make setup`, or `sudo apt-get install postgresql`"
         )
     return Path(found[-1]).parent
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (another process may take it later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class LocalPostgres:
