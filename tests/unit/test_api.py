@@ -8,6 +8,7 @@ small fake facade covers what the real one cannot be made to do on demand
 from __future__ import annotations
 
 import dataclasses
+import gc
 import http.client
 import json
 import threading
@@ -112,6 +113,14 @@ def make_snapshot(project: str = "p", work_item: str = "w") -> Snapshot:
         layers=3,
         own_bytes=234,
     )
+
+
+@pytest.fixture
+def thawed_heap() -> Iterator[None]:
+    """Attaching an app freezes the heap (``freeze_startup_heap``), as it must in
+    ``snapyard run``; a test process thaws it again so its garbage is collected."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
@@ -688,7 +697,9 @@ def test_metrics_exposes_the_documented_families(live: Served) -> None:
     )
 
 
-def test_requests_are_counted_by_route_template_once_the_app_is_attached(fake: FakeApp) -> None:
+def test_requests_are_counted_by_route_template_once_the_app_is_attached(
+    fake: FakeApp, thawed_heap: None
+) -> None:
     with ApiServer(None, ApiSettings(host="127.0.0.1", port=0)) as server:
         status, _, _ = raw(server, "GET", "/jobs")
         assert status == 503  # still starting: no app, so no registry to count in

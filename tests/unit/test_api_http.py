@@ -7,6 +7,7 @@ client library smooths it over) against a server with a fake facade.
 from __future__ import annotations
 
 import contextlib
+import gc
 import http.client
 import json
 import logging
@@ -287,3 +288,21 @@ def test_stop_ends_while_a_client_holds_a_connection(fake: FakeApp) -> None:
         assert done.wait(15.0), "stop() must not wait on an idle client"
     finally:
         held.close()
+
+
+def test_attaching_the_app_freezes_the_startup_heap(fake: FakeApp) -> None:
+    """Found profiling /healthz under wrk -c50: full collections of the started
+    supervisor's ~46,000 objects held the GIL 25-36 ms about once a second, and
+    were the p99. ``snapyard run`` attaches its app once it runs, so attach is
+    where the heap is frozen; without it every object here stays collectable."""
+    gc.unfreeze()
+    long_lived = {"built": "while starting"}
+    try:
+        with ApiServer(None, ApiSettings(host="127.0.0.1", port=0)) as server:
+            assert gc.get_freeze_count() == 0
+            server.attach(fake)
+            assert gc.get_freeze_count() > 0
+            assert not any(obj is long_lived for obj in gc.get_objects())  # frozen: not walked
+            assert raw(server, "GET", "/healthz")[0] == 200
+    finally:
+        gc.unfreeze()  # this test process's garbage is collected again
