@@ -232,7 +232,10 @@ def openapi_document() -> dict[str, Any]:
                 "Submit a job",
                 {
                     "201": _json(job, "the queued job"),
-                    "400": _error("not JSON, or not Content-Type: application/json"),
+                    "400": _error(
+                        "not JSON, not Content-Type: application/json, or a key given "
+                        "twice (`field` names it)"
+                    ),
                     "408": _error("the body did not arrive in time"),
                     "411": _error("no Content-Length"),
                     "413": _error("the body is over 1 MiB"),

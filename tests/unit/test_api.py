@@ -310,6 +310,24 @@ def test_malformed_json_is_400_with_a_clear_message(fake_server: ApiServer) -> N
     assert body["error"].startswith("the body is not valid JSON")
 
 
+def test_a_key_given_twice_is_400_naming_it(fake_server: ApiServer, fake: FakeApp) -> None:
+    """Found by a newcomer: ``{"project": "a", "project": "b"}`` queued a job for
+    "b" (the last one won), which a proxy or reader keeping the first calls "a"."""
+    for body, key in (
+        (b'{"project": "a", "work_item": "w", "project": "b"}', "project"),
+        (b'{"project": "p", "work_item": "w", "env": {"K": "1", "K": "2"}}', "K"),
+    ):
+        status, _, answer = raw(
+            fake_server, "POST", "/jobs", body, {"Content-Type": "application/json"}
+        )
+        assert status == 400, answer
+        assert answer == {
+            "error": f"the body gives the key {key!r} more than once; give each key once",
+            "field": key,
+        }
+    assert fake.submitted == []
+
+
 def test_wrong_content_type_is_400(fake_server: ApiServer) -> None:
     status, _, body = raw(
         fake_server, "POST", "/jobs", b"project=p", {"Content-Type": "text/plain"}

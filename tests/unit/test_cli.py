@@ -156,6 +156,9 @@ def test_invalid_input_is_a_usage_error_naming_the_field(live: Served) -> None:
     run = cli("submit", "--project", "p", "--work-item", "w", "--env", "SNAPYARD_X=1")
     assert run.code == 2
     assert "SNAPYARD_X is reserved" in run.err
+    run = cli("submit", "--project", "p", "--work-item", "w", "--env", "K=1", "--env", "K=2")
+    assert run.code == 2  # as the API refuses a key given twice; last-wins was a guess
+    assert run.err == "snapyard: --env #2: K is already set by --env #1; give it once\n"
     assert live.app.jobs() == []
 
 
