@@ -41,6 +41,7 @@ from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.settings import Settings
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
 from actors.wire import WireError, job_json, snapshot_json, spec_from_json
@@ -67,6 +68,10 @@ class Facade(Protocol):
     # The app's metrics: /metrics serves their registry, requests are counted there.
     @property
     def metrics(self) -> Metrics: ...
+
+    # A submission may name only a configured agent type ([agent_types.NAME]).
+    @property
+    def settings(self) -> Settings: ...
 
     # Following a job's output reads the engine; /events reads the store's history.
     @property
@@ -104,6 +109,25 @@ def _unprocessable(exc: InvalidJob | WireError) -> HttpError:
     if isinstance(exc, WireError):
         return HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message, exc.field)
     return HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{exc.field} {exc.problem}", exc.field)
+
+
+def check_agent_type(spec: JobSpec, settings: Settings) -> None:
+    """Refuse an agent type with no ``[agent_types.NAME]`` table (``default`` needs none).
+
+    A project is only a name, so an unknown one runs (unless
+    ``supervisor.allow_unknown_projects`` is false). An agent type exists to
+    pick an image and limits: one without a table would run silently on the
+    defaults, which is what a typo (``--agent-type reveiw``) looks like.
+    """
+    name = spec.agent_type
+    if name == "default" or name in settings.agent_types:
+        return
+    known = ", ".join(["default", *sorted(set(settings.agent_types) - {"default"})])
+    raise InvalidJob(
+        "agent_type",
+        f"{name!r} is not a configured agent type: add an [agent_types.{name}] table to the "
+        f"configuration (an empty one runs it on the defaults); known agent types: {known}",
+    )
 
 
 async def _job_or_404(app: Facade, job_id: str) -> Job:
@@ -234,6 +258,7 @@ class ApiApp:
     async def submit(self, call: Call, app: Facade) -> _Answer:
         try:
             spec = spec_from_json(await read_json(call))
+            check_agent_type(spec, app.settings)
         except (WireError, InvalidJob) as exc:
             raise _unprocessable(exc) from None
         try:

@@ -130,7 +130,10 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "project": ident,
                 "work_item": ident,
-                "agent_type": ident,
+                "agent_type": {
+                    **ident,
+                    "description": "`default`, or one with an [agent_types.NAME] table (422 if not)",
+                },
                 "command": {
                     "type": "array",
                     "items": {"type": "string"},

@@ -30,7 +30,13 @@ from actors.api_routes import MAX_BODY_BYTES
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.metrics import Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
-from actors.settings import ApiSettings, SentrySettings, SettingsError
+from actors.settings import (
+    AgentTypeSettings,
+    ApiSettings,
+    SentrySettings,
+    Settings,
+    SettingsError,
+)
 from actors.store import new_job_id
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS, iso_time, job_json, snapshot_json
@@ -49,6 +55,7 @@ class FakeApp:
         self.submitted: list[JobSpec] = []
         self.lock = threading.Lock()
         self.metrics = Metrics.unscraped()
+        self.settings = Settings(agent_types={"review": AgentTypeSettings()})
 
     def submit(self, spec: JobSpec) -> Job:
         with self.lock:
@@ -328,6 +335,30 @@ def test_a_key_given_twice_is_400_naming_it(fake_server: ApiServer, fake: FakeAp
     assert fake.submitted == []
 
 
+def test_an_unknown_agent_type_is_422_listing_the_known_ones(
+    fake_server: ApiServer, fake: FakeApp
+) -> None:
+    """Found by a newcomer: agent_type "reveiw" (no [agent_types.reveiw] table)
+    ran silently on the default image and limits."""
+    status, _, body = post_json(
+        fake_server, "/jobs", {"project": "p", "work_item": "w", "agent_type": "reveiw"}
+    )
+    assert status == 422
+    assert body == {
+        "error": "agent_type 'reveiw' is not a configured agent type: add an "
+        "[agent_types.reveiw] table to the configuration (an empty one runs it on the "
+        "defaults); known agent types: default, review",
+        "field": "agent_type",
+    }
+    assert fake.submitted == []
+    for known in ("default", "review"):  # default needs no table
+        status, _, body = post_json(
+            fake_server, "/jobs", {"project": "p", "work_item": "w", "agent_type": known}
+        )
+        assert status == 201, body
+    assert [spec.agent_type for spec in fake.submitted] == ["default", "review"]
+
+
 def test_wrong_content_type_is_400(fake_server: ApiServer) -> None:
     status, _, body = raw(
         fake_server, "POST", "/jobs", b"project=p", {"Content-Type": "text/plain"}
@@ -395,7 +426,7 @@ SECRET = "hunter2-very-secret-value"
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Served]:
-    with served(tmp_path) as s:
+    with served(tmp_path, agent_types={"review": AgentTypeSettings()}) as s:
         yield s
 
 
@@ -770,7 +801,7 @@ def test_sentry_gets_a_tagged_event_without_the_secret_when_the_base_image_is_go
 ) -> None:
     transport = RecordingTransport()
     try:
-        with served(tmp_path) as live:
+        with served(tmp_path, agent_types={"review": AgentTypeSettings()}) as live:
             sentry = SentrySettings(dsn="https://public@127.0.0.1/1")
             setup_sentry(sentry, transport=transport, secrets=live.app.secrets)
             live.engine.delete_image_behind_back(BASE_TAG)
