@@ -9,7 +9,6 @@ an actor), so it runs on the thread pool, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from actors.api_health import HealthCache
 from actors.api_http import (
     BODY_TIMEOUT_S,
     JSON_TYPE,
@@ -154,7 +154,7 @@ class ApiApp:
         self.closing = threading.Event()
         self.followers = Followers()
         self._feed: ChangeFeed | None = None
-        self._health: asyncio.Future[tuple[bool, str]] | None = None
+        self.health_cache = HealthCache()
 
     def close(self) -> None:
         self.closing.set()
@@ -349,11 +349,8 @@ class ApiApp:
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
 
     async def health(self, call: Call, app: Facade) -> _Answer:
-        # Probes that arrive while a check runs share its answer (single flight):
-        # under a probe storm the supervisor is asked once per check, not per probe.
-        if self._health is None or self._health.done():
-            self._health = asyncio.ensure_future(run_in_threadpool(app.health))
-        ok, reason = await asyncio.shield(self._health)
+        # From a check at most a second old: a probe storm never waits on one.
+        ok, reason = await self.health_cache.answer(app.health)
         if ok:
             return HTTPStatus.OK, {"ok": True, "reason": reason}
         return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, **error_body(reason)}

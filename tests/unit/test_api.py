@@ -56,6 +56,7 @@ class FakeApp:
         self.lock = threading.Lock()
         self.metrics = Metrics.unscraped()
         self.settings = Settings(agent_types={"review": AgentTypeSettings()})
+        self.health_checks = 0
 
     def submit(self, spec: JobSpec) -> Job:
         with self.lock:
@@ -105,6 +106,7 @@ class FakeApp:
         return evicted
 
     def health(self) -> tuple[bool, str]:
+        self.health_checks += 1
         return self.healthy
 
 

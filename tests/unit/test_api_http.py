@@ -24,6 +24,7 @@ from uvicorn.server import ServerState
 from waiting import eventually
 
 from actors.api import ApiServer
+from actors.api_health import HealthCache
 from actors.api_protocol import protocol_class
 from actors.api_routes import ApiApp
 from actors.settings import ApiSettings, SentrySettings
@@ -372,3 +373,46 @@ def test_a_response_leaves_in_one_write(fake: FakeApp) -> None:
     assert writes[0].endswith(b'"ok": true, "reason": "engine answers; actors alive"}\n')
     assert writes[1].startswith(b"HTTP/1.1 404 ")
     assert writes[1].endswith(b'"field": "id"}\n')
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_probe_storm_is_answered_from_a_recent_check_without_waiting_on_one(
+    server: ApiServer, fake: FakeApp
+) -> None:
+    """Found profiling /healthz under wrk -c50: every check crossed three threads
+    (pool, supervisor, back), and probes queued behind the slow ones made the p99.
+    An answer serves every probe for a second; at half that, a probe starts a
+    fresh check in the background; older than a second, a probe waits for one."""
+    clock = FakeClock()
+    server.app.health_cache = HealthCache(ttl_s=1.0, clock=clock)
+    with contextlib.closing(
+        http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    ) as conn:
+
+        def probe() -> int:
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+
+        assert probe() == 200
+        assert fake.health_checks == 1
+        fake.healthy = (False, "engine unreachable")
+        clock.now = 0.4
+        assert [probe() for _ in range(50)] == [200] * 50  # one check, none waited on
+        assert fake.health_checks == 1
+        clock.now = 0.6  # half the TTL: answered at once, a check starts behind it
+        assert probe() == 200
+        eventually(lambda: fake.health_checks, lambda n: n == 2, "a refresh in the background")
+        eventually(probe, lambda status: status == 503, "the refreshed answer")
+        fake.healthy = (True, "engine answers; actors alive")
+        clock.now = 1.7  # the last check (started at 0.6) is over a second old: wait for one
+        assert probe() == 200
+        assert fake.health_checks == 3
