@@ -26,7 +26,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-__all__ = ["JsonH11Protocol", "protocol_class"]
+__all__ = ["JsonH11Protocol", "OneWrite", "protocol_class"]
 
 log = logging.getLogger("actors.api")
 
@@ -44,7 +44,12 @@ class _RecordingConnection(h11.Connection):
             raise
 
 
-class _OneWrite:
+# Past this many held bytes a write goes out at once, so a stream that sends a
+# large backlog in one turn meets the transport's flow control (pause_writing).
+_HOLD_BYTES = 64 * 1024
+
+
+class OneWrite:
     """The transport as one response's cycle sees it: its writes are joined and
     sent once, when the response is complete (``flush``), or on the loop's next
     turn, so a stream's head and chunks are never held back."""
@@ -53,6 +58,7 @@ class _OneWrite:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._held = 0
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -60,11 +66,15 @@ class _OneWrite:
         if not self._pending:
             self._loop.call_soon(self.flush)
         self._pending.append(data)
+        self._held += len(data)
+        if self._held >= _HOLD_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
+            self._held = 0
             if not self._transport.is_closing():
                 self._transport.write(data)
 
@@ -108,13 +118,13 @@ class JsonH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         super().handle_events()
         cycle = self.cycle
-        if cycle is not None and not isinstance(cycle.transport, _OneWrite):
+        if cycle is not None and not isinstance(cycle.transport, OneWrite):
             # Before its task first runs: nothing has been written yet.
-            cycle.transport = _OneWrite(self.transport, self.loop)  # type: ignore[assignment]
+            cycle.transport = OneWrite(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         # The whole answer leaves before the next pipelined request is read.
-        if self.cycle is not None and isinstance(self.cycle.transport, _OneWrite):
+        if self.cycle is not None and isinstance(self.cycle.transport, OneWrite):
             self.cycle.transport.flush()
         super().on_response_complete()
 

@@ -25,7 +25,7 @@ from waiting import eventually
 
 from actors.api import ApiServer
 from actors.api_health import HealthCache
-from actors.api_protocol import protocol_class
+from actors.api_protocol import OneWrite, protocol_class
 from actors.api_routes import ApiApp
 from actors.settings import ApiSettings, SentrySettings
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
@@ -416,3 +416,23 @@ def test_a_probe_storm_is_answered_from_a_recent_check_without_waiting_on_one(
         clock.now = 1.7  # the last check (started at 0.6) is over a second old: wait for one
         assert probe() == 200
         assert fake.health_checks == 3
+
+
+def test_a_large_answer_is_not_held_back_from_flow_control(fake: FakeApp) -> None:
+    """What one response writes is held only up to 64 KiB: past that it leaves,
+    so a stream's large backlog meets the transport's pause_writing."""
+
+    async def big_answer() -> list[bytes]:
+        transport = WriteRecorder()
+        loop = asyncio.get_running_loop()
+        one = OneWrite(transport, loop)
+        one.write(b"h" * 100)
+        assert transport.writes == []  # held until the answer is complete
+        for _ in range(3):
+            one.write(b"x" * 40_000)
+        assert [len(w) for w in transport.writes] == [80_100]
+        one.close()
+        return transport.writes
+
+    writes = asyncio.run(big_answer())
+    assert [len(w) for w in writes] == [80_100, 40_000]
