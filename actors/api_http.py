@@ -4,7 +4,7 @@ Routes (``actors.api_routes``) raise ``HttpError`` and return bodies; this
 module turns both into responses with the README's error shape,
 ``{"error": "...", "field": ... | null}``, and reads request bodies under the
 README's rules (411 without a length, 413 past 1 MiB before reading, 400 for
-anything that is not a JSON document).
+anything that is not a JSON document, or that gives a key twice).
 """
 
 from __future__ import annotations
@@ -129,6 +129,26 @@ class Call:
         return values[0]
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a repeated key: ``json`` keeps the last
+    silently, and a proxy or a log reader that keeps the first would see
+    another job than the one that runs."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 async def read_json(call: Call) -> object:
     """The body as JSON, under the README's rules; raises HttpError."""
     headers = call.request.headers
@@ -163,7 +183,13 @@ async def read_json(call: Call) -> object:
             f"the body must be JSON with Content-Type: application/json, not {ctype or 'none'!r}",
         )
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise HttpError(
+            HTTPStatus.BAD_REQUEST,
+            f"the body gives the key {exc.key!r} more than once; give each key once",
+            exc.key,
+        ) from None
     except UnicodeDecodeError:
         raise HttpError(HTTPStatus.BAD_REQUEST, "the body is not UTF-8") from None
     except json.JSONDecodeError as exc:

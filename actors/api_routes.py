@@ -9,7 +9,6 @@ an actor), so it runs on the thread pool, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from actors.api_health import HealthCache
 from actors.api_http import (
     BODY_TIMEOUT_S,
     JSON_TYPE,
@@ -41,6 +41,7 @@ from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.settings import Settings
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
 from actors.wire import WireError, job_json, snapshot_json, spec_from_json
@@ -67,6 +68,10 @@ class Facade(Protocol):
     # The app's metrics: /metrics serves their registry, requests are counted there.
     @property
     def metrics(self) -> Metrics: ...
+
+    # A submission may name only a configured agent type ([agent_types.NAME]).
+    @property
+    def settings(self) -> Settings: ...
 
     # Following a job's output reads the engine; /events reads the store's history.
     @property
@@ -106,6 +111,25 @@ def _unprocessable(exc: InvalidJob | WireError) -> HttpError:
     return HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{exc.field} {exc.problem}", exc.field)
 
 
+def check_agent_type(spec: JobSpec, settings: Settings) -> None:
+    """Refuse an agent type with no ``[agent_types.NAME]`` table (``default`` needs none).
+
+    A project is only a name, so an unknown one runs (unless
+    ``supervisor.allow_unknown_projects`` is false). An agent type exists to
+    pick an image and limits: one without a table would run silently on the
+    defaults, which is what a typo (``--agent-type reveiw``) looks like.
+    """
+    name = spec.agent_type
+    if name == "default" or name in settings.agent_types:
+        return
+    known = ", ".join(["default", *sorted(set(settings.agent_types) - {"default"})])
+    raise InvalidJob(
+        "agent_type",
+        f"{name!r} is not a configured agent type: add an [agent_types.{name}] table to the "
+        f"configuration (an empty one runs it on the defaults); known agent types: {known}",
+    )
+
+
 async def _job_or_404(app: Facade, job_id: str) -> Job:
     job = await run_in_threadpool(app.get, job_id)
     if job is None:
@@ -130,7 +154,7 @@ class ApiApp:
         self.closing = threading.Event()
         self.followers = Followers()
         self._feed: ChangeFeed | None = None
-        self._health: asyncio.Future[tuple[bool, str]] | None = None
+        self.health_cache = HealthCache()
 
     def close(self) -> None:
         self.closing.set()
@@ -234,6 +258,7 @@ class ApiApp:
     async def submit(self, call: Call, app: Facade) -> _Answer:
         try:
             spec = spec_from_json(await read_json(call))
+            check_agent_type(spec, app.settings)
         except (WireError, InvalidJob) as exc:
             raise _unprocessable(exc) from None
         try:
@@ -324,11 +349,8 @@ class ApiApp:
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
 
     async def health(self, call: Call, app: Facade) -> _Answer:
-        # Probes that arrive while a check runs share its answer (single flight):
-        # under a probe storm the supervisor is asked once per check, not per probe.
-        if self._health is None or self._health.done():
-            self._health = asyncio.ensure_future(run_in_threadpool(app.health))
-        ok, reason = await asyncio.shield(self._health)
+        # From a check at most a second old: a probe storm never waits on one.
+        ok, reason = await self.health_cache.answer(app.health)
         if ok:
             return HTTPStatus.OK, {"ok": True, "reason": reason}
         return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "reason": reason, **error_body(reason)}

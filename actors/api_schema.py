@@ -35,14 +35,24 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
-# Statuses every route may answer besides its own.
+# Statuses every route may answer besides its own. 405 belongs to a path, not
+# to an operation, but OpenAPI has no place for it there: every operation of a
+# path lists it, and its Allow header names the path's methods.
 _COMMON = {
-    "400": _error("the path or query is not valid UTF-8"),
+    "400": _error(
+        "a malformed HTTP request (conflicting Content-Length headers too), "
+        "or a path or query that is not valid UTF-8"
+    ),
     "401": {
         **_error("no valid bearer token (only when api.token is set)"),
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
+    "405": {
+        **_error("a method this path does not serve; Allow lists the ones it does"),
+        "headers": {"Allow": {"required": True, "schema": {"type": "string"}}},
+    },
     "414": _error("the request target is over 8 KiB"),
+    "431": _error("the request headers are over 16 KiB"),
     "500": _error("an internal error; the supervisor's log has the detail"),
     "503": _error("the supervisor is starting, stopped or not answering"),
 }
@@ -120,7 +130,10 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "project": ident,
                 "work_item": ident,
-                "agent_type": ident,
+                "agent_type": {
+                    **ident,
+                    "description": "`default`, or one with an [agent_types.NAME] table (422 if not)",
+                },
                 "command": {
                     "type": "array",
                     "items": {"type": "string"},
@@ -222,7 +235,10 @@ def openapi_document() -> dict[str, Any]:
                 "Submit a job",
                 {
                     "201": _json(job, "the queued job"),
-                    "400": _error("not JSON, or not Content-Type: application/json"),
+                    "400": _error(
+                        "not JSON, not Content-Type: application/json, or a key given "
+                        "twice (`field` names it)"
+                    ),
                     "408": _error("the body did not arrive in time"),
                     "411": _error("no Content-Length"),
                     "413": _error("the body is over 1 MiB"),

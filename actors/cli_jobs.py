@@ -167,11 +167,20 @@ def _speaks_api(command: Command) -> Command:
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
     env: dict[str, str] = {}
+    first: dict[str, int] = {}
     for number, pair in enumerate(pairs, start=1):
         name, sep, value = pair.partition("=")
         if not sep or not name:
             # Never echo the argument: `--env "$TOKEN"` is the usual slip.
             raise CliError(f"--env #{number}: expected NAME=VALUE", EXIT_USAGE)
+        if name in first:
+            # As the API refuses a repeated JSON key: which one was meant is a guess.
+            raise CliError(
+                f"--env #{number}: {name} is already set by --env #{first[name]}; give it once",
+                EXIT_USAGE,
+                "env",
+            )
+        first[name] = number
         env[name] = value
     return env
 

@@ -2,7 +2,9 @@
 
 ``python -m bench.api_serve PORT`` serves until SIGTERM/SIGINT; point ``wrk``
 or ``ab -k`` at ``/healthz``. The MemoryEngine keeps Docker out of the figure:
-what is measured is the API stack plus one supervisor ask per request.
+what is measured is the API stack plus one supervisor ask per request. The
+server is bound first and the app attached once it runs, as ``snapyard run``
+does (attaching freezes the startup heap, which the figure depends on).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ def main(port: int) -> None:
             supervisor={"data_dir": data_dir},
             api={"host": "127.0.0.1", "port": port, "token": ""},
         )
+        server = ApiServer(None, settings.api)
         app = Snapyard(settings, engine=engine).start()
         try:
-            with ApiServer(app, settings.api) as server:
+            with server:
+                server.attach(app)
                 print(f"serving {server.url}", flush=True)
                 stop.wait()
         finally:

@@ -25,11 +25,13 @@ from hypothesis import strategies as st
 from waiting import eventually
 
 from actors.api import ApiServer
+from actors.api_routes import check_agent_type
 from actors.app import Snapyard
 from actors.engine.memory import MemoryContainer, MemoryEngine
 from actors.labels import LABEL_ROLE
 from actors.model import MAX_ID_LENGTH, InvalidJob, JobSpec, validate_spec
 from actors.naming import snapshot_image_name
+from actors.settings import Settings
 
 BASE_TAG = "snapyard-worker:latest"
 FIELDS = {"project", "work_item", "agent_type", "command", "env", "timeout_s"}
@@ -114,7 +116,10 @@ def _post(server: ApiServer, body: dict[str, Any]) -> tuple[int, dict[str, Any]]
 
 def _validate(body: dict[str, Any]) -> JobSpec | InvalidJob:
     try:
-        return validate_spec(**body)
+        spec = validate_spec(**body)
+        # The server has no [agent_types.NAME] table: any agent type but "default" is refused.
+        check_agent_type(spec, Settings())
+        return spec
     except InvalidJob as exc:
         return exc
 

@@ -8,6 +8,7 @@ small fake facade covers what the real one cannot be made to do on demand
 from __future__ import annotations
 
 import dataclasses
+import gc
 import http.client
 import json
 import threading
@@ -29,7 +30,13 @@ from actors.api_routes import MAX_BODY_BYTES
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.metrics import Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
-from actors.settings import ApiSettings, SentrySettings, SettingsError
+from actors.settings import (
+    AgentTypeSettings,
+    ApiSettings,
+    SentrySettings,
+    Settings,
+    SettingsError,
+)
 from actors.store import new_job_id
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS, iso_time, job_json, snapshot_json
@@ -48,6 +55,8 @@ class FakeApp:
         self.submitted: list[JobSpec] = []
         self.lock = threading.Lock()
         self.metrics = Metrics.unscraped()
+        self.settings = Settings(agent_types={"review": AgentTypeSettings()})
+        self.health_checks = 0
 
     def submit(self, spec: JobSpec) -> Job:
         with self.lock:
@@ -97,6 +106,7 @@ class FakeApp:
         return evicted
 
     def health(self) -> tuple[bool, str]:
+        self.health_checks += 1
         return self.healthy
 
 
@@ -112,6 +122,14 @@ def make_snapshot(project: str = "p", work_item: str = "w") -> Snapshot:
         layers=3,
         own_bytes=234,
     )
+
+
+@pytest.fixture
+def thawed_heap() -> Iterator[None]:
+    """Attaching an app freezes the heap (``freeze_startup_heap``), as it must in
+    ``snapyard run``; a test process thaws it again so its garbage is collected."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
@@ -301,6 +319,48 @@ def test_malformed_json_is_400_with_a_clear_message(fake_server: ApiServer) -> N
     assert body["error"].startswith("the body is not valid JSON")
 
 
+def test_a_key_given_twice_is_400_naming_it(fake_server: ApiServer, fake: FakeApp) -> None:
+    """Found by a newcomer: ``{"project": "a", "project": "b"}`` queued a job for
+    "b" (the last one won), which a proxy or reader keeping the first calls "a"."""
+    for body, key in (
+        (b'{"project": "a", "work_item": "w", "project": "b"}', "project"),
+        (b'{"project": "p", "work_item": "w", "env": {"K": "1", "K": "2"}}', "K"),
+    ):
+        status, _, answer = raw(
+            fake_server, "POST", "/jobs", body, {"Content-Type": "application/json"}
+        )
+        assert status == 400, answer
+        assert answer == {
+            "error": f"the body gives the key {key!r} more than once; give each key once",
+            "field": key,
+        }
+    assert fake.submitted == []
+
+
+def test_an_unknown_agent_type_is_422_listing_the_known_ones(
+    fake_server: ApiServer, fake: FakeApp
+) -> None:
+    """Found by a newcomer: agent_type "reveiw" (no [agent_types.reveiw] table)
+    ran silently on the default image and limits."""
+    status, _, body = post_json(
+        fake_server, "/jobs", {"project": "p", "work_item": "w", "agent_type": "reveiw"}
+    )
+    assert status == 422
+    assert body == {
+        "error": "agent_type 'reveiw' is not a configured agent type: add an "
+        "[agent_types.reveiw] table to the configuration (an empty one runs it on the "
+        "defaults); known agent types: default, review",
+        "field": "agent_type",
+    }
+    assert fake.submitted == []
+    for known in ("default", "review"):  # default needs no table
+        status, _, body = post_json(
+            fake_server, "/jobs", {"project": "p", "work_item": "w", "agent_type": known}
+        )
+        assert status == 201, body
+    assert [spec.agent_type for spec in fake.submitted] == ["default", "review"]
+
+
 def test_wrong_content_type_is_400(fake_server: ApiServer) -> None:
     status, _, body = raw(
         fake_server, "POST", "/jobs", b"project=p", {"Content-Type": "text/plain"}
@@ -368,7 +428,7 @@ SECRET = "hunter2-very-secret-value"
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Served]:
-    with served(tmp_path) as s:
+    with served(tmp_path, agent_types={"review": AgentTypeSettings()}) as s:
         yield s
 
 
@@ -688,7 +748,9 @@ def test_metrics_exposes_the_documented_families(live: Served) -> None:
     )
 
 
-def test_requests_are_counted_by_route_template_once_the_app_is_attached(fake: FakeApp) -> None:
+def test_requests_are_counted_by_route_template_once_the_app_is_attached(
+    fake: FakeApp, thawed_heap: None
+) -> None:
     with ApiServer(None, ApiSettings(host="127.0.0.1", port=0)) as server:
         status, _, _ = raw(server, "GET", "/jobs")
         assert status == 503  # still starting: no app, so no registry to count in
@@ -741,7 +803,7 @@ def test_sentry_gets_a_tagged_event_without_the_secret_when_the_base_image_is_go
 ) -> None:
     transport = RecordingTransport()
     try:
-        with served(tmp_path) as live:
+        with served(tmp_path, agent_types={"review": AgentTypeSettings()}) as live:
             sentry = SentrySettings(dsn="https://public@127.0.0.1/1")
             setup_sentry(sentry, transport=transport, secrets=live.app.secrets)
             live.engine.delete_image_behind_back(BASE_TAG)

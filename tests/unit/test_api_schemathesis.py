@@ -13,7 +13,9 @@ is quick and the same every time.
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from actors.api_schema import openapi_document
@@ -35,6 +38,7 @@ from actors.api_schema import openapi_document
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
+    unsupported_method,
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
@@ -70,3 +74,45 @@ def test_every_answer_matches_the_published_schema(
     case: schemathesis.Case, live_api: Served
 ) -> None:
     case.call_and_validate(base_url=live_api.url, checks=CHECKS, timeout=10)
+
+
+# Every operation, streams included: these requests are refused before a stream opens.
+every_operation = schemathesis.openapi.from_dict(openapi_document())
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def test_oversized_headers_get_the_431_every_operation_documents(live_api: Served) -> None:
+    """Found by a newcomer: the server answered 431 and the document did not say so."""
+    for result in every_operation.get_all_operations():
+        operation = result.ok()
+        case = operation.Case(
+            path_parameters={name: "x" for name in re.findall(r"{(\w+)}", operation.path)},
+            headers={"X-Big": "a" * 20_000},
+        )
+        response = case.call(base_url=live_api.url, timeout=10)
+        assert response.status_code == 431, operation.label
+        case.validate_response(response, checks=CHECKS)
+
+
+def test_an_undeclared_method_gets_the_405_and_allow_every_operation_documents(
+    live_api: Served,
+) -> None:
+    """Found by a newcomer: the server answered 405 and the document did not say so."""
+    for path, item in openapi_document()["paths"].items():
+        declared = sorted(m.upper() for m in item if m != "parameters")
+        target = path.replace("{id}", "j-none").replace("{project}", "p")
+        target = target.replace("{work_item}", "w")
+        for method in set(HTTP_METHODS) - set(declared):
+            conn = http.client.HTTPConnection("127.0.0.1", live_api.server.port, timeout=10)
+            try:
+                conn.request(method, target)
+                resp = conn.getresponse()
+                body = json.loads(resp.read())
+            finally:
+                conn.close()
+            assert resp.status == 405, (method, path)
+            assert resp.headers["Allow"] == ", ".join(declared), (method, path)
+            assert set(body) == {"error", "field"}
+            for name in declared:
+                documented = item[name.lower()]["responses"]["405"]
+                assert documented["headers"]["Allow"]["required"] is True, (name, path)

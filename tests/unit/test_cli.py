@@ -26,6 +26,7 @@ from api_kit import BASE_TAG, WAIT_S, Served, served
 
 from actors.cli import main
 from actors.model import Job, JobState, validate_spec
+from actors.settings import AgentTypeSettings
 from actors.store import new_job_id
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS
 
@@ -52,7 +53,7 @@ def cli(*argv: str) -> Run:
 
 @pytest.fixture
 def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
-    with served(tmp_path) as s:
+    with served(tmp_path, agent_types={"review": AgentTypeSettings()}) as s:
         for name, value in s.env().items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("SNAPYARD_API_TOKEN", raising=False)
@@ -156,6 +157,22 @@ def test_invalid_input_is_a_usage_error_naming_the_field(live: Served) -> None:
     run = cli("submit", "--project", "p", "--work-item", "w", "--env", "SNAPYARD_X=1")
     assert run.code == 2
     assert "SNAPYARD_X is reserved" in run.err
+    run = cli("submit", "--project", "p", "--work-item", "w", "--env", "K=1", "--env", "K=2")
+    assert run.code == 2  # as the API refuses a key given twice; last-wins was a guess
+    assert run.err == "snapyard: --env #2: K is already set by --env #1; give it once\n"
+    assert live.app.jobs() == []
+
+
+def test_an_unknown_agent_type_is_refused_listing_the_known_ones(live: Served) -> None:
+    """Found by a newcomer: --agent-type with no [agent_types.NAME] table ran
+    silently on the defaults. The API refuses it; the CLI says so, exit 2."""
+    run = cli("submit", "--project", "p", "--work-item", "w", "--agent-type", "reveiw")
+    assert run.code == 2
+    assert "'reveiw' is not a configured agent type" in run.err
+    assert "known agent types: default, review" in run.err
+    run = cli("submit", "--project", "p", "--work-item", "w", "--agent-type", "reveiw", "--json")
+    assert run.code == 2
+    assert json.loads(run.err)["field"] == "agent_type"
     assert live.app.jobs() == []
 
 
