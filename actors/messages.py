@@ -22,9 +22,11 @@ __all__ = [
     "Cancel",
     "ContainerExited",
     "ContainersListed",
+    "Fence",
     "Finish",
     "Finished",
     "GetJob",
+    "GetLease",
     "GetStatus",
     "ImageDeleted",
     "Invalidate",
@@ -34,9 +36,11 @@ __all__ = [
     "Lookup",
     "PruneJobs",
     "Reconcile",
+    "RecordSnapshot",
     "Register",
     "RemoveContainer",
     "RemoveSnapshot",
+    "ReportTo",
     "SetBaseImage",
     "Spawn",
     "SpawnFailed",
@@ -50,6 +54,8 @@ __all__ = [
     "Terminate",
     "Terminated",
     "Tick",
+    "Unfence",
+    "WorkAvailable",
 ]
 
 Ref = pykka.ActorRef[Any]
@@ -312,6 +318,47 @@ class SupervisorStatus:
     due: tuple[tuple[str, float], ...] = ()
     busy_keys: frozenset[SnapshotKey] = frozenset()
     leftovers: int = 0
+
+
+# --- the cluster: the HostLease and the Supervisor it fences ---------------
+
+
+@dataclass(frozen=True)
+class Fence:
+    """To the Supervisor: this host's lease may run out before it renews. Claim
+    nothing, kill every worker now: its jobs are about to be rescued elsewhere."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unfence:
+    """To the Supervisor: the lease is renewed. Recover again: what was rescued
+    meanwhile is another host's now (its writes raise ``Fenced``)."""
+
+
+@dataclass(frozen=True)
+class WorkAvailable:
+    """To the Supervisor: the store has new or rescued work; claim now, not at the next Tick."""
+
+
+@dataclass(frozen=True)
+class ReportTo:
+    """To the HostLease (or the SnapshotShipper): the Supervisor (or manager) to tell."""
+
+    ref: Ref
+
+
+@dataclass(frozen=True)
+class GetLease:
+    """Ask the HostLease: its ``LeaseStatus``."""
+
+
+@dataclass(frozen=True)
+class RecordSnapshot:
+    """To the SnapshotShipper: a snapshot registered on this host; index it, push it."""
+
+    snapshot: Snapshot
 
 
 # --- Reaper (the Supervisor's hands for listing and removing containers) ----

@@ -1,0 +1,1 @@
+"""What a host needs to be one of a cluster's: its lease, its snapshot shipping, its waker."""
