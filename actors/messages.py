@@ -318,6 +318,8 @@ class SupervisorStatus:
     due: tuple[tuple[str, float], ...] = ()
     busy_keys: frozenset[SnapshotKey] = frozenset()
     leftovers: int = 0
+    # This host lost its lease (a cluster): it claims nothing until it renews.
+    fenced: bool = False
 
 
 # --- the cluster: the HostLease and the Supervisor it fences ---------------
