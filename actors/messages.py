@@ -19,12 +19,14 @@ from actors.model import JobSpec, Snapshot, SnapshotKey
 
 __all__ = [
     "ActorCrashed",
+    "Beat",
     "Cancel",
     "ContainerExited",
     "ContainersListed",
     "Fence",
     "Finish",
     "Finished",
+    "ForgetSnapshot",
     "GetJob",
     "GetLease",
     "GetStatus",
@@ -42,11 +44,13 @@ __all__ = [
     "RemoveSnapshot",
     "ReportTo",
     "SetBaseImage",
+    "ShipSnapshots",
     "Spawn",
     "SpawnFailed",
     "Started",
     "StopDispatching",
     "Submit",
+    "Supersede",
     "Supervise",
     "SupervisorStatus",
     "SweepOrphans",
@@ -357,10 +361,42 @@ class GetLease:
 
 
 @dataclass(frozen=True)
+class Beat:
+    """Timer, to the HostLease: renew now (if no renewal is under way) and judge the lease."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class RecordSnapshot:
     """To the SnapshotShipper: a snapshot registered on this host; index it, push it."""
 
     snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class ForgetSnapshot:
+    """To the SnapshotShipper: this host evicted the image; unindex it, delete its manifest."""
+
+    key: SnapshotKey
+    image_id: str
+
+
+@dataclass(frozen=True)
+class ShipSnapshots:
+    """Timer, to the SnapshotShipper: retry due pushes, drop superseded local copies."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class Supersede:
+    """To the SnapshotManager: a newer snapshot of the key exists in the cluster; drop
+    the entry if it is still ``image_id`` and delete the image."""
+
+    key: SnapshotKey
+    image_id: str
+    reason: str
 
 
 # --- Reaper (the Supervisor's hands for listing and removing containers) ----

@@ -27,12 +27,12 @@ from typing import Any, Literal
 import pykka
 
 from actors.clock import Clock
-from actors.messages import Fence, GetLease, ReportTo, Unfence, WorkAvailable
+from actors.messages import Beat, Fence, GetLease, ReportTo, Unfence, WorkAvailable
 from actors.model import Job
 from actors.store.cluster import ClusterStore
 from actors.telemetry import capture_error, job_log
 
-__all__ = ["Beat", "HostLease", "LeaseStatus", "fence_deadline", "lease_action", "should_fence"]
+__all__ = ["HostLease", "LeaseStatus", "fence_deadline", "lease_action", "should_fence"]
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ def lease_action(
 
 
 # --- messages private to the lease ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Beat:
-    """Timer: renew now (if no renewal is under way) and judge the lease."""
-
-    now: float
 
 
 @dataclass(frozen=True)

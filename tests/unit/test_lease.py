@@ -20,14 +20,13 @@ from waiting import eventually
 
 from actors.clock import FakeClock
 from actors.cluster.lease import (
-    Beat,
     HostLease,
     LeaseStatus,
     fence_deadline,
     lease_action,
     should_fence,
 )
-from actors.messages import Fence, GetLease, ReportTo, Unfence, WorkAvailable
+from actors.messages import Beat, Fence, GetLease, ReportTo, Unfence, WorkAvailable
 from actors.model import Job, JobState, validate_spec
 
 LEASE_S, BEAT_S = 10.0, 2.0
