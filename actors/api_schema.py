@@ -100,6 +100,17 @@ def _schemas() -> dict[str, Any]:
         "created_at": _TIME,
         "last_used_at": _TIME,
     }
+    host_types: dict[str, Any] = {
+        "host_id": {"type": "string"},
+        "live": {"type": "boolean"},
+        "draining": {"type": "boolean"},
+        "api": {"type": "string"},
+        "max_workers": {"type": "integer", "minimum": 0},
+        "running": {"type": "integer", "minimum": 0},
+        "started_at": _TIME,
+        "last_seen": _TIME,
+        "lease_until": _TIME,
+    }
     ident = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}
     return {
         "Job": {
@@ -112,6 +123,12 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": list(SNAPSHOT_FIELDS),
             "properties": {name: snapshot_types[name] for name in SNAPSHOT_FIELDS},
+            "additionalProperties": False,
+        },
+        "Host": {
+            "type": "object",
+            "required": list(host_types),
+            "properties": host_types,
             "additionalProperties": False,
         },
         "JobSubmission": {
@@ -173,6 +190,11 @@ def openapi_document() -> dict[str, Any]:
         "type": "object",
         "required": ["evicted"],
         "properties": {"evicted": {"type": "array", "items": _ref("Snapshot")}},
+    }
+    hosts = {
+        "type": "object",
+        "required": ["hosts"],
+        "properties": {"hosts": {"type": "array", "items": _ref("Host")}},
     }
     logs = {
         "type": "object",
@@ -281,6 +303,12 @@ def openapi_document() -> dict[str, Any]:
             "delete": _operation(
                 "Invalidate a snapshot and delete its image",
                 {"200": _json(removed, "removed"), "404": _error("no snapshot for that key")},
+            ),
+        },
+        "/hosts": {
+            "get": _operation(
+                "List the cluster's hosts and their leases (empty on a single host)",
+                {"200": _json(hosts, "the hosts")},
             ),
         },
         "/healthz": {

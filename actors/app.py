@@ -46,6 +46,7 @@ from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.private_files import loose_permissions
 from actors.settings import Settings
 from actors.store import JobStore, SqliteStore
+from actors.store.cluster import ClusterStore, HostInfo
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import (
     Secrets,
@@ -335,6 +336,11 @@ class Snapyard:
         """Retention now: delete finished jobs older than ``supervisor.retention_s``."""
         deleted: int = self._supervisor().ask(PruneJobs(), block=True, timeout=ASK_TIMEOUT_S)
         return deleted
+
+    def hosts(self) -> list[HostInfo]:
+        """The cluster's hosts and leases, from the shared store ([] on a single host)."""
+        store = self._store
+        return store.hosts() if isinstance(store, ClusterStore) else []
 
     def status(self) -> SupervisorStatus:
         status: SupervisorStatus = self._supervisor().ask(

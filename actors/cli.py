@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     prune = snaps_sub.add_parser("prune", parents=[common], help="run the eviction sweep now")
     prune.add_argument("--json", action="store_true")
 
+    hosts = sub.add_parser("hosts", parents=[common], help="list a cluster's hosts and leases")
+    hosts.add_argument("--json", action="store_true")
+    hosts.set_defaults(func=_lazy("actors.cli_jobs", "cmd_hosts"))
+
     doctor = sub.add_parser(
         "doctor", parents=[common], help="check the engine, base image, config, store and API port"
     )

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from actors.model import Job, JobSpec, Snapshot, validate_spec
+from actors.store.cluster import HostInfo
 
 __all__ = [
     "JOB_FIELDS",
@@ -20,6 +21,7 @@ __all__ = [
     "SUBMIT_FIELDS",
     "WireError",
     "client_host",
+    "host_json",
     "iso_time",
     "job_json",
     "parse_time",
@@ -103,6 +105,21 @@ def job_json(job: Job) -> dict[str, Any]:
         "created_at": iso_time(job.created_at),
         "started_at": iso_time(job.started_at),
         "finished_at": iso_time(job.finished_at),
+    }
+
+
+def host_json(host: HostInfo, now: float) -> dict[str, Any]:
+    """The stable JSON shape of a cluster host (``GET /hosts``); ``live`` as of ``now``."""
+    return {
+        "host_id": host.host_id,
+        "live": host.live(now),
+        "draining": host.draining,
+        "api": host.api,
+        "max_workers": host.max_workers,
+        "running": host.running,
+        "started_at": iso_time(host.started_at),
+        "last_seen": iso_time(host.last_seen),
+        "lease_until": iso_time(host.lease_until),
     }
 
 
