@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test setup venv engine image lint format demo test-unit test-docker test-thorough bench clean
+.PHONY: run test setup venv engine cluster-deps image lint format demo test-unit test-docker test-thorough bench clean
 
 run: setup
 	$(BIN)/snapyard run
@@ -14,7 +14,7 @@ run: setup
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-setup: venv engine image
+setup: venv engine cluster-deps image
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 engine:
 	bash config/engine.sh
+
+# PostgreSQL and the registry, for the cluster's tests and demo.
+cluster-deps:
+	bash config/cluster-deps.sh
 
 image: venv engine
 	$(BIN)/snapyard image build

@@ -125,6 +125,15 @@ class Job:
     deadline: float | None = None
     # Not before: a re-queued start backs off until then (None: at once).
     retry_at: float | None = None
+    # The claim generation, the cluster's fencing token: a rescue re-queues the
+    # job with attempt + 1, and a store write carrying an older one is refused
+    # (``Fenced``). Not ``attempts``, which counts the engine's start tries.
+    attempt: int = 0
+    # The cluster host that claimed it; None while queued, and on a single host.
+    host: str | None = None
+    # When it last became queued (None: at ``created_at``): the cluster's
+    # locality wait counts from here, not from the submission.
+    queued_at: float | None = None
 
     @property
     def key(self) -> SnapshotKey:

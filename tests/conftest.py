@@ -22,6 +22,7 @@ from actors.clock import FakeClock
 from actors.engine.base import Engine, EngineError, EngineUnavailable
 from actors.engine.docker import DockerEngine
 from actors.engine.memory import MemoryEngine
+from actors.localcluster import LocalPostgres
 from actors.settings import load_settings
 from actors.worker_image import content_tag, ensure_base_image
 
@@ -143,3 +144,30 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"real Docker engine: {ran} tests ran ({counts['passed']} passed, "
             f"{counts['failed'] + counts['error']} failed, {counts['skipped']} skipped)"
         )
+
+
+# --- a throwaway PostgreSQL for the cluster store's tests -----------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """One server for the session (about 1 s to start), migrated once; tests that
+    restart it leave it running."""
+    from actors.store.postgres import PostgresStore
+
+    with LocalPostgres() as server:
+        PostgresStore(server.url, "migrate").close()
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: LocalPostgres) -> str:
+    """The session server's database, emptied for this test (faster than a new schema)."""
+    import psycopg
+
+    postgres_server.start()  # a test that stopped it and failed before its start()
+    with psycopg.connect(postgres_server.url, autocommit=True) as conn:
+        conn.execute(
+            "TRUNCATE jobs, job_history, hosts, snapshots, snapshot_usage RESTART IDENTITY"
+        )
+    return postgres_server.url

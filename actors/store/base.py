@@ -28,13 +28,25 @@ from actors.model import Job, JobState, SnapshotKey
 from actors.settings import Settings
 from actors.usage import UsageKey
 
-__all__ = ["LOGS_TAIL_LINES", "Caps", "JobStore", "KeyHeld", "StoreError", "new_job_id"]
+__all__ = [
+    "LOGS_TAIL_LINES",
+    "Caps",
+    "JobStore",
+    "KeyHeld",
+    "StoreError",
+    "StoreUnavailable",
+    "new_job_id",
+]
 
 LOGS_TAIL_LINES = 200
 
 
 class StoreError(RuntimeError):
     """The database cannot be used: newer schema, or not a Snapyard store."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's database cannot be reached now; the next call tries again."""
 
 
 class KeyHeld(StoreError):

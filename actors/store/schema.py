@@ -1,4 +1,4 @@
-"""The SQLite store's schema, its migrations, and the mapping between rows and Jobs.
+"""The SQLite store's schema and its migrations (rows and Jobs: ``actors.store.rows``).
 
 The schema is the contract: every transition is a short SQL statement on one
 row. It is versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a
@@ -7,16 +7,13 @@ database at version n to n + 1.
 
 from __future__ import annotations
 
-import json
 import sqlite3
-import sys
 from collections.abc import Callable
-from typing import Any
 
-from actors.model import Job, JobSpec, JobState
-from actors.store.base import tail
+from actors.model import JobState
+from actors.store.rows import COLUMNS
 
-__all__ = ["COLUMNS", "MIGRATIONS", "SCHEMA_VERSION", "SELECT", "job_of", "row_of"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SELECT"]
 
 
 _SCHEMA_V1 = (
@@ -125,6 +122,15 @@ def _schema_v4(db: sqlite3.Connection) -> None:
     )
 
 
+def _schema_v5(db: sqlite3.Connection) -> None:
+    """The cluster's job fields, kept by the single-host store too (one contract):
+    the claim generation that fences outcome writes, the claiming host, and
+    when the job last became queued (issue 14)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN host TEXT")
+    db.execute("ALTER TABLE jobs ADD COLUMN queued_at REAL")
+
+
 # MIGRATIONS[n] takes a database at user_version n to n + 1. To change the
 # schema, append a function; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -132,90 +138,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _schema_v2,
     _schema_v3,
     _schema_v4,
+    _schema_v5,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-COLUMNS = (
-    "id",
-    "project",
-    "work_item",
-    "agent_type",
-    "command",
-    "env",
-    "timeout_s",
-    "state",
-    "created_at",
-    "attempts",
-    "container_id",
-    "image_id",
-    "from_snapshot",
-    "snapshot_committed",
-    "exit_code",
-    "error",
-    "logs_tail",
-    "started_at",
-    "finished_at",
-    "deadline",
-    "retry_at",
-)
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"  # noqa: S608 - constant column list
-
-
-def row_of(job: Job) -> tuple[Any, ...]:
-    spec = job.spec
-    return (
-        job.id,
-        spec.project,
-        spec.work_item,
-        spec.agent_type,
-        None if spec.command is None else json.dumps(list(spec.command)),
-        # A finished job never runs again: its secrets leave the store with it.
-        "{}" if job.state.terminal else json.dumps(dict(spec.env), sort_keys=True),
-        spec.timeout_s,
-        job.state.value,
-        job.created_at,
-        job.attempts,
-        job.container_id,
-        job.image_id,
-        int(job.from_snapshot),
-        int(job.snapshot_committed),
-        job.exit_code,
-        job.error,
-        tail(job.logs_tail),
-        job.started_at,
-        job.finished_at,
-        job.deadline,
-        job.retry_at,
-    )
-
-
-def job_of(row: sqlite3.Row) -> Job:
-    command = row["command"]
-    # A few projects and agent types repeat over every row: one string each,
-    # not one per job read (a claimed job's spec lives as long as its run).
-    spec = JobSpec(
-        project=sys.intern(row["project"]),
-        work_item=row["work_item"],
-        agent_type=sys.intern(row["agent_type"]),
-        command=None if command is None else tuple(json.loads(command)),
-        env=json.loads(row["env"]),
-        timeout_s=row["timeout_s"],
-    )
-    return Job(
-        id=row["id"],
-        spec=spec,
-        state=JobState(row["state"]),
-        created_at=row["created_at"],
-        attempts=row["attempts"],
-        container_id=row["container_id"],
-        image_id=row["image_id"],
-        from_snapshot=bool(row["from_snapshot"]),
-        snapshot_committed=bool(row["snapshot_committed"]),
-        exit_code=row["exit_code"],
-        error=row["error"],
-        logs_tail=row["logs_tail"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        deadline=row["deadline"],
-        retry_at=row["retry_at"],
-    )

@@ -29,7 +29,9 @@ from actors.clock import Clock, SystemClock
 from actors.model import Job, JobState, SnapshotKey
 from actors.private_files import ensure_private_dir, ensure_private_file
 from actors.store.base import Caps, KeyHeld, StoreError
-from actors.store.schema import COLUMNS, MIGRATIONS, SCHEMA_VERSION, SELECT, job_of, row_of
+from actors.store.cluster import Fenced
+from actors.store.rows import COLUMNS, job_of, row_of
+from actors.store.schema import MIGRATIONS, SCHEMA_VERSION, SELECT
 from actors.usage import UsageKey
 
 __all__ = ["SqliteStore"]
@@ -174,17 +176,25 @@ class SqliteStore:
         )
 
     def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
-        """Write every field of ``job``; a state change also appends a history row."""
+        """Write every field of ``job``; a state change also appends a history row.
+
+        Only while the row's ``attempt`` is still the job's, else ``Fenced``: the
+        same contract as the cluster's store, trivially kept on one host.
+        """
         holds = job.state in _HOLDING_STATES if holds_key is None else holds_key
         assignments = ", ".join(f"{name} = ?" for name in (*COLUMNS[1:], "holds_key"))
         row = row_of(job)
         with self._transaction() as db:
-            current = db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            current = db.execute(
+                "SELECT state, attempt FROM jobs WHERE id = ?", (job.id,)
+            ).fetchone()
             if current is None:
                 raise KeyError(job.id)
+            if current["attempt"] != job.attempt:
+                raise Fenced(job.id, job.attempt)
             db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ?",  # noqa: S608
-                (*row[1:], int(holds), job.id),
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND attempt = ?",  # noqa: S608
+                (*row[1:], int(holds), job.id, job.attempt),
             )
             if current["state"] != job.state.value:
                 db.execute(

@@ -1,7 +1,7 @@
 """One suite, every store: what a job store must do to be Snapyard's queue.
 
-Each test runs against every implementation in ``STORES`` (SQLite today; the
-cluster's PostgreSQL store joins the list and must pass unchanged). The
+Each test runs against every implementation: SQLite, and the cluster's
+PostgreSQL store (a throwaway server, emptied per test) which must pass unchanged. The
 admission rules pinned here are the ones the Supervisor relied on when the
 queue lived in its memory: FIFO within the constraints, one active job per
 (project, work item), per-project and per-agent-type caps, requeue backoff,
@@ -19,19 +19,22 @@ import pytest
 from actors.clock import FakeClock
 from actors.model import Job, JobSpec, JobState, SnapshotKey
 from actors.store import Caps, JobStore, KeyHeld, SqliteStore, new_job_id
+from actors.store.cluster import Fenced
 
 NOW = 1_800_000_000.0
 
 Opener = Callable[[Path], JobStore]
 
-STORES: dict[str, Opener] = {
-    "sqlite": lambda path: SqliteStore(path / "jobs.db", FakeClock(NOW)),
-}
 
-
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def opener(request: pytest.FixtureRequest) -> Opener:
-    return STORES[request.param]
+    """Opens the store under test; a second call is a reopen of the same data."""
+    if request.param == "sqlite":
+        return lambda path: SqliteStore(path / "jobs.db", FakeClock(NOW))
+    from actors.store.postgres import PostgresStore
+
+    url = request.getfixturevalue("postgres_url")
+    return lambda _path: PostgresStore(url, "host-a", FakeClock(NOW))
 
 
 @pytest.fixture
@@ -89,6 +92,9 @@ def test_a_job_round_trips_every_field(store: JobStore) -> None:
         logs_tail="line\n",
         started_at=NOW - 10,
         deadline=NOW + 100,
+        attempt=3,
+        host="host-a",
+        queued_at=NOW - 20,
     )
     store.add(original)
     assert store.get(original.id) == original
@@ -139,6 +145,51 @@ def test_a_state_change_appends_history_and_a_field_change_does_not(store: JobSt
         (JobState.QUEUED, "submitted"),
         (JobState.CANCELLED, "bye"),
     ]
+
+
+# --- fencing: writes carry the attempt they were claimed with ----------------------
+
+
+def test_a_write_for_an_older_attempt_is_fenced_and_changes_nothing(store: JobStore) -> None:
+    """A host cut off while its job was rescued comes back: its outcome must not land."""
+    (current,) = queue(store, dataclasses.replace(job("w", state=JobState.RUNNING), attempt=1))
+    late = dataclasses.replace(
+        current, attempt=0, state=JobState.SUCCEEDED, finished_at=NOW, exit_code=0
+    )
+    with pytest.raises(Fenced) as refused:
+        store.update(late, note="late")
+    assert (refused.value.job_id, refused.value.attempt) == (current.id, 0)
+    assert store.get(current.id) == current
+    assert [s for s, _, _ in store.history(current.id)] == [JobState.RUNNING]
+    with pytest.raises(KeyHeld):  # the fenced write released nothing
+        store.add(job("w", state=JobState.STARTING))
+    store.update(dataclasses.replace(current, state=JobState.SUCCEEDED, finished_at=NOW))
+    stored = store.get(current.id)
+    assert stored is not None
+    assert stored.state is JobState.SUCCEEDED
+
+
+def test_a_fenced_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
+    (current,) = queue(store, dataclasses.replace(job("w"), attempt=2))
+    with store.batch():
+        with pytest.raises(Fenced):
+            store.update(dataclasses.replace(current, attempt=1, error="late"))
+        (other,) = queue(store, job("x"))
+    assert store.get(current.id) == current
+    assert store.get(other.id) == other
+
+
+def test_an_update_of_an_unknown_job_raises_key_error(store: JobStore) -> None:
+    with pytest.raises(KeyError):
+        store.update(job("never-added"))
+
+
+def test_a_claimed_job_keeps_its_attempt(store: JobStore) -> None:
+    (queued,) = queue(store, dataclasses.replace(job("w"), attempt=4, queued_at=NOW - 1))
+    (claimed,) = store.claim(1, NOW, Caps.none())
+    assert claimed.attempt == 4
+    assert store.get(queued.id) == claimed
+    store.update(dataclasses.replace(claimed, state=JobState.RUNNING, started_at=NOW))
 
 
 # --- one active job per key, in the schema ------------------------------------------

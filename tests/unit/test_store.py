@@ -414,3 +414,30 @@ def test_the_migration_scrubs_the_env_of_jobs_finished_before_it(tmp_path: Path)
         assert queued is not None
         assert finished.spec.env == {}
         assert queued.spec.env == {"TOKEN": SECRET}
+
+
+def test_a_version_4_database_gets_the_cluster_fields_with_their_defaults(
+    tmp_path: Path,
+) -> None:
+    """v5 (issue 14): attempt (the fencing token), host and queued_at; a job
+    written before them is attempt 0 on no host, queued since its creation."""
+    path = tmp_path / "jobs.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for migrate in MIGRATIONS[:4]:
+        migrate(db)
+    db.execute("PRAGMA user_version = 4")
+    db.execute(
+        "INSERT INTO jobs (id, project, work_item, agent_type, command, env, timeout_s, state,"
+        " created_at, attempts, from_snapshot, snapshot_committed, logs_tail, holds_key)"
+        " VALUES ('j-1', 'proj', 'a', 'review', NULL, '{}', NULL, 'running', 1.0, 1, 0, 0, '', 1)"
+    )
+    db.close()
+    with SqliteStore(path) as store:
+        old = store.get("j-1")
+        assert old is not None
+        assert (old.attempt, old.host, old.queued_at) == (0, None, None)
+        store.update(dataclasses.replace(old, state=JobState.SUCCEEDED, finished_at=2.0))
+        assert store.claim(1, 3.0, Caps.none()) == []
+        done = store.get("j-1")
+        assert done is not None
+        assert done.state is JobState.SUCCEEDED
