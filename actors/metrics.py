@@ -41,6 +41,7 @@ from actors.engine.base import (
     ImageMissing,
     Logs,
     LogStream,
+    RegistryUnavailable,
 )
 
 __all__ = [
@@ -61,6 +62,8 @@ SPAWN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 # The kind label of snapyard_engine_errors_total: a short, fixed set, so the
 # series are few and all exist (at 0) before the first error.
 _KINDS: tuple[tuple[type[EngineError], str], ...] = (
+    # Before its base class: a registry down is not the engine down.
+    (RegistryUnavailable, "registry_unavailable"),
     (EngineUnavailable, "unavailable"),
     (ImageMissing, "image_missing"),
     (ContainerMissing, "container_missing"),
@@ -291,6 +294,14 @@ class MeteredEngine:
     def build_image(self, context: bytes, tag: str, labels: Mapping[str, str]) -> str:
         with self._counted():
             return self.inner.build_image(context, tag, labels)
+
+    def push_image(self, image_id: str, repository: str) -> str:
+        with self._counted():
+            return self.inner.push_image(image_id, repository)
+
+    def pull_image(self, reference: str) -> str:
+        with self._counted():
+            return self.inner.pull_image(reference)
 
     def events(self, since: float | None = None) -> EventStream:
         with self._counted():

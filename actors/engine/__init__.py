@@ -15,6 +15,7 @@ from actors.engine.base import (
     ImageInfo,
     ImageMissing,
     Logs,
+    RegistryUnavailable,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "ImageInfo",
     "ImageMissing",
     "Logs",
+    "RegistryUnavailable",
 ]

@@ -22,7 +22,12 @@ from actors.engine._memory_records import (
 )
 from actors.engine.base import Conflict, EngineError, ImageInfo, ImageMissing
 
-__all__ = ["ImageStore"]
+__all__ = ["ImageStore", "sha"]
+
+
+def sha(text: str) -> str:
+    """A made-up content digest: ``sha256:`` and the hex of ``text``."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 class _DeleteConflict(Conflict):
@@ -119,7 +124,22 @@ class ImageStore(EventLog):
             if base_id in (node.id, node.flattened_onto):
                 return True
             node = self._images.get(node.parent) if node.parent else None
-        return False
+        # A pulled image has no parent: Docker (and squash) compare the layers.
+        below = self._layers_of(self._images[base_id])
+        return self._layers_of(image)[: len(below)] == below
+
+    def _layers_of(self, image: MemoryImage) -> tuple[str, ...]:
+        """The image's layer digests: its parent's (or flatten base's) and its own.
+
+        Made up from IDs, so the same image has the same layers on every
+        engine that has it, which is what lets a push skip what a registry has.
+        """
+        if image.layer_ids:
+            return image.layer_ids
+        under = self._images.get(image.parent or image.flattened_onto or "")
+        if under is not None:
+            return (*self._layers_of(under), sha(f"layer of {image.id}"))
+        return tuple(sha(f"layer {i} of {image.id}") for i in range(image.layers))
 
     def inspect_image(self, image: str) -> ImageInfo:
         self._enter("inspect_image", image)

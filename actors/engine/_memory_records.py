@@ -83,11 +83,14 @@ class MemoryImage:
     container_env: tuple[str, ...] = ()
     # A flattened image has no parent (as a loaded one on Docker) but sits on this base.
     flattened_onto: str | None = None
+    # A pulled image's layer digests, as its manifest listed them (it has no parent).
+    layer_ids: tuple[str, ...] = ()
 
     def info(self) -> ImageInfo:
         return ImageInfo(
             id=self.id,
-            tags=tuple(self.tags),
+            # Digest references (``repo@sha256:...``) are Docker's RepoDigests, not tags.
+            tags=tuple(tag for tag in self.tags if "@" not in tag),
             labels=dict(self.labels),
             size_bytes=self.size_bytes,
             layers=self.layers,

@@ -32,6 +32,7 @@ __all__ = [
     "ImageMissing",
     "LogStream",
     "Logs",
+    "RegistryUnavailable",
     "decode_secret_env",
     "encode_secret_env",
 ]
@@ -107,6 +108,21 @@ class Conflict(EngineError):
 
 class EngineUnavailable(EngineError):
     """Daemon down, connection refused, a 5xx or a timeout: worth retrying later."""
+
+
+class RegistryUnavailable(EngineUnavailable):
+    """The registry of a push or pull does not answer (the engine itself does).
+
+    Worth retrying later like any EngineUnavailable, but the engine is fine:
+    a caller that falls back (start from base) need not back off its spawns.
+    """
+
+    def __init__(self, registry: str, detail: str) -> None:
+        self.registry = registry
+        super().__init__(
+            f"the registry at {registry} does not answer ({detail}); start it, "
+            "or check [cluster] registry"
+        )
 
 
 ContainerStatus = Literal[
@@ -332,6 +348,25 @@ class Engine(Protocol):
 
     def build_image(self, context: bytes, tag: str, labels: Mapping[str, str]) -> str:
         """Build from a gzip-less tar ``context`` holding a Dockerfile; return the ID."""
+
+    # Registry
+
+    def push_image(self, image_id: str, repository: str) -> str:
+        """Push the image to ``repository`` (``HOST:PORT/name``); return ``repository@sha256:...``.
+
+        Only layers the registry lacks travel. The image keeps no tag of the
+        registry (one is added for the push and removed after, unless the
+        image had no other tag to keep it). ImageMissing when the image is
+        gone; RegistryUnavailable when the registry does not answer.
+        """
+
+    def pull_image(self, reference: str) -> str:
+        """Pull ``HOST:PORT/name@sha256:...``; return the image ID, the same as the pusher's.
+
+        The image keeps the digest reference (Docker's RepoDigests, not a tag):
+        tag it to keep it. ImageMissing when the registry has no such
+        manifest; RegistryUnavailable when the registry does not answer.
+        """
 
     # Events
 

@@ -26,7 +26,7 @@ import docker
 import docker.errors
 import requests
 
-from actors.engine import squash
+from actors.engine import _docker_registry, squash
 from actors.engine._docker_json import (
     EVENT_ACTIONS,
     container_state,
@@ -401,6 +401,16 @@ class DockerEngine:
                     tail = "\n".join(output[-_BUILD_TAIL_LINES:])
                     raise EngineError(f"building {tag} failed:\n{tail}")
         return self.inspect_image(tag).id
+
+    # Registry (actors/engine/_docker_registry.py reads the streams)
+
+    def push_image(self, image_id: str, repository: str) -> str:
+        with self._call(image=image_id) as api:
+            return _docker_registry.push(api, image_id, repository, self._raise)
+
+    def pull_image(self, reference: str) -> str:
+        with self._call(image=reference) as api:
+            return _docker_registry.pull(api, reference, self._raise)
 
     # Events
 

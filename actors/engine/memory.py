@@ -26,7 +26,8 @@ which is where the races this project exists to survive happen.
 The engine is built in layers, one concern per module: ``_memory_faults``
 (call log and fault injection), ``_memory_events`` (the event stream),
 ``_memory_images`` (images, tags and Docker's delete rules), ``_memory_build``
-(the Dockerfile interpreter); containers live here, on top.
+(the Dockerfile interpreter), ``_memory_registry`` (push and pull through a
+shared MemoryRegistry); containers live here, on top.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from actors.clock import Clock
-from actors.engine._memory_images import ImageStore
 from actors.engine._memory_logs import MemoryLogStream
 from actors.engine._memory_records import (
     COMMIT_OVERHEAD_BYTES,
@@ -54,6 +54,7 @@ from actors.engine._memory_records import (
     short_id,
     signal_number,
 )
+from actors.engine._memory_registry import MemoryRegistry, RegistryClient
 from actors.engine.base import (
     Conflict,
     ContainerMissing,
@@ -68,24 +69,27 @@ from actors.engine.base import (
 from actors.labels import LABEL_ROLE, ROLE_BASE
 from actors.worker_helper import helper_entrypoint, job_argv, unwrapped
 
-__all__ = ["MemoryContainer", "MemoryEngine", "MemoryImage", "normalize_tag"]
+__all__ = ["MemoryContainer", "MemoryEngine", "MemoryImage", "MemoryRegistry", "normalize_tag"]
 
 
-class MemoryEngine(ImageStore):
+class MemoryEngine(RegistryClient):
     """An ``Engine`` in memory, safe to call from many actor threads.
 
     ``exit_policy`` decides what a started container does: an int makes it exit
     at once with that code, None keeps it running until ``exit_container``,
-    ``stop_container`` or ``kill_container``.
+    ``stop_container`` or ``kill_container``. ``registry``: the one registry
+    its pushes and pulls reach (several engines may share it).
     """
 
     def __init__(
         self,
         clock: Clock | None = None,
         exit_policy: Callable[[MemoryContainer], int | None] | None = None,
+        registry: MemoryRegistry | None = None,
     ) -> None:
         super().__init__(clock)
         self.exit_policy = exit_policy
+        self.registry = registry
         self._changed = threading.Condition(self._lock)
         self._containers: dict[str, MemoryContainer] = {}
 

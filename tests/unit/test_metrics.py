@@ -30,8 +30,9 @@ from actors.engine.base import (
     EngineError,
     EngineUnavailable,
     ImageMissing,
+    RegistryUnavailable,
 )
-from actors.engine.memory import MemoryEngine
+from actors.engine.memory import MemoryEngine, MemoryRegistry
 from actors.metrics import ENGINE_ERROR_KINDS, MeteredEngine, Metrics, engine_error_kind
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -218,6 +219,7 @@ def test_metered_engine_counts_each_error_once_by_kind_and_reraises_it() -> None
         engine.ping()
     counts = {k: metrics.value("snapyard_engine_errors_total", kind=k) for k in ENGINE_ERROR_KINDS}
     assert counts == {
+        "registry_unavailable": 0,
         "unavailable": 1,
         "image_missing": 1,
         "container_missing": 1,
@@ -245,7 +247,27 @@ def test_metered_engine_is_a_whole_engine() -> None:
     assert protocol <= set(vars(MeteredEngine))
 
 
+def test_metered_engine_counts_a_registry_that_is_down_apart_from_the_engine() -> None:
+    registry = MemoryRegistry("127.0.0.1:5000")
+    inner = MemoryEngine(registry=registry)
+    base = inner.add_worker_image("w:1")
+    metrics = Metrics.unscraped()
+    engine = MeteredEngine(inner, metrics)
+    reference = engine.push_image(base, "127.0.0.1:5000/snap/x")
+    assert engine.pull_image(reference) == base
+    registry.set_unavailable(True)
+    with pytest.raises(RegistryUnavailable):
+        engine.push_image(base, "127.0.0.1:5000/snap/x")
+    with pytest.raises(RegistryUnavailable):
+        engine.pull_image(reference)
+    assert metrics.value("snapyard_engine_errors_total", kind="registry_unavailable") == 2
+    assert metrics.value("snapyard_engine_errors_total", kind="unavailable") == 0
+
+
 def test_error_kinds_follow_the_engine_error_types() -> None:
+    assert engine_error_kind(RegistryUnavailable("127.0.0.1:5000", "refused")) == (
+        "registry_unavailable"
+    )
     assert engine_error_kind(EngineUnavailable("down")) == "unavailable"
     assert engine_error_kind(ImageMissing("x")) == "image_missing"
     assert engine_error_kind(ContainerMissing("x")) == "container_missing"
