@@ -25,6 +25,7 @@ import pykka
 from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
+from actors.cluster.member import cluster_wiring, open_cluster_store
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
 from actors.instance import resolve_instance_id
@@ -45,7 +46,7 @@ from actors.metrics import MeteredEngine, Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.private_files import loose_permissions
 from actors.settings import Settings
-from actors.store import JobStore, SqliteStore
+from actors.store import JobStore, SqliteStore, StoreError
 from actors.store.cluster import ClusterStore, HostInfo
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import (
@@ -155,6 +156,11 @@ class Snapyard:
         except EngineError as exc:
             raise SnapyardError(f"cannot prepare the worker images: {exc}") from exc
         self.base_image_id = self.base_image_ids[settings.worker.image]
+        if self._store is None and settings.cluster.enabled:
+            try:
+                self._store = open_cluster_store(settings, self.clock)
+            except StoreError as exc:
+                raise SnapyardError(str(exc)) from exc
         if self._store is None:
             if (problem := loose_permissions(settings.data_dir)) is not None:
                 log.warning("%s; run `chmod -R go= %s`", problem, settings.data_dir)
@@ -182,6 +188,9 @@ class Snapyard:
                 base_image_ids=self.base_image_ids,
                 metrics=self.metrics,
                 secrets=self.secrets,
+                cluster=cluster_wiring(self.settings, store, engine)
+                if self.settings.cluster.enabled
+                else None,
             )
         )
         self.snapshots_ref = self._actors.snapshots

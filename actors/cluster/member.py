@@ -1,0 +1,69 @@
+"""Making this host a cluster member: its store, and what the wiring adds for it.
+
+``actors.app`` calls these only when ``[cluster] database_url`` is set; without
+it nothing here runs and Snapyard is one host on SQLite, as ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+from actors.clock import Clock
+from actors.engine.base import Engine
+from actors.settings import Settings
+from actors.store.base import JobStore
+from actors.store.cluster import ClusterStore
+from actors.wiring import ClusterWiring
+
+__all__ = ["cluster_wiring", "host_id_of", "open_cluster_store"]
+
+log = logging.getLogger(__name__)
+
+
+class NotAClusterStore(TypeError):
+    """[cluster] is set, but the store given to Snapyard cannot be shared by hosts."""
+
+
+def host_id_of(settings: Settings) -> str:
+    """``cluster.host_id``, else this machine's host name (stable across restarts)."""
+    return settings.cluster.host_id or socket.gethostname()
+
+
+def open_cluster_store(settings: Settings, clock: Clock) -> ClusterStore:
+    """The PostgreSQL store at ``cluster.database_url``, as this host (migrated on open).
+
+    Imported here, so a single host never loads psycopg.
+    """
+    from actors.store.postgres import PostgresStore  # noqa: PLC0415
+
+    c = settings.cluster
+    store = PostgresStore(c.database_url, host_id_of(settings), clock, c.locality_wait_s)
+    log.info("cluster member %s on %s", store.host_id, store.where)
+    return store
+
+
+def cluster_wiring(
+    settings: Settings,
+    store: JobStore,
+    engine: Engine,
+    delete_manifest: Callable[[str], None] | None = None,
+) -> ClusterWiring:
+    """The HostLease, the SnapshotShipper (with a registry) and the Waker for ``store``."""
+    if not isinstance(store, ClusterStore):
+        raise NotAClusterStore(
+            f"[cluster] database_url is set, but the job store is {type(store).__name__}, "
+            "which one host alone can use: pass no store (Snapyard opens the cluster's)"
+        )
+    wait = getattr(store, "wait_for_work", None)
+    api = settings.api
+    return ClusterWiring(
+        store,
+        # Always: without a registry nothing is pushed or pulled, but the index
+        # still records where each key's newest snapshot is (affinity).
+        mover=engine,
+        delete_manifest=delete_manifest,
+        api=f"{api.host}:{api.port}",
+        wait_for_work=wait if callable(wait) else None,
+    )
