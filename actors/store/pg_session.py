@@ -120,8 +120,7 @@ class PgSession:
         (as the SQLite store does). A connection lost inside: ``StoreUnavailable``."""
         with self._lock:
             if self._depth == 0:
-                with self.session() as conn:
-                    conn.execute("BEGIN")
+                self._begin()
             self._depth += 1
             try:
                 yield
@@ -136,6 +135,16 @@ class PgSession:
                         )
                     with self.session() as conn:
                         conn.execute("COMMIT")
+
+    def _begin(self) -> None:
+        """BEGIN, on a new connection if the idle one turns out dead (the server
+        restarted, a cut cable): nothing ran on it yet, so one retry loses nothing."""
+        try:
+            with self.session() as conn:
+                conn.execute("BEGIN")
+        except StoreUnavailable:
+            with self.session() as conn:
+                conn.execute("BEGIN")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Conn]:
