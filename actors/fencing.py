@@ -27,6 +27,7 @@ from actors.ledger import Ledger, job_logger
 from actors.messages import (
     ContainersListed,
     Fence,
+    GetStatus,
     Started,
     SupervisorStatus,
     Unfence,
@@ -36,9 +37,12 @@ from actors.model import Job, SnapshotKey
 from actors.pool import SpawnerPool
 from actors.reconcile import Reconciling
 
-__all__ = ["Fencing"]
+__all__ = ["NOT_HANDLED", "Fencing"]
 
 log = logging.getLogger("actors.supervisor")
+
+
+NOT_HANDLED = object()
 
 
 def _no_job(_job_id: str) -> bool:
@@ -70,9 +74,12 @@ class Fencing(Reconciling):
                 return False
         return True
 
-    def _outside_store(self, message: Any) -> bool:
-        """Handle what must work with the database cut off: a Fence and its listing."""
+    def _outside_store(self, message: Any) -> Any:
+        """Handle what must work with the database cut off: a Fence, its listing, and a
+        status without deadlines (health checks); ``NOT_HANDLED`` for the rest."""
         match message:
+            case GetStatus(deadlines=False):
+                return self._status()
             case Fence(reason=reason):
                 self._fence(reason)
             case ContainersListed(reason="fence", error=None, containers=containers):
@@ -84,8 +91,8 @@ class Fencing(Reconciling):
             case ContainersListed(reason="fence"):
                 log.warning("fenced, and the engine did not list its containers: %s", message.error)
             case _:
-                return False
-        return True
+                return NOT_HANDLED
+        return None
 
     def _fence(self, reason: str) -> None:
         """Stop claiming and kill every worker; touches no store (it may be unreachable)."""

@@ -32,7 +32,7 @@ from actors.backoff import backoff
 from actors.clock import Clock
 from actors.deadlines import tick_action
 from actors.engine.base import ContainerState, Engine, EngineError
-from actors.fencing import Fencing
+from actors.fencing import NOT_HANDLED, Fencing
 from actors.flight import EarlyExits, Flight, Flights, Kill, job_timeout, on_exit, outcome
 from actors.labels import MANAGED_FILTER
 from actors.ledger import Ledger, job_logger
@@ -166,8 +166,8 @@ class Supervisor(Fencing, pykka.ThreadingActor):
             if isinstance(message, _ASKS):
                 raise SupervisorStopped(self._fatal)
             return None
-        if self._outside_store(message):  # the database may be cut off (actors.fencing)
-            return None
+        if (answer := self._outside_store(message)) is not NOT_HANDLED:
+            return answer  # the database may be cut off (actors.fencing)
         try:
             # One transaction per message: its state writes share one fsync,
             # and it commits before an ask's reply leaves this handler.
