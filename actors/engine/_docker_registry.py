@@ -90,10 +90,10 @@ def read_push(stream: Iterable[Mapping[str, Any]], registry: str, reference: str
 def push(api: Any, image_id: str, repository: str, raise_as: RaiseAs) -> str:
     """Tag under ``repository``, push, untag what we tagged; return ``repository@digest``."""
     registry = registry_of(repository)
-    tag = push_tag(image_id)
-    reference = f"{repository}:{tag}"
     try:
         info = api.inspect_image(image_id)
+        tag = push_tag(str(info["Id"]))  # by ID even when given a tag
+        reference = f"{repository}:{tag}"
         # Removing the image's last tag would delete it: keep ours then.
         keep_tag = not set(info.get("RepoTags") or ()) - {reference}
         api.tag(info["Id"], repository, tag)

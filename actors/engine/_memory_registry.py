@@ -13,6 +13,7 @@ import copy
 import threading
 from dataclasses import dataclass
 
+from actors.clock import Clock
 from actors.engine._memory_images import ImageStore, sha
 from actors.engine._memory_records import MemoryImage, normalize_tag
 from actors.engine.base import ImageMissing, RegistryUnavailable
@@ -70,9 +71,12 @@ class MemoryRegistry:
         with self._lock:
             self._check()
 
-    def delete_manifest(self, repository: str, digest: str) -> None:
-        """``DELETE /v2/<name>/manifests/<digest>``: unlinked; blobs stay until collected."""
-        reference = digest_reference(repository, digest)
+    def delete_manifest(self, reference: str) -> None:
+        """``DELETE /v2/<name>/manifests/<digest>``: unlinked; blobs stay until collected.
+
+        As RegistryHttp.delete_manifest (actors/cluster/registry_http.py), errors included.
+        """
+        repository, digest = split_digest(reference)
         with self._lock:
             self._check()
             if self._manifests.get(repository, {}).pop(digest, None) is None:
@@ -124,9 +128,20 @@ class MemoryRegistry:
 
 
 class RegistryClient(ImageStore):
-    """The MemoryEngine's push and pull: Docker's, against a shared MemoryRegistry."""
+    """The MemoryEngine's push and pull: Docker's, against a shared MemoryRegistry.
+
+    Docker 20.10 keeps the manifests it pulled in its content store: pulled
+    again by digest, an image it still has comes back without the registry's
+    manifest (the registry must still answer), even after that manifest was
+    deleted. Copied here; a deleted manifest of an image this engine no longer
+    has is ImageMissing (Docker would fetch the blobs if not yet collected).
+    """
 
     registry: MemoryRegistry | None = None
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        super().__init__(clock)
+        self._pulled: dict[str, str] = {}  # digest reference -> image ID
 
     def _reach(self, address: str) -> MemoryRegistry:
         if self.registry is None or self.registry.address != address:
@@ -136,9 +151,9 @@ class RegistryClient(ImageStore):
     def push_image(self, image_id: str, repository: str) -> str:
         self._enter("push_image", image_id, repository)
         address = registry_of(repository)
-        tag = normalize_tag(f"{repository}:{push_tag(image_id)}")
         with self._lock:
             image = self._find_image(image_id)
+            tag = normalize_tag(f"{repository}:{push_tag(image.id)}")
             # As DockerEngine: keep our tag when it is the only one (untagging would delete).
             keep = not {t for t in image.tags if "@" not in t} - {tag}
             self._set_tag(image, tag)
@@ -156,7 +171,14 @@ class RegistryClient(ImageStore):
     def pull_image(self, reference: str) -> str:
         self._enter("pull_image", reference)
         repository, digest = split_digest(reference)
-        manifest = self._reach(registry_of(repository)).send(repository, digest)
+        registry = self._reach(registry_of(repository))
+        registry.ping()
+        with self._lock:
+            cached = self._images.get(self._pulled.get(reference, ""))
+            if cached is not None:
+                self._set_tag(cached, reference)
+                return cached.id
+        manifest = registry.send(repository, digest)
         with self._lock:
             image = self._images.get(manifest.image.id)
             if image is None:
@@ -167,4 +189,5 @@ class RegistryClient(ImageStore):
                 image.layer_ids = manifest.layers
                 self._images[image.id] = image
             self._set_tag(image, reference)
+            self._pulled[reference] = image.id
             return image.id

@@ -412,6 +412,21 @@ class DockerEngine:
         with self._call(image=reference) as api:
             return _docker_registry.pull(api, reference, self._raise)
 
+    def copy_image_to(self, image: str, target: DockerEngine) -> str:
+        """``docker save`` here piped into ``docker load`` on ``target``; return the ID.
+
+        The image arrives with its ID and tags, layers the target has are kept:
+        how a stand-in host (actors/localcluster/dockerd.py) gets the base image
+        without any registry. Not part of the Engine protocol.
+        """
+        with self._call(image=image) as api, target._call(image=image) as into:
+            for message in into.load_image(api.get_image(image)):
+                if "error" in message:
+                    raise EngineError(
+                        f"loading {image} into {target.url} failed: {message['error']}"
+                    )
+        return target.inspect_image(image).id
+
     # Events
 
     def events(self, since: float | None = None) -> DockerEventStream:

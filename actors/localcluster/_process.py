@@ -10,7 +10,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ProcessError", "StartFailed", "free_port", "log_tail", "stop_pid", "wait_until"]
+__all__ = [
+    "ProcessError",
+    "StartFailed",
+    "free_port",
+    "log_tail",
+    "reaped",
+    "stop_pid",
+    "wait_until",
+]
 
 # How often a readiness probe is repeated: a server answers in tens of ms.
 _POLL_S = 0.02
@@ -106,3 +114,12 @@ def stop_pid(
             else:
                 time.sleep(_POLL_S)
     raise ProcessError(f"process {pid} survived SIGKILL")
+
+
+def reaped(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for our child to end (and reap it); True if it did."""
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

@@ -25,6 +25,7 @@ from actors.localcluster._process import (
     StartFailed,
     free_port,
     log_tail,
+    reaped,
     stop_pid,
     wait_until,
 )
@@ -132,7 +133,7 @@ class LocalRegistry:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        stop_pid(process.pid, grace_s, reap=lambda t: _reaped(process, t))
+        stop_pid(process.pid, grace_s, reap=lambda t: reaped(process, t))
 
     def kill(self) -> None:
         """Gone at once, as a crashed registry: SIGKILL, no grace."""
@@ -196,11 +197,3 @@ class LocalRegistry:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _reaped(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
