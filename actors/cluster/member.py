@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
 
 from actors.clock import Clock
+from actors.cluster.registry_http import ManifestStore, RegistryHttp
 from actors.engine.base import Engine
 from actors.settings import Settings
 from actors.store.base import JobStore
@@ -48,14 +48,18 @@ def cluster_wiring(
     settings: Settings,
     store: JobStore,
     engine: Engine,
-    delete_manifest: Callable[[str], None] | None = None,
+    manifests: ManifestStore | None = None,
 ) -> ClusterWiring:
-    """The HostLease, the SnapshotShipper (with a registry) and the Waker for ``store``."""
+    """The HostLease, the SnapshotShipper and the Waker for ``store``; ``manifests``
+    deletes evicted snapshots from the registry (default: ``cluster.registry``'s HTTP API)."""
     if not isinstance(store, ClusterStore):
         raise NotAClusterStore(
             f"[cluster] database_url is set, but the job store is {type(store).__name__}, "
             "which one host alone can use: pass no store (Snapyard opens the cluster's)"
         )
+    registry = settings.cluster.registry
+    if manifests is None and registry:
+        manifests = RegistryHttp(registry)
     wait = getattr(store, "wait_for_work", None)
     api = settings.api
     return ClusterWiring(
@@ -63,7 +67,7 @@ def cluster_wiring(
         # Always: without a registry nothing is pushed or pulled, but the index
         # still records where each key's newest snapshot is (affinity).
         mover=engine,
-        delete_manifest=delete_manifest,
+        delete_manifest=None if manifests is None else manifests.delete_manifest,
         api=f"{api.host}:{api.port}",
         wait_for_work=wait if callable(wait) else None,
     )

@@ -26,7 +26,6 @@ from actors.clock import FakeClock
 from actors.cluster.lease import LeaseStatus
 from actors.engine.base import ContainerState
 from actors.engine.memory import MemoryEngine, MemoryRegistry
-from actors.engine.references import split_digest
 from actors.labels import LABEL_JOB_ID, MANAGED_FILTER
 from actors.messages import Beat, GetJob, GetLease, GetStatus, ShipSnapshots, Submit, Tick
 from actors.model import Job, JobState, validate_spec
@@ -165,16 +164,13 @@ class Host:
                 cluster=ClusterWiring(
                     self.store,
                     mover=self.engine,
-                    delete_manifest=self.delete_manifest,
+                    delete_manifest=self.registry.delete_manifest,
                     api=f"{self.name}:8750",
                     wait_for_work=self.store.wait_for_work,
                 ),
             )
         )
         return self
-
-    def delete_manifest(self, reference: str) -> None:
-        self.registry.delete_manifest(*split_digest(reference))
 
     def die(self) -> None:
         """The process is gone (no cleanup: containers stay, the lease is not renewed)."""
