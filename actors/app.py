@@ -11,6 +11,7 @@ re-adopts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -219,6 +220,10 @@ class Snapyard:
         wait_s = timeout_s if timeout_s is not None else (math.inf if drain else limit)
         deadline = time.monotonic() + wait_s
         self._accepting = False
+        if isinstance(self._store, ClusterStore):
+            # Others stop waiting for this host's snapshots (locality) at once.
+            with contextlib.suppress(StoreError):
+                self._store.drain(True)
         supervisor = self.supervisor_ref
         if supervisor is not None and supervisor.is_alive():
             try:
