@@ -78,6 +78,8 @@ def _schemas() -> dict[str, Any]:
         "project": {"type": "string"},
         "work_item": {"type": "string"},
         "agent_type": {"type": "string"},
+        "host": _STRING_OR_NULL,
+        "attempt": {"type": "integer", "minimum": 0},
         "image_id": _STRING_OR_NULL,
         "from_snapshot": {"type": "boolean"},
         "snapshot_committed": {"type": "boolean"},
