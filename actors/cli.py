@@ -163,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_lazy("actors.cli_local", "cmd_demo"))
 
+    cluster_demo = sub.add_parser(
+        "cluster-demo",
+        parents=[common],
+        help="start PostgreSQL, a registry and three hosts here, and tell the cluster story",
+    )
+    cluster_demo.set_defaults(func=_lazy("actors.cli_local", "cmd_cluster_demo"))
+
     image = sub.add_parser("image", parents=[common], help="the base worker image")
     image_sub = image.add_subparsers(
         dest="image_cmd", required=True, metavar="{build}", parser_class=_Parser

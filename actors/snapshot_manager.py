@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -45,6 +46,7 @@ from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
 from actors.settings import Settings
 from actors.snapshot_images import list_snapshot_images, own_bytes_of
+from actors.store.base import StoreError
 from actors.telemetry import capture_error
 from actors.tombstones import Tombstones
 from actors.usage import UsageLog
@@ -75,12 +77,16 @@ class SnapshotManager(pykka.ThreadingActor):
         metrics: Metrics | None = None,
         usage: UsageLog | None = None,
         shipper: pykka.ActorRef[Any] | None = None,
+        index: Callable[[Snapshot], bool] | None = None,
     ) -> None:
         """``parent`` hears every crash (``ActorCrashed``) and decides past how many
         the manager must stop (``actors.restarts.Root``); ``metrics`` is the app's
         (None: a private registry nobody scrapes). ``shipper`` (a cluster host's
-        ``SnapshotShipper``) hears of every snapshot registered and evicted."""
+        ``SnapshotShipper``) hears of every snapshot registered and evicted;
+        ``index`` records a registered one in the cluster's index at once, False
+        when the cluster has a newer one (``actors.cluster.shipping.index_snapshot``)."""
         self._shipper = shipper
+        self._index = index
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
@@ -260,7 +266,21 @@ class SnapshotManager(pykka.ThreadingActor):
             self._queue_delete(current.image_id, "replaced by a newer snapshot")
         self._pending.pop(bare_image_id(snapshot.image_id), None)
         self._registry[snapshot.key] = snapshot
+        if not self._indexed(snapshot):
+            self._evict(snapshot, "a newer snapshot exists in the cluster")
+            return
         self._ship(RecordSnapshot(snapshot))
+
+    def _indexed(self, snapshot: Snapshot) -> bool:
+        """Before Register's reply: the key's next job may be claimed on any host."""
+        if self._index is None:
+            return True
+        try:
+            return self._index(snapshot)
+        except StoreError as exc:
+            # The shipper records it again (and retries) once the database is back.
+            log.warning("snapshot %s not indexed yet: %s", snapshot.key, exc)
+            return True
 
     def _invalidate(self, key: SnapshotKey, image_id: str, reason: str) -> None:
         # A 404 says the image is gone, whoever's entry it was.

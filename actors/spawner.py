@@ -378,7 +378,13 @@ class Spawner(pykka.ThreadingActor):
         snapshot = self._snapshotter.commit(msg.job_id, msg.spec, msg.container_id)
         if snapshot is None:
             return None
-        self._tell(self._snapshots, Register(snapshot))
+        # Awaited: the job's end (and its key's release) must not overtake its
+        # snapshot, or the key's next job could miss it (on a cluster: run on
+        # another host before the index says where the snapshot is).
+        try:
+            self._snapshots.ask(Register(snapshot), timeout=LOOKUP_TIMEOUT_S)
+        except Exception as exc:  # dead or wedged: the sweep's rebuild finds the image
+            log.warning("snapshot %s not registered: %s", snapshot.image_id, exc)
         return snapshot.image_id
 
     # --- Terminate ---------------------------------------------------------

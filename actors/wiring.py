@@ -23,13 +23,14 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pykka
 
 from actors.clock import Clock
 from actors.cluster.lease import HostLease
-from actors.cluster.shipping import ImageMover, RemoteSnapshots, SnapshotShipper
+from actors.cluster.shipping import ImageMover, RemoteSnapshots, SnapshotShipper, index_snapshot
 from actors.cluster.waker import Waker
 from actors.engine.base import Engine
 from actors.labels import LABEL_INSTANCE
@@ -45,6 +46,7 @@ from actors.messages import (
     Tick,
 )
 from actors.metrics import Metrics
+from actors.model import Snapshot
 from actors.pool import SpawnerFactory
 from actors.reaper import Reaper
 from actors.restarts import RestartIntensity, Root
@@ -153,6 +155,7 @@ def start_snapshots(
     metrics: Metrics | None = None,
     usage: UsageStore | None = None,
     shipper: pykka.ActorRef[Any] | None = None,
+    index: Callable[[Snapshot], bool] | None = None,
 ) -> pykka.ActorRef[Any]:
     """The SnapshotManager, a child of ``root``; ``usage`` keeps LRU order across restarts."""
     ref = SnapshotManager.start(
@@ -163,6 +166,7 @@ def start_snapshots(
         metrics=metrics,
         usage=UsageLog(usage),
         shipper=shipper,
+        index=index,
     )
     root.tell(Supervise("snapshot-manager", ref))
     return ref
@@ -239,8 +243,9 @@ def start_actors(wiring: Wiring) -> Actors:
                 clock,
                 delete_manifest=cluster.delete_manifest,
             )
+        index = None if cluster is None else partial(index_snapshot, cluster.store)
         snapshots = actors.snapshots = start_snapshots(
-            engine, settings, clock, root, metrics, wiring.store, actors.shipper
+            engine, settings, clock, root, metrics, wiring.store, actors.shipper, index
         )
         remote = None
         if cluster is not None and cluster.mover is not None:

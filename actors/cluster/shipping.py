@@ -44,7 +44,13 @@ from actors.naming import same_image, snapshot_image_name
 from actors.settings import Settings
 from actors.store.cluster import ClusterStore, SnapshotRecord
 
-__all__ = ["ImageMover", "RemoteSnapshots", "SnapshotShipper", "registry_repository"]
+__all__ = [
+    "ImageMover",
+    "RemoteSnapshots",
+    "SnapshotShipper",
+    "index_snapshot",
+    "registry_repository",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,38 @@ class _Push:
     snapshot: Snapshot
     failures: int = 0
     due: float = 0.0
+
+
+def index_record(store: ClusterStore, snapshot: Snapshot) -> SnapshotRecord:
+    """What the index says of ``snapshot`` once this host holds it.
+
+    A snapshot pulled from another host keeps the digest it has in the
+    registry; a fresh commit has none until its push is done. The agent type
+    is not known here (a Snapshot names its base image): the index shows it
+    only, and lineage is checked on pull (``grew_from``).
+    """
+    known = store.newest_snapshot(snapshot.key)
+    digest = None
+    if known is not None and same_image(known.image_id, snapshot.image_id):
+        digest = known.digest  # pulled from another host: already in the registry
+    return SnapshotRecord(
+        key=snapshot.key,
+        agent_type="",
+        host_id=store.host_id,
+        image_id=snapshot.image_id,
+        created_at=snapshot.created_at,
+        digest=digest,
+    )
+
+
+def index_snapshot(store: ClusterStore, snapshot: Snapshot) -> bool:
+    """Record ``snapshot`` as its key's newest in the cluster, now; False if a newer one is.
+
+    The SnapshotManager calls it inside Register, which the Spawner awaits
+    before it reports the job's end: so the key's next job, claimed once this
+    one's key is released, already sees where its snapshot is.
+    """
+    return store.record_snapshot(index_record(store, snapshot))
 
 
 class SnapshotShipper(pykka.ThreadingActor):
@@ -134,18 +172,8 @@ class SnapshotShipper(pykka.ThreadingActor):
     # --- index and push ----------------------------------------------------
 
     def _record(self, snapshot: Snapshot) -> None:
-        known = self._store.newest_snapshot(snapshot.key)
-        digest = None
-        if known is not None and same_image(known.image_id, snapshot.image_id):
-            digest = known.digest  # pulled from another host: already in the registry
-        record = SnapshotRecord(
-            key=snapshot.key,
-            agent_type=self._agent_type(snapshot),
-            host_id=self._store.host_id,
-            image_id=snapshot.image_id,
-            created_at=snapshot.created_at,
-            digest=digest,
-        )
+        record = index_record(self._store, snapshot)
+        digest = record.digest
         if not self._store.record_snapshot(record):
             log.info(
                 "snapshot %s of %s is older than the cluster's: deleting it",
@@ -230,11 +258,6 @@ class SnapshotShipper(pykka.ThreadingActor):
     def _pending_is(self, key: SnapshotKey, image_id: str) -> bool:
         push = self._pending.get(key)
         return push is not None and same_image(push.snapshot.image_id, image_id)
-
-    def _agent_type(self, snapshot: Snapshot) -> str:
-        """Not known here (a Snapshot names its base image, not its agent type): the
-        index uses it for display only, and lineage is checked on pull (``grew_from``)."""
-        return ""
 
     def _tell_manager(self, message: object) -> None:
         if self._manager is not None:
