@@ -168,8 +168,10 @@ class Snapyard:
             self._store = SqliteStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)
-        except BaseException:
+        except BaseException as exc:
             self._stop_actors(timeout_s=settings.supervisor.shutdown_timeout_s)
+            if isinstance(exc, StoreError):  # e.g. the cluster database, at the first lease
+                raise SnapyardError(str(exc)) from exc
             raise
         self._started = True
         self._accepting = True

@@ -13,6 +13,9 @@ ClusterStore raises ``Fenced``.
   it was rescued meanwhile the write raises ``Fenced`` and is dropped).
 - ``Fenced`` on any outcome write: the attempt was rescued; drop the flight,
   stop its container if it still runs, never crash.
+- ``StoreUnavailable`` mid-message: that message's writes were rolled back, so
+  the flights and the store disagree; at a Tick (Spawners idle) the Supervisor
+  re-reads its jobs and re-adopts its containers, as after a restart.
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ from actors.deadlines import due_times
 from actors.flight import Flights
 from actors.ledger import Ledger, job_logger
 from actors.messages import (
+    ActorCrashed,
+    ContainerExited,
     ContainersListed,
     Fence,
+    Finished,
     GetStatus,
+    SpawnFailed,
     Started,
     SupervisorStatus,
+    Terminated,
     Unfence,
     WorkAvailable,
 )
 from actors.model import Job, SnapshotKey
 from actors.pool import SpawnerPool
 from actors.reconcile import Reconciling
+from actors.store.base import StoreUnavailable
 
 __all__ = ["NOT_HANDLED", "Fencing"]
 
@@ -43,6 +52,17 @@ log = logging.getLogger("actors.supervisor")
 
 
 NOT_HANDLED = object()
+# Replies and events kept while the store was away, handled again at a Tick.
+_REPLIES = (
+    Started,
+    SpawnFailed,
+    ContainerExited,
+    Finished,
+    Terminated,
+    ContainersListed,
+    ActorCrashed,
+)
+MAX_REDO = 10_000
 
 
 def _no_job(_job_id: str) -> bool:
@@ -59,6 +79,11 @@ class Fencing(Reconciling):
     _dispatching: bool
     _fenced: bool
     _abandoned: set[str]
+    _resync: bool
+    _redo: list[Any]
+
+    def _handle(self, message: Any) -> Any:
+        raise NotImplementedError
 
     def _dispatch(self) -> None:
         raise NotImplementedError
@@ -121,6 +146,37 @@ class Fencing(Reconciling):
         self._abandoned &= {f.id for f in self._flights}
         self._request_listing("recover")
         self._after_change()
+
+    def _store_lost(self, exc: Exception, message: Any, handled: bool) -> None:
+        """A message failed with the database away. Never begun (its transaction
+        could not start): kept, and handled again at a Tick. Begun: its writes were
+        rolled back while the flights moved on (a Started recorded nowhere): resync."""
+        if not isinstance(exc, StoreUnavailable):
+            return
+        if not handled:
+            if isinstance(message, _REPLIES) and len(self._redo) < MAX_REDO:
+                self._redo.append(message)
+            return
+        if not self._resync:
+            self._resync = True
+            log.warning("the store was lost mid-message; re-reading this host's jobs at a Tick")
+
+    def _catch_up(self) -> None:
+        """At a Tick (the store answers again): first the replies kept while it was
+        away, then, once no Spawner operation is under way (nothing is claimed
+        meanwhile), recover as after a restart: the store's jobs, then a listing
+        re-adopts the containers, which keep running."""
+        while self._redo:
+            self._handle(self._redo.pop(0))
+        if not self._resync or self._fenced or self._pool.load() > 0:
+            return
+        jobs = self._store.unfinished()
+        self._resync = False
+        for flight in self._flights:
+            self._flights.remove(flight.id)
+        self._ledger.load()
+        self._recover(jobs, None)
+        self._request_listing("recover")
 
     def _dropped(self, job: Job) -> None:
         """The Ledger's answer to ``Fenced``: another host owns this job now."""

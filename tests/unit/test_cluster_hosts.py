@@ -137,3 +137,28 @@ def test_a_late_hosts_outcome_write_is_fenced_and_changes_nothing(make_host: Mak
     assert (row.state, row.host, row.attempt) == (JobState.RUNNING, "host-b", 1)
     b.engine.exit_container(rescued.id, 0)
     assert finished(b.store, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_start_reported_while_the_database_is_away_is_recorded_when_it_returns(
+    make_host: MakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (found by the two-host state machine): the Started of a job claimed
+    just before a partition failed to open its transaction and was dropped; the job
+    stayed "starting" on a live host forever and its key with it."""
+    a = make_host("host-a")
+    a.engine.before("start_container", a.cable.cut)
+    job = a.submit("s")
+    container = a.wait_running(job.id)
+    eventually(
+        lambda: [r.getMessage() for r in caplog.records],
+        lambda lines: "supervisor: handling Started failed" in lines,
+        "the Started to meet the cut cable",
+    )
+    a.cable.mend()
+    a.tick()  # the kept Started is handled now
+    running = eventually(
+        lambda: a.job(job.id), lambda j: j.state is JobState.RUNNING, "the job running"
+    )
+    assert running.container_id == container.id
+    a.engine.exit_container(container.id, 0)
+    assert finished(a.store, job.id).state is JobState.SUCCEEDED
