@@ -26,7 +26,7 @@ import pykka
 from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
-from actors.cluster.member import cluster_wiring, open_cluster_store
+from actors.cluster.member import cluster_snapshots, cluster_wiring, open_cluster_store
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
 from actors.instance import resolve_instance_id
@@ -330,7 +330,8 @@ class Snapyard:
         snaps: list[Snapshot] = self._snapshots().ask(
             ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S
         )
-        return snaps
+        store = self._store  # a cluster's: this host's, then the index's newest elsewhere
+        return cluster_snapshots(snaps, store) if isinstance(store, ClusterStore) else snaps
 
     def remove_snapshot(self, key: SnapshotKey) -> bool:
         removed: bool = self._snapshots().ask(
