@@ -8,8 +8,8 @@ ClusterStore raises ``Fenced``.
   rescues its jobs. So it claims nothing and kills every worker now (no grace:
   the margin is one heartbeat), and forgets its flights: the store is the
   truth, and it may not be reachable. Handled outside any store transaction.
-- ``Unfence``: the lease is renewed. Recover as after a restart; a job whose
-  worker this host killed is queued again (its attempt guards the write: if
+- ``Unfence``: the lease is renewed. At the next Tick, recover as after a
+  restart; a job whose worker this host killed is queued again (its attempt guards the write: if
   it was rescued meanwhile the write raises ``Fenced`` and is dropped).
 - ``Fenced`` on any outcome write: the attempt was rescued; drop the flight,
   stop its container if it still runs, never crash.
@@ -91,8 +91,6 @@ class Fencing(Reconciling):
     def _handle_cluster(self, message: Any) -> bool:
         """The cluster's messages; False for any other."""
         match message:
-            case Unfence():
-                self._unfence()
             case WorkAvailable():
                 self._after_change()
             case _:
@@ -107,6 +105,8 @@ class Fencing(Reconciling):
                 return self._status()
             case Fence(reason=reason):
                 self._fence(reason)
+            case Unfence():
+                self._unfence()
             case ContainersListed(reason="fence", error=None, containers=containers):
                 if self._fenced:
                     # Only labelled ours: an unlabelled one would need the store to judge.
@@ -137,15 +137,13 @@ class Fencing(Reconciling):
         self._ledger.publish()
 
     def _unfence(self) -> None:
+        """Outside any transaction too: the recovery itself waits for the next Tick,
+        which retries it until the store answers (``_catch_up``)."""
         if not self._fenced:
             return
         self._fenced = False
-        log.warning("lease renewed: recovering this host's jobs")
-        self._ledger.load()
-        self._recover(self._store.unfinished(), None)
-        self._abandoned &= {f.id for f in self._flights}
-        self._request_listing("recover")
-        self._after_change()
+        self._resync = True
+        log.warning("lease renewed: recovering this host's jobs at the next Tick")
 
     def _store_lost(self, exc: Exception, message: Any, handled: bool) -> None:
         """A message failed with the database away. Never begun (its transaction
@@ -176,6 +174,8 @@ class Fencing(Reconciling):
             self._flights.remove(flight.id)
         self._ledger.load()
         self._recover(jobs, None)
+        # Jobs whose workers a fence killed: re-queued by the listing, if still ours.
+        self._abandoned &= {f.id for f in self._flights}
         self._request_listing("recover")
 
     def _dropped(self, job: Job) -> None:

@@ -186,6 +186,8 @@ class Host:
                 ),
             )
         )
+        # As the app does: started means recovered (its on_start has run).
+        self.sup.ask(GetStatus(), timeout=ASK_S)
         return self
 
     def die(self) -> None:

@@ -59,8 +59,9 @@ def test_a_dead_hosts_job_is_rescued_and_finished_elsewhere_from_the_pulled_snap
 
     b = make_host("host-b")
     assert b.running() == []  # A's lease still holds
-    a.clock.advance(LEASE_S + BEAT_S)
-    b.beat()  # renews B's lease and rescues A's job
+    for _ in range(int(LEASE_S / BEAT_S) + 1):  # B beats on; A's lease runs out
+        a.clock.advance(BEAT_S)
+        b.beat()  # renews B's lease, then rescues A's job once A's has ended
     container = b.wait_running(second.id)
     assert container.image_id == pushed.image_id  # the pulled snapshot, same image ID
     running = b.job(second.id)
@@ -98,8 +99,9 @@ def test_a_partitioned_host_kills_its_worker_before_its_lease_ends_and_the_job_r
     assert b.running(job.id) == []
     assert a.fenced()
 
-    clock.advance(LEASE_S)
-    b.beat()
+    while clock.now() <= renewed + LEASE_S:
+        clock.advance(BEAT_S)
+        b.beat()
     container = b.wait_running(job.id)
     b.engine.exit_container(container.id, 0)
     done = finished(b.store, job.id)
@@ -126,8 +128,9 @@ def test_a_late_hosts_outcome_write_is_fenced_and_changes_nothing(make_host: Mak
     stale = a.wait_running(job.id)
     b = make_host("host-b")
     a.cable.cut()
-    a.clock.advance(LEASE_S + BEAT_S)
-    b.beat()
+    for _ in range(int(LEASE_S / BEAT_S) + 1):  # A's lease actor is stalled: no Beat
+        a.clock.advance(BEAT_S)
+        b.beat()
     rescued = b.wait_running(job.id)
     a.cable.mend()
     a.engine.exit_container(stale.id, 1)  # A's outcome: failed, for attempt 0
