@@ -165,3 +165,16 @@ def test_a_start_reported_while_the_database_is_away_is_recorded_when_it_returns
     assert running.container_id == container.id
     a.engine.exit_container(container.id, 0)
     assert finished(a.store, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_job_submitted_on_a_full_host_is_claimed_by_another_without_waiting_for_a_tick(
+    make_host: MakeHost,
+) -> None:
+    """LISTEN/NOTIFY: B's Waker hears of the job at once; no Tick is sent here at all."""
+    a = make_host("host-a", max_workers=1)
+    b = make_host("host-b")
+    busy = a.submit("busy")
+    a.wait_running(busy.id)
+    job = a.submit("other")  # A has no free place
+    b.wait_running(job.id)
+    assert b.job(job.id).host == "host-b"
