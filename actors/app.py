@@ -375,6 +375,8 @@ class Snapyard:
             status = self.status()
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             return False, f"supervisor not answering: {exc or type(exc).__name__}"
+        if status.fenced:
+            return False, "fenced: this host cannot renew its cluster lease (see its log)"
         if self.watcher is None or not self.watcher.alive:
             return False, "the event watcher is not running"
         try:

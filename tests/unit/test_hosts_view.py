@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 from api_kit import Served, served
+from waiting import eventually
 
 from actors.api_schema import openapi_document
 from actors.cli import main
 from actors.client import ApiClient
+from actors.messages import Fence
 from actors.model import SnapshotKey
 from actors.store.cluster import SnapshotRecord
 from actors.store.postgres import PostgresStore
@@ -89,3 +91,12 @@ def test_any_host_shows_the_clusters_hosts_and_snapshots(
 def test_the_openapi_document_names_hosts() -> None:
     doc = openapi_document()
     assert "get" in doc["paths"]["/hosts"]
+
+
+def test_a_fenced_host_answers_unhealthy(cluster_live: Served) -> None:
+    assert cluster_live.app.health()[0]
+    ref = cluster_live.app.supervisor_ref
+    assert ref is not None
+    ref.tell(Fence("test: the lease is not renewed"))
+    _ok, reason = eventually(cluster_live.app.health, lambda h: not h[0], "unhealthy")
+    assert reason.startswith("fenced")
