@@ -110,6 +110,9 @@ class ClusterMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.cut and not self.dead)
     @rule(name=st.sampled_from(NAMES))
     def a_partition(self, name: str) -> None:
+        """Of a host with running workers, when there is one: the case fencing is for."""
+        busy = [n for n in (name, *NAMES) if self.hosts[n].running()]
+        name = busy[0] if busy else name
         self.hosts[name].cable.cut()
         self.cut.add(name)
 
@@ -127,9 +130,12 @@ class ClusterMachine(RuleBasedStateMachine):
             with contextlib.suppress(EngineError):
                 engine.delete_image_behind_back(images[pick % len(images)].id)
 
-    @rule()
-    def heartbeat(self) -> None:
-        self._beat()
+    @rule(beats=st.integers(1, 2 * int(LEASE_S / BEAT_S)))
+    def time_passes(self, beats: int) -> None:
+        """Up to two leases, a heartbeat at a time: long enough for a lease to end."""
+        for _ in range(beats):
+            self._beat()
+            self.never_two_active_jobs_of_a_key_nor_two_runs_of_a_job()
 
     # --- invariants -------------------------------------------------------------
 
@@ -220,3 +226,20 @@ def test_two_hosts_survive_any_interleaving(cluster_url: str) -> None:
     )
     print(f"cluster machine: {ClusterMachine.runs - before} examples run")
     assert LEASE_S > BEAT_S
+
+
+def test_a_busy_host_cut_off_for_two_leases(cluster_url: str) -> None:
+    """The machine's rules by hand, for the case fencing exists for: a host cut off
+    while its worker runs, for longer than a lease; then everything heals."""
+    state = ClusterMachine()
+    try:
+        state.submit(name="host-a", key=("p", "w1"))
+        state.hosts["host-a"].wait_running(state.jobs[0])
+        state.a_partition(name="host-a")
+        state.time_passes(beats=2 * int(LEASE_S / BEAT_S))
+        state.never_two_active_jobs_of_a_key_nor_two_runs_of_a_job()
+        state.a_job_ends_once()
+        state.the_partition_heals()
+        state.time_passes(beats=2)
+    finally:
+        state.teardown()
