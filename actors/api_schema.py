@@ -124,7 +124,11 @@ def _schemas() -> dict[str, Any]:
         "Snapshot": {
             "type": "object",
             "required": list(SNAPSHOT_FIELDS),
-            "properties": {name: snapshot_types[name] for name in SNAPSHOT_FIELDS},
+            "properties": {
+                **{name: snapshot_types[name] for name in SNAPSHOT_FIELDS},
+                # A cluster's listing only: the host that holds it.
+                "host": {"type": "string"},
+            },
             "additionalProperties": False,
         },
         "Host": {

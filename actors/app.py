@@ -26,7 +26,7 @@ import pykka
 from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
-from actors.cluster.member import cluster_wiring, open_cluster_store
+from actors.cluster.member import cluster_snapshots, cluster_wiring, open_cluster_store
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
 from actors.instance import resolve_instance_id
@@ -168,8 +168,10 @@ class Snapyard:
             self._store = SqliteStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)
-        except BaseException:
+        except BaseException as exc:
             self._stop_actors(timeout_s=settings.supervisor.shutdown_timeout_s)
+            if isinstance(exc, StoreError):  # e.g. the cluster database, at the first lease
+                raise SnapyardError(str(exc)) from exc
             raise
         self._started = True
         self._accepting = True
@@ -328,7 +330,8 @@ class Snapyard:
         snaps: list[Snapshot] = self._snapshots().ask(
             ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S
         )
-        return snaps
+        store = self._store  # a cluster's: this host's, then the index's newest elsewhere
+        return cluster_snapshots(snaps, store) if isinstance(store, ClusterStore) else snaps
 
     def remove_snapshot(self, key: SnapshotKey) -> bool:
         removed: bool = self._snapshots().ask(
@@ -372,6 +375,8 @@ class Snapyard:
             status = self.status()
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             return False, f"supervisor not answering: {exc or type(exc).__name__}"
+        if status.fenced:
+            return False, "fenced: this host cannot renew its cluster lease (see its log)"
         if self.watcher is None or not self.watcher.alive:
             return False, "the event watcher is not running"
         try:

@@ -413,6 +413,11 @@ def cmd_snapshots(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     snaps = client.snapshots()
     if args.json:
         _print_json(snaps, out)
-    else:
-        _table(_SNAPSHOT_HEADERS, _snapshot_rows(snaps), out)
+        return EXIT_OK
+    headers: tuple[str, ...] = _SNAPSHOT_HEADERS
+    rows = _snapshot_rows(snaps)
+    if any("host" in s for s in snaps):  # a cluster's: where each one is
+        headers = (*headers, "HOST")
+        rows = [[*row, s.get("host")] for row, s in zip(rows, snaps, strict=True)]
+    _table(headers, rows, out)
     return EXIT_OK

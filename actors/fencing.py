@@ -8,11 +8,14 @@ ClusterStore raises ``Fenced``.
   rescues its jobs. So it claims nothing and kills every worker now (no grace:
   the margin is one heartbeat), and forgets its flights: the store is the
   truth, and it may not be reachable. Handled outside any store transaction.
-- ``Unfence``: the lease is renewed. Recover as after a restart; a job whose
-  worker this host killed is queued again (its attempt guards the write: if
+- ``Unfence``: the lease is renewed. At the next Tick, recover as after a
+  restart; a job whose worker this host killed is queued again (its attempt guards the write: if
   it was rescued meanwhile the write raises ``Fenced`` and is dropped).
 - ``Fenced`` on any outcome write: the attempt was rescued; drop the flight,
   stop its container if it still runs, never crash.
+- ``StoreUnavailable`` mid-message: that message's writes were rolled back, so
+  the flights and the store disagree; at a Tick (Spawners idle) the Supervisor
+  re-reads its jobs and re-adopts its containers, as after a restart.
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ from actors.deadlines import due_times
 from actors.flight import Flights
 from actors.ledger import Ledger, job_logger
 from actors.messages import (
+    ActorCrashed,
+    ContainerExited,
     ContainersListed,
     Fence,
+    Finished,
     GetStatus,
+    SpawnFailed,
     Started,
     SupervisorStatus,
+    Terminated,
     Unfence,
     WorkAvailable,
 )
 from actors.model import Job, SnapshotKey
 from actors.pool import SpawnerPool
 from actors.reconcile import Reconciling
+from actors.store.base import StoreUnavailable
 
 __all__ = ["NOT_HANDLED", "Fencing"]
 
@@ -43,6 +52,17 @@ log = logging.getLogger("actors.supervisor")
 
 
 NOT_HANDLED = object()
+# Replies and events kept while the store was away, handled again at a Tick.
+_REPLIES = (
+    Started,
+    SpawnFailed,
+    ContainerExited,
+    Finished,
+    Terminated,
+    ContainersListed,
+    ActorCrashed,
+)
+MAX_REDO = 10_000
 
 
 def _no_job(_job_id: str) -> bool:
@@ -59,6 +79,11 @@ class Fencing(Reconciling):
     _dispatching: bool
     _fenced: bool
     _abandoned: set[str]
+    _resync: bool
+    _redo: list[Any]
+
+    def _handle(self, message: Any) -> Any:
+        raise NotImplementedError
 
     def _dispatch(self) -> None:
         raise NotImplementedError
@@ -66,8 +91,6 @@ class Fencing(Reconciling):
     def _handle_cluster(self, message: Any) -> bool:
         """The cluster's messages; False for any other."""
         match message:
-            case Unfence():
-                self._unfence()
             case WorkAvailable():
                 self._after_change()
             case _:
@@ -82,6 +105,8 @@ class Fencing(Reconciling):
                 return self._status()
             case Fence(reason=reason):
                 self._fence(reason)
+            case Unfence():
+                self._unfence()
             case ContainersListed(reason="fence", error=None, containers=containers):
                 if self._fenced:
                     # Only labelled ours: an unlabelled one would need the store to judge.
@@ -112,15 +137,46 @@ class Fencing(Reconciling):
         self._ledger.publish()
 
     def _unfence(self) -> None:
+        """Outside any transaction too: the recovery itself waits for the next Tick,
+        which retries it until the store answers (``_catch_up``)."""
         if not self._fenced:
             return
         self._fenced = False
-        log.warning("lease renewed: recovering this host's jobs")
+        self._resync = True
+        log.warning("lease renewed: recovering this host's jobs at the next Tick")
+
+    def _store_lost(self, exc: Exception, message: Any, handled: bool) -> None:
+        """A message failed with the database away. Never begun (its transaction
+        could not start): kept, and handled again at a Tick. Begun: its writes were
+        rolled back while the flights moved on (a Started recorded nowhere): resync."""
+        if not isinstance(exc, StoreUnavailable):
+            return
+        if not handled:
+            if isinstance(message, _REPLIES) and len(self._redo) < MAX_REDO:
+                self._redo.append(message)
+            return
+        if not self._resync:
+            self._resync = True
+            log.warning("the store was lost mid-message; re-reading this host's jobs at a Tick")
+
+    def _catch_up(self) -> None:
+        """At a Tick (the store answers again): first the replies kept while it was
+        away, then, once no Spawner operation is under way (nothing is claimed
+        meanwhile), recover as after a restart: the store's jobs, then a listing
+        re-adopts the containers, which keep running."""
+        while self._redo:
+            self._handle(self._redo.pop(0))
+        if not self._resync or self._fenced or self._pool.load() > 0:
+            return
+        jobs = self._store.unfinished()
+        self._resync = False
+        for flight in self._flights:
+            self._flights.remove(flight.id)
         self._ledger.load()
-        self._recover(self._store.unfinished(), None)
+        self._recover(jobs, None)
+        # Jobs whose workers a fence killed: re-queued by the listing, if still ours.
         self._abandoned &= {f.id for f in self._flights}
         self._request_listing("recover")
-        self._after_change()
 
     def _dropped(self, job: Job) -> None:
         """The Ledger's answer to ``Fenced``: another host owns this job now."""

@@ -129,7 +129,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         self._reconcile_requested = False
         self._dispatching = True
         self._fatal: str | None = None
-        self._fenced, self._abandoned = False, set()  # actors.fencing
+        self._fenced, self._abandoned, self._resync, self._redo = False, set(), False, []
 
     # --- life cycle --------------------------------------------------------
 
@@ -168,14 +168,17 @@ class Supervisor(Fencing, pykka.ThreadingActor):
             return None
         if (answer := self._outside_store(message)) is not NOT_HANDLED:
             return answer  # the database may be cut off (actors.fencing)
+        handled = False
         try:
             # One transaction per message: its state writes share one fsync,
             # and it commits before an ask's reply leaves this handler.
             with self._store.batch():
+                handled = True
                 return self._handle(message)
         except InvalidJob:
             raise
         except Exception as exc:
+            self._store_lost(exc, message, handled)
             if isinstance(message, _ASKS):
                 raise
             # A tell handler that raises stops a pykka actor: log, report, go on.
@@ -251,7 +254,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         Supervisor adds only what it alone knows: its free places, and the
         keys of running containers no job owns (leftovers of a previous run).
         """
-        if not self._dispatching or self._fenced or not self._pool.refs:
+        if not self._dispatching or self._fenced or self._resync or not self._pool.refs:
             return
         free = self._sup.max_workers - len(self._flights) - len(self._leftovers)
         if free <= 0:
@@ -394,6 +397,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         return job
 
     def _on_tick(self, now: float) -> None:
+        self._catch_up()
         for flight in self._flights.in_phase("running"):
             match tick_action(flight, now, self._sup.stop_grace_s):
                 case "time_out":

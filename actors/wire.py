@@ -130,8 +130,8 @@ def host_json(host: HostInfo, now: float) -> dict[str, Any]:
 
 
 def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
-    """The stable JSON shape of a snapshot registry entry."""
-    return {
+    """The stable JSON shape of a snapshot registry entry (``host`` only in a cluster)."""
+    shape: dict[str, Any] = {
         "project": snapshot.key.project,
         "work_item": snapshot.key.work_item,
         "image_id": snapshot.image_id,
@@ -144,6 +144,9 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
         "created_at": iso_time(snapshot.created_at),
         "last_used_at": iso_time(snapshot.last_used_at),
     }
+    if snapshot.host is not None:  # a cluster's listing (issue 14): where it is
+        shape["host"] = snapshot.host
+    return shape
 
 
 def spec_from_json(body: object) -> JobSpec:

@@ -130,15 +130,15 @@ class HostLease(pykka.ThreadingActor):
         self._renewals = 0
         self._failures = 0
         self._last_error: str | None = None
-
-    def on_start(self) -> None:
-        # The first renewal is synchronous: a host that cannot reach the
-        # database must not start (and claim) at all.
+        # The first renewal happens here, on the caller's thread (pykka builds the
+        # actor in ``start()``): a host that cannot reach the database fails to
+        # start and claims nothing. In ``on_start`` the failure would only stop
+        # this actor, and the host would run on without a lease.
         now = self._clock.now()
-        self._renew(now)
+        self._rescued(self._renew(now))
         self._last_renewal = now
         self._renewals = 1
-        log.info("host %s joined the cluster (lease %gs)", self._store.host_id, self._lease_s)
+        log.info("host %s joined the cluster (lease %gs)", store.host_id, lease_s)
 
     def on_stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -6,18 +6,20 @@ it nothing here runs and Snapyard is one host on SQLite, as ever.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 
 from actors.clock import Clock
 from actors.cluster.registry_http import ManifestStore, RegistryHttp
 from actors.engine.base import Engine
+from actors.model import Snapshot
 from actors.settings import Settings
 from actors.store.base import JobStore
 from actors.store.cluster import ClusterStore
 from actors.wiring import ClusterWiring
 
-__all__ = ["cluster_wiring", "host_id_of", "open_cluster_store"]
+__all__ = ["cluster_snapshots", "cluster_wiring", "host_id_of", "open_cluster_store"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +73,24 @@ def cluster_wiring(
         api=f"{api.host}:{api.port}",
         wait_for_work=wait if callable(wait) else None,
     )
+
+
+def cluster_snapshots(local: list[Snapshot], store: ClusterStore) -> list[Snapshot]:
+    """The cluster's snapshots: this host's (with their sizes), then the newest of
+    every other key from the index (its host; sizes unknown here, so 0), by key."""
+    mine = {s.key: dataclasses.replace(s, host=store.host_id) for s in local}
+    for record in store.snapshots():
+        if record.key in mine:
+            continue
+        mine[record.key] = Snapshot(
+            key=record.key,
+            image_id=record.image_id,
+            tag=record.digest or "",  # pullable by digest once pushed
+            base_image_id="",
+            created_at=record.created_at,
+            last_used_at=record.created_at,
+            size_bytes=0,
+            layers=0,
+            host=record.host_id,
+        )
+    return sorted(mine.values(), key=lambda s: s.key)

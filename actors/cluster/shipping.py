@@ -74,12 +74,10 @@ class ImageMover(Protocol):
 
 def registry_repository(registry: str, settings: Settings, key: SnapshotKey) -> str:
     """Where a key's snapshots live in the registry: ``host:port/<repository>/<slug>``."""
-    repository, _tag = snapshot_image_name(settings.snapshots.repository, *key_parts(key))
+    repository, _tag = snapshot_image_name(
+        settings.snapshots.repository, key.project, key.work_item
+    )
     return f"{registry}/{repository}"
-
-
-def key_parts(key: SnapshotKey) -> tuple[str, str]:
-    return key.project, key.work_item
 
 
 @dataclass

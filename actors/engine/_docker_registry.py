@@ -133,12 +133,10 @@ def pull(api: Any, reference: str, raise_as: RaiseAs) -> str:
     except EngineError:
         raise
     except docker.errors.APIError as exc:
-        if exc.status_code is not None and exc.status_code != 409:
-            # The daemon answered: the registry did not (5xx) or lacks it (404).
-            text = str(exc.explanation or exc)
-            error = registry_error(registry, reference, text)
-            if type(error) is EngineError and exc.status_code >= 500:
-                error = RegistryUnavailable(registry, text)
+        # The daemon answered for the registry: it lacks the manifest (404) or
+        # did not answer (500 "dial tcp ..."). Anything else is the daemon's own.
+        error = registry_error(registry, reference, str(exc.explanation or exc))
+        if type(error) is not EngineError:
             raise error from exc
         raise_as(exc, image=reference)
     except Exception as exc:

@@ -119,10 +119,15 @@ class RegistryUnavailable(EngineUnavailable):
 
     def __init__(self, registry: str, detail: str) -> None:
         self.registry = registry
+        self.detail = detail
         super().__init__(
             f"the registry at {registry} does not answer ({detail}); start it, "
             "or check [cluster] registry"
         )
+
+    def __reduce__(self) -> tuple[type[RegistryUnavailable], tuple[str, str]]:
+        # copy and pickle rebuild it from these, not from the formatted message.
+        return type(self), (self.registry, self.detail)
 
 
 ContainerStatus = Literal[

@@ -188,14 +188,16 @@ class LocalDockerd:
         return pids
 
     def _own_processes(self) -> set[int]:
-        """Processes whose command line names this daemon's directory (containerd, shims)."""
+        """This daemon's containerd and shims: containerd processes naming its directory."""
         marker = str(self.directory).encode()
         found: set[int] = set()
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes():
+                if (entry / "comm").read_text().startswith("containerd") and marker in (
+                    entry / "cmdline"
+                ).read_bytes():
                     found.add(int(entry.name))
         return found
 

@@ -73,10 +73,16 @@ class LocalPostgres:
         self._closed = False
         try:
             if self._as_postgres:
-                owner = pwd.getpwnam(_SUPERUSER)
+                try:
+                    owner = pwd.getpwnam(_SUPERUSER)
+                except KeyError:
+                    raise LocalPostgresError(
+                        "as root, PostgreSQL must run as the 'postgres' user, and there is "
+                        "none: install Debian's postgresql package (`make setup`)"
+                    ) from None
                 os.chown(self.dir, owner.pw_uid, owner.pw_gid)
             self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", _SUPERUSER, "--no-sync")
-            self.start()
+            self._start_on_a_free_port()
             self._run(
                 "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", _SUPERUSER, _DATABASE
             )
@@ -98,6 +104,17 @@ class LocalPostgres:
             raise LocalPostgresError(
                 f"{tool} failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
             )
+
+    def _start_on_a_free_port(self, tries: int = 3) -> None:
+        """Another process may take the probed port before the server binds it."""
+        for attempt in range(tries):
+            try:
+                self.start()
+                return
+            except LocalPostgresError:
+                if attempt == tries - 1:
+                    raise
+                self.port = free_port()
 
     def start(self) -> None:
         """Start the server on its port (a no-op when it runs); waits until it answers."""

@@ -11,13 +11,11 @@ from collections.abc import Collection
 
 from actors.model import Job, SnapshotKey
 from actors.store.cluster import HostInfo, SnapshotRecord
-from actors.store.pg_schema import RESCUE_LOCK
+from actors.store.pg_schema import HISTORY_ROWS, NOTIFY, RESCUE_LOCK
 from actors.store.pg_session import PgSession
 from actors.store.rows import COLUMNS, job_of
 
 __all__ = ["ClusterOps"]
-
-_NOTIFY = "SELECT pg_notify('snapyard_jobs', '')"
 
 # Starting and running jobs of every host whose lease has ended go back to the
 # queue with a new attempt; the CTE remembers which host each one was on.
@@ -28,7 +26,8 @@ WITH dead AS (
     FOR UPDATE OF j
 )
 UPDATE jobs j SET state = 'queued', attempt = j.attempt + 1, holds_key = false, host = NULL,
-    container_id = NULL, retry_at = NULL, queued_at = %(now)s
+    container_id = NULL, retry_at = NULL, queued_at = %(now)s, home = (
+        SELECT s.host_id FROM snapshots s WHERE s.project = j.project AND s.work_item = j.work_item)
 FROM dead WHERE j.id = dead.id
 RETURNING {", ".join(f"j.{name}" for name in COLUMNS)}, dead.host AS was_on
 """  # noqa: S608 - constant SQL
@@ -114,13 +113,18 @@ class ClusterOps:
                 return []
             rows = conn.execute(_RESCUE, {"now": now}).fetchall()
             conn.execute(_RELEASE_DEAD, {"now": now})
-            for row in rows:
+            if rows:
                 conn.execute(
-                    "INSERT INTO job_history (job_id, state, at, note) VALUES (%s, %s, %s, %s)",
-                    (row["id"], "queued", now, f"rescued: host {row['was_on']} missed its lease"),
+                    HISTORY_ROWS,
+                    (
+                        [row["id"] for row in rows],
+                        ["queued"] * len(rows),
+                        [now] * len(rows),
+                        [f"rescued: host {row['was_on']} missed its lease" for row in rows],
+                    ),
                 )
             if rows:
-                conn.execute(_NOTIFY)
+                conn.execute(NOTIFY)
         return sorted((job_of(row) for row in rows), key=lambda job: (job.created_at, job.id))
 
     # --- the snapshot index -----------------------------------------------
@@ -142,12 +146,18 @@ class ClusterOps:
                     key.project,
                     key.work_item,
                     record.agent_type,
-                    self.host_id if record.host_id == "" else record.host_id,
+                    record.host_id,
                     record.image_id,
                     record.created_at,
                     record.digest,
                 ),
             ).fetchone()
+            if row is not None:  # the key's queued jobs now live where this snapshot is
+                conn.execute(
+                    "UPDATE jobs SET home = %s WHERE state = 'queued' AND project = %s "
+                    "AND work_item = %s AND home IS DISTINCT FROM %s",
+                    (record.host_id, key.project, key.work_item, record.host_id),
+                )
         return row is not None
 
     def record_digest(self, key: SnapshotKey, image_id: str, digest: str) -> None:
@@ -169,10 +179,17 @@ class ClusterOps:
 
     def forget_snapshot(self, key: SnapshotKey, image_id: str) -> None:
         with self._session.transaction() as conn:
-            conn.execute(
-                "DELETE FROM snapshots WHERE project = %s AND work_item = %s AND image_id = %s",
+            gone = conn.execute(
+                "DELETE FROM snapshots WHERE project = %s AND work_item = %s AND image_id = %s "
+                "RETURNING host_id",
                 (key.project, key.work_item, image_id),
-            )
+            ).fetchone()
+            if gone is not None:
+                conn.execute(
+                    "UPDATE jobs SET home = NULL WHERE state = 'queued' AND project = %s "
+                    "AND work_item = %s AND home = %s",
+                    (key.project, key.work_item, gone["host_id"]),
+                )
 
     def snapshots(self) -> builtins.list[SnapshotRecord]:
         with self._session.session() as conn:

@@ -16,12 +16,38 @@ import psycopg
 
 from actors.store.base import StoreError
 
-__all__ = ["CLAIM_LOCK", "MIGRATIONS", "RESCUE_LOCK", "SCHEMA_VERSION", "migrate"]
+__all__ = [
+    "CHANNEL",
+    "CLAIM_LOCK",
+    "HISTORY_ROWS",
+    "HOME",
+    "MIGRATIONS",
+    "NOTIFY",
+    "RESCUE_LOCK",
+    "SCHEMA_VERSION",
+    "migrate",
+]
 
 # Advisory lock keys ("snap" + a number): one namespace for the whole database.
 CLAIM_LOCK = 0x736E_6170_0001  # cluster-wide caps: one capped claim at a time
 RESCUE_LOCK = 0x736E_6170_0002  # the rescue election
 _MIGRATE_LOCK = 0x736E_6170_0003
+_HISTORY_LOCK = 0x736E_6170_0004
+
+# History rows, one per (job ID, state, at, note) of the arrays given, in order.
+# ``changes`` promises that seq only grows for a follower: but a seq is taken at
+# insert, not at commit, so a later seq could commit first and a follower skip
+# the earlier one for good. Writers of history therefore take a lock first and
+# hold it to their commit: seqs commit in order. (A write costs this wait only
+# while another transaction that wrote history is still open: milliseconds.)
+HISTORY_ROWS = f"""
+INSERT INTO job_history (job_id, state, at, note)
+SELECT h.job_id, h.state, h.at, h.note
+FROM (SELECT pg_advisory_xact_lock({_HISTORY_LOCK})) AS serialised,
+     unnest(%s::text[], %s::text[], %s::float8[], %s::text[])
+         WITH ORDINALITY AS h(job_id, state, at, note, n)
+ORDER BY h.n
+"""  # noqa: S608 - constant SQL
 
 _SCHEMA_V1 = (
     """
@@ -51,7 +77,11 @@ _SCHEMA_V1 = (
         attempt INTEGER NOT NULL DEFAULT 0,
         host TEXT,
         queued_at DOUBLE PRECISION,
-        holds_key BOOLEAN NOT NULL DEFAULT false
+        holds_key BOOLEAN NOT NULL DEFAULT false,
+        -- Not a Job field: the host of the key's newest snapshot, kept on queued
+        -- jobs so a host finds its local work through jobs_home, in queue order.
+        -- A hint (the snapshot index is the truth): stale only costs locality.
+        home TEXT
     )
     """,
     "CREATE INDEX jobs_state ON jobs (state, created_at)",
@@ -63,16 +93,14 @@ _SCHEMA_V1 = (
     "CREATE INDEX jobs_queue ON jobs (created_at, id) WHERE state = 'queued'",
     "CREATE INDEX jobs_queue_by_key ON jobs (project, work_item, created_at, id) "
     "WHERE state = 'queued'",
-    # xid: a reader of ``changes`` sees a seq only once every transaction that
-    # could still commit a smaller one has ended (seqs are taken, not committed, in order).
+    "CREATE INDEX jobs_home ON jobs (home, created_at, id) WHERE state = 'queued'",
     """
     CREATE TABLE job_history (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
         state TEXT NOT NULL,
         at DOUBLE PRECISION NOT NULL,
-        note TEXT,
-        xid xid8 NOT NULL DEFAULT pg_current_xact_id()
+        note TEXT
     )
     """,
     "CREATE INDEX job_history_job ON job_history (job_id, seq)",
@@ -112,8 +140,15 @@ _SCHEMA_V1 = (
         PRIMARY KEY (project, work_item)
     )
     """,
-    "CREATE INDEX snapshots_host ON snapshots (host_id)",
 )
+
+# NOTIFY'd when work may have become claimable: a job added or re-queued, a key released.
+CHANNEL = "snapyard_jobs"
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
+
+# The ``home`` of a job of a key: set from the snapshot index whenever the job
+# is written, and on every queued job of the key when its newest snapshot moves.
+HOME = "(SELECT s.host_id FROM snapshots s WHERE s.project = %s AND s.work_item = %s)"
 
 # To change the schema, append a tuple of statements; never edit one that has shipped.
 MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1,)

@@ -29,27 +29,38 @@ from actors.store.base import Caps
 from actors.store.cluster import Fenced
 from actors.store.pg_claim import Claim
 from actors.store.pg_cluster import ClusterOps
-from actors.store.pg_schema import migrate
-from actors.store.pg_session import Conn, PgSession
-from actors.store.rows import COLUMNS, job_of, row_of
+from actors.store.pg_schema import CHANNEL, HISTORY_ROWS, HOME, NOTIFY, migrate
+from actors.store.pg_session import IDLE_IN_TRANSACTION_S, Conn, PgSession
+from actors.store.rows import COLUMNS, history_time, job_of, row_of
 from actors.usage import UsageKey
 
-__all__ = ["CHANNEL", "PostgresStore"]
-
-# NOTIFY'd when work may have become claimable: a job added or re-queued, a key released.
-CHANNEL = "snapyard_jobs"
+__all__ = ["CHANNEL", "HeldElsewhere", "PostgresStore"]
 
 _HOLDING = (JobState.STARTING.value, JobState.RUNNING.value)
 _TERMINAL = [s.value for s in JobState if s.terminal]
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"  # noqa: S608 - constant column list
-_HISTORY = "INSERT INTO job_history (job_id, state, at, note) VALUES (%s, %s, %s, %s)"
-_NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
-# A change is shown once no transaction that could commit a smaller seq is still open.
-_SETTLED = "xid < pg_snapshot_xmin(pg_current_snapshot())"
-_CHANGES = (
-    f"SELECT seq, job_id, state, at FROM job_history WHERE seq > %s AND {_SETTLED} "  # noqa: S608
-    "ORDER BY seq LIMIT %s"
-)
+_CHANGES = "SELECT seq, job_id, state, at FROM job_history WHERE seq > %s ORDER BY seq LIMIT %s"
+
+
+class HeldElsewhere(Fenced):
+    """A write to a job that another host of the cluster has claimed."""
+
+    def __init__(self, job_id: str, attempt: int, holder: str) -> None:
+        super().__init__(job_id, attempt)
+        self.holder = holder
+        self.args = (
+            f"job {job_id} is claimed by host {holder}; only that host writes it now "
+            "(this write is dropped)",
+        )
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    """``row_of``, with NUL characters replaced: PostgreSQL text cannot hold them,
+    and a worker's log may print one (SQLite keeps them; IDs and env never have any)."""
+    return tuple(
+        value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+        for value in row_of(job)
+    )
 
 
 class PostgresStore(ClusterOps):
@@ -61,11 +72,15 @@ class PostgresStore(ClusterOps):
         host_id: str,
         clock: Clock | None = None,
         locality_wait_s: float = 10.0,
+        *,
+        idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
+        """``idle_in_transaction_s``: how long the server lets this host's session
+        sit in an open transaction (a frozen host) before it ends it."""
         self.host_id = host_id
         self._clock = clock or SystemClock()
         self._locality_wait_s = locality_wait_s
-        self._session = PgSession(database_url)
+        self._session = PgSession(database_url, idle_in_transaction_s)
         self._draining = False
         self._heartbeats = 0  # the first one of this process sets started_at
         self._listen_lock = threading.Lock()
@@ -83,47 +98,51 @@ class PostgresStore(ClusterOps):
     def batch(self) -> contextlib.AbstractContextManager[None]:
         return self._session.batch()
 
-    def _history_time(self, job: Job) -> float:
-        """The moment of a transition, from the job when it says so (as SQLite does)."""
-        if job.state.terminal and job.finished_at is not None:
-            return job.finished_at
-        if job.state is JobState.RUNNING and job.started_at is not None:
-            return job.started_at
-        return self._clock.now()
-
     def add(self, job: Job, note: str | None = None) -> None:
-        columns = (*COLUMNS, "holds_key")
-        marks = ", ".join("%s" for _ in columns)
+        columns = (*COLUMNS, "holds_key", "home")
+        marks = ", ".join("%s" for _ in columns[:-1])
+        key = job.key
         with self._session.transaction() as conn:
             conn.execute(
-                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608
-                (*row_of(job), job.state.value in _HOLDING),
+                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks}, {HOME})",  # noqa: S608
+                (*_row(job), job.state.value in _HOLDING, key.project, key.work_item),
             )
-            conn.execute(_HISTORY, (job.id, job.state.value, job.created_at, note))
+            conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [job.created_at], [note]))
             if job.state is JobState.QUEUED:
-                conn.execute(_NOTIFY)
+                conn.execute(NOTIFY)
 
     def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
-        """Write every field of ``job`` while its attempt is current, else ``Fenced``."""
+        """Write every field of ``job`` while its attempt is current, else ``Fenced``.
+
+        Also ``Fenced`` (``HeldElsewhere``): a job another host has claimed is
+        that host's to write. A write from a copy read while it was queued (a
+        cancel racing a claim elsewhere) would release its key under a running
+        container, or put it back in the queue to run twice.
+        """
         holds = job.state.value in _HOLDING if holds_key is None else holds_key
         assignments = ", ".join(f"{name} = %s" for name in (*COLUMNS[1:], "holds_key"))
         with self._session.transaction() as conn:
             current = conn.execute(
-                "SELECT state, attempt, holds_key FROM jobs WHERE id = %s FOR UPDATE", (job.id,)
+                "SELECT state, attempt, holds_key, host FROM jobs WHERE id = %s FOR UPDATE",
+                (job.id,),
             ).fetchone()
             if current is None:
                 raise KeyError(job.id)
             if current["attempt"] != job.attempt:
                 raise Fenced(job.id, job.attempt)
+            if current["host"] not in (None, self.host_id):
+                raise HeldElsewhere(job.id, job.attempt, current["host"])
             conn.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = %s AND attempt = %s",  # noqa: S608
-                (*row_of(job)[1:], holds, job.id, job.attempt),
+                f"UPDATE jobs SET {assignments}, home = {HOME} "  # noqa: S608
+                "WHERE id = %s AND attempt = %s",
+                (*_row(job)[1:], holds, job.key.project, job.key.work_item, job.id, job.attempt),
             )
             if current["state"] != job.state.value:
-                conn.execute(_HISTORY, (job.id, job.state.value, self._history_time(job), note))
+                at = history_time(job, self._clock)
+                conn.execute(HISTORY_ROWS, ([job.id], [job.state.value], [at], [note]))
             requeued = job.state is JobState.QUEUED and current["state"] != job.state.value
             if requeued or (current["holds_key"] and not holds):
-                conn.execute(_NOTIFY)
+                conn.execute(NOTIFY)
 
     def claim(
         self,
@@ -134,10 +153,21 @@ class PostgresStore(ClusterOps):
         blocked: Collection[SnapshotKey] = (),
         note: str | None = None,
     ) -> builtins.list[Job]:
-        """Up to ``slots`` queued jobs to STARTING on this host (see ``actors.store.pg_claim``)."""
+        """Up to ``slots`` queued jobs to STARTING on this host (see ``actors.store.pg_claim``).
+
+        Nothing while this host's lease has ended: another host may be rescuing
+        its jobs right now, and would rescue a job claimed now as well, so it
+        would run twice. (A host that never heartbeated has no lease to check:
+        the cluster's hosts beat before they claim.)
+        """
         if slots <= 0 or self._draining:
             return []
         with self._session.transaction() as conn:
+            lease = conn.execute(
+                "SELECT lease_until FROM hosts WHERE host_id = %s", (self.host_id,)
+            ).fetchone()
+            if lease is not None and lease["lease_until"] <= now:
+                return []
             chosen = Claim(
                 conn, self.host_id, slots, now, caps, self._locality_wait_s, blocked
             ).choose()
@@ -149,11 +179,9 @@ class PostgresStore(ClusterOps):
                 "host = %s WHERE id = ANY(%s)",
                 (self.host_id, ids),
             )
+            starting = JobState.STARTING.value
             conn.execute(
-                "INSERT INTO job_history (job_id, state, at, note) "
-                "SELECT id, 'starting', %s, %s FROM unnest(%s::text[]) WITH ORDINALITY AS c(id, n) "
-                "ORDER BY n",
-                (now, note, ids),
+                HISTORY_ROWS, (ids, [starting] * len(ids), [now] * len(ids), [note] * len(ids))
             )
         return [
             dataclasses.replace(job, state=JobState.STARTING, retry_at=None, host=self.host_id)
@@ -215,9 +243,7 @@ class PostgresStore(ClusterOps):
 
     def last_change(self) -> int:
         with self._session.session() as conn:
-            row = conn.execute(
-                f"SELECT COALESCE(max(seq), 0) AS seq FROM job_history WHERE {_SETTLED}"  # noqa: S608
-            ).fetchone()
+            row = conn.execute("SELECT COALESCE(max(seq), 0) AS seq FROM job_history").fetchone()
         return 0 if row is None else int(row["seq"])
 
     def job_ids(self) -> set[str]:

@@ -10,10 +10,11 @@ import json
 import sys
 from typing import Any, Protocol
 
+from actors.clock import Clock
 from actors.model import Job, JobSpec, JobState
 from actors.store.base import tail
 
-__all__ = ["COLUMNS", "Row", "job_of", "row_of"]
+__all__ = ["COLUMNS", "Row", "history_time", "job_of", "row_of"]
 
 
 class Row(Protocol):
@@ -115,3 +116,16 @@ def job_of(row: Row) -> Job:
         host=row["host"],
         queued_at=row["queued_at"],
     )
+
+
+def history_time(job: Job, clock: Clock) -> float:
+    """The moment of a transition, taken from the job when it says so.
+
+    The Supervisor stamps started_at/finished_at with its own (injected)
+    clock; reusing them keeps history consistent with the job itself.
+    """
+    if job.state.terminal and job.finished_at is not None:
+        return job.finished_at
+    if job.state is JobState.RUNNING and job.started_at is not None:
+        return job.started_at
+    return clock.now()

@@ -30,7 +30,7 @@ from actors.model import Job, JobState, SnapshotKey
 from actors.private_files import ensure_private_dir, ensure_private_file
 from actors.store.base import Caps, KeyHeld, StoreError
 from actors.store.cluster import Fenced
-from actors.store.rows import COLUMNS, job_of, row_of
+from actors.store.rows import COLUMNS, history_time, job_of, row_of
 from actors.store.schema import MIGRATIONS, SCHEMA_VERSION, SELECT
 from actors.usage import UsageKey
 
@@ -146,18 +146,6 @@ class SqliteStore:
             for sql, params in statements:
                 db.execute(sql, params)
 
-    def _history_time(self, job: Job) -> float:
-        """The moment of a transition, taken from the job when it says so.
-
-        The Supervisor stamps started_at/finished_at with its own (injected)
-        clock; reusing them keeps history consistent with the job itself.
-        """
-        if job.state.terminal and job.finished_at is not None:
-            return job.finished_at
-        if job.state is JobState.RUNNING and job.started_at is not None:
-            return job.started_at
-        return self._clock.now()
-
     def add(self, job: Job, note: str | None = None) -> None:
         """Insert a new job and its first history row; raises if the ID exists."""
         columns = (*COLUMNS, "holds_key")
@@ -199,7 +187,7 @@ class SqliteStore:
             if current["state"] != job.state.value:
                 db.execute(
                     "INSERT INTO job_history (job_id, state, at, note) VALUES (?, ?, ?, ?)",
-                    (job.id, job.state.value, self._history_time(job), note),
+                    (job.id, job.state.value, history_time(job, self._clock), note),
                 )
 
     def claim(

@@ -19,13 +19,15 @@ from actors.model import Job, JobSpec, JobState, SnapshotKey
 from actors.store import Caps, Fenced, new_job_id
 from actors.store.cluster import ClusterStore, SnapshotRecord
 from actors.store.pg_schema import RESCUE_LOCK
-from actors.store.postgres import PostgresStore
+from actors.store.postgres import HeldElsewhere, PostgresStore
 
 pytestmark = pytest.mark.postgres
 
 NOW = 1_800_000_000.0
 LEASE_S = 10.0
 WAIT_S = 30.0
+KEY = SnapshotKey("p", "w")
+OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 Open = Callable[[str], PostgresStore]
 
@@ -57,6 +59,12 @@ def queue(store: PostgresStore, *jobs: Job) -> list[Job]:
     for j in jobs:
         store.add(j, note="submitted")
     return list(jobs)
+
+
+def stored(store: PostgresStore, job_id: str) -> Job:
+    found = store.get(job_id)
+    assert found is not None
+    return found
 
 
 def beat(store: PostgresStore, now: float = NOW) -> None:
@@ -149,6 +157,26 @@ def test_only_the_election_winner_rescues(open_host: Open, postgres_url: str) ->
     assert [j.id for j in b.rescue_expired(later)] == [claimed.id]
 
 
+def test_hosts_rescuing_at_once_rescue_each_job_once(open_host: Open) -> None:
+    a = open_host("a")
+    beat(a)
+    queue(a, *(job(f"w{i}") for i in range(20)))
+    claimed = a.claim(20, NOW, Caps.none())
+    rescuers = [open_host(f"r{i}") for i in range(3)]
+    rescued: list[Job] = []
+    lock = threading.Lock()
+
+    def rescue(store: PostgresStore) -> None:
+        for _ in range(5):
+            got = store.rescue_expired(NOW + LEASE_S + 1)
+            with lock:
+                rescued.extend(got)
+
+    assert claim_from_threads(rescuers, rescue) == []
+    assert sorted(j.id for j in rescued) == sorted(j.id for j in claimed)
+    assert {j.attempt for j in rescued} == {1}
+
+
 def test_a_late_write_of_a_rescued_attempt_is_fenced_and_changes_nothing(
     open_host: Open,
 ) -> None:
@@ -169,6 +197,21 @@ def test_a_late_write_of_a_rescued_attempt_is_fenced_and_changes_nothing(
     assert a.unfinished() == [rescued]  # a adopts nothing of its own any more
 
 
+def test_a_host_cannot_overwrite_a_job_another_host_claimed(open_host: Open) -> None:
+    """A cancel from a's copy of a queued job races b's claim of it: b's run
+    must keep its key and its state, and a learns the write was dropped."""
+    a, b = open_host("a"), open_host("b")
+    (queued,) = queue(a, job())
+    (claimed,) = b.claim(1, NOW, Caps.none())
+    cancel = dataclasses.replace(queued, state=JobState.CANCELLED, finished_at=NOW)
+    with pytest.raises(Fenced, match="claimed by host b") as refused:
+        a.update(cancel)
+    assert isinstance(refused.value, HeldElsewhere)
+    assert refused.value.holder == "b"
+    assert a.get(queued.id) == claimed
+    b.update(dataclasses.replace(claimed, state=JobState.RUNNING, started_at=NOW))
+
+
 def test_rescue_frees_the_key_of_a_dead_hosts_cancelled_holder(open_host: Open) -> None:
     a, b = open_host("a"), open_host("b")
     beat(a)
@@ -181,6 +224,17 @@ def test_rescue_frees_the_key_of_a_dead_hosts_cancelled_holder(open_host: Open) 
     assert [j.id for j in b.claim(4, NOW + LEASE_S + 1, Caps.none())] == [waiting.id]  # ...key free
     with pytest.raises(Fenced):  # a's own release comes too late
         a.update(cancelled)
+
+
+def test_a_host_whose_lease_ended_claims_nothing_until_it_renews(open_host: Open) -> None:
+    """Partition healed: host a reconnects before its lease actor renews. A job it
+    claimed now would be rescued by b with the rest of a's, and run twice."""
+    a = open_host("a")
+    beat(a)
+    (j,) = queue(a, job())
+    assert a.claim(1, NOW + LEASE_S, Caps.none()) == []
+    beat(a, NOW + LEASE_S)
+    assert [c.id for c in a.claim(1, NOW + LEASE_S, Caps.none())] == [j.id]
 
 
 def test_unfinished_is_every_queued_job_and_this_hosts_own(open_host: Open) -> None:
@@ -273,8 +327,10 @@ def test_never_two_holders_of_a_key_under_concurrent_claims(open_host: Open) -> 
 # --- locality: work follows its snapshot --------------------------------------------------
 
 
-def snapshot_on(store: PostgresStore, work_item: str, image: str = "sha256:" + "a" * 64) -> None:
-    record = SnapshotRecord(SnapshotKey("p", work_item), "default", store.host_id, image, NOW, None)
+def snapshot_on(
+    store: PostgresStore, work_item: str, image: str = "sha256:" + "a" * 64, at: float = NOW
+) -> None:
+    record = SnapshotRecord(SnapshotKey("p", work_item), "default", store.host_id, image, at, None)
     assert store.record_snapshot(record)
 
 
@@ -329,6 +385,24 @@ def test_a_host_takes_its_local_work_before_older_work(open_host: Open) -> None:
     assert [j.id for j in a.claim(1, NOW, Caps.none())] == [older.id]
 
 
+def test_local_work_follows_its_snapshot_as_it_is_recorded_moved_and_forgotten(
+    open_host: Open,
+) -> None:
+    a, b = open_host("a"), open_host("b")
+    for host in (a, b):
+        beat(host)
+    older, first, second = queue(a, job("other"), job("w"), job("w"))
+    snapshot_on(a, "w", OLD)  # recorded after the jobs were queued
+    assert [j.id for j in a.claim(1, NOW, Caps.none())] == [first.id]
+    a.update(dataclasses.replace(stored(a, first.id), state=JobState.SUCCEEDED, finished_at=NOW))
+    snapshot_on(b, "w", NEW, NOW + 1)  # the key's newest snapshot moves to b
+    assert [j.id for j in b.claim(1, NOW, Caps.none())] == [second.id]
+    b.update(dataclasses.replace(stored(b, second.id), state=JobState.QUEUED, host=None))
+    b.forget_snapshot(KEY, NEW)  # evicted: nobody's local work any more, FIFO again
+    assert [j.id for j in a.claim(1, NOW, Caps.none())] == [older.id]
+    assert [j.id for j in a.claim(1, NOW, Caps.none())] == [second.id]
+
+
 def test_local_work_keeps_its_keys_order_and_backoff(open_host: Open) -> None:
     a = open_host("a")
     snapshot_on(a, "mine")
@@ -340,9 +414,6 @@ def test_local_work_keeps_its_keys_order_and_backoff(open_host: Open) -> None:
 
 
 # --- the snapshot index ---------------------------------------------------------------------
-
-KEY = SnapshotKey("p", "w")
-OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 
 def test_the_newest_snapshot_wins_and_older_copies_are_superseded(open_host: Open) -> None:

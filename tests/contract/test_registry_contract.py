@@ -188,3 +188,20 @@ def test_a_pull_by_tag_is_refused(rig: Rig, registry: Registry) -> None:
         rig.engine.pull_image(f"{registry.repository(rig)}:latest")
     assert caught.value.status_code == 400
     assert "not pinned by digest" in str(caught.value)
+
+
+def test_a_pulled_snapshot_flattens_onto_the_base_like_a_committed_one(
+    rig: Rig, registry: Registry
+) -> None:
+    """A pulled image has no parent; flatten goes by its layers, which it keeps."""
+    first = rig.snapshot("first")
+    second = rig.snapshot("second", image=first)
+    reference = rig.engine.push_image(second, registry.repository(rig))
+    rig.engine.remove_image(second, force=True)
+    pulled = rig.engine.pull_image(reference)
+    assert rig.engine.inspect_image(pulled).parent_id == ""
+    flat = rig.engine.flatten_image(pulled, rig.base_id, rig.repo, "flat")
+    assert rig.engine.inspect_image(flat).layers == rig.engine.inspect_image(rig.base_id).layers + 1
+    container_id, code = rig.run(READ, image=flat)
+    assert code == 0
+    assert "data" in rig.engine.container_logs(container_id).lines()

@@ -59,8 +59,9 @@ def test_a_dead_hosts_job_is_rescued_and_finished_elsewhere_from_the_pulled_snap
 
     b = make_host("host-b")
     assert b.running() == []  # A's lease still holds
-    a.clock.advance(LEASE_S + BEAT_S)
-    b.beat()  # renews B's lease and rescues A's job
+    for _ in range(int(LEASE_S / BEAT_S) + 1):  # B beats on; A's lease runs out
+        a.clock.advance(BEAT_S)
+        b.beat()  # renews B's lease, then rescues A's job once A's has ended
     container = b.wait_running(second.id)
     assert container.image_id == pushed.image_id  # the pulled snapshot, same image ID
     running = b.job(second.id)
@@ -98,8 +99,9 @@ def test_a_partitioned_host_kills_its_worker_before_its_lease_ends_and_the_job_r
     assert b.running(job.id) == []
     assert a.fenced()
 
-    clock.advance(LEASE_S)
-    b.beat()
+    while clock.now() <= renewed + LEASE_S:
+        clock.advance(BEAT_S)
+        b.beat()
     container = b.wait_running(job.id)
     b.engine.exit_container(container.id, 0)
     done = finished(b.store, job.id)
@@ -126,8 +128,9 @@ def test_a_late_hosts_outcome_write_is_fenced_and_changes_nothing(make_host: Mak
     stale = a.wait_running(job.id)
     b = make_host("host-b")
     a.cable.cut()
-    a.clock.advance(LEASE_S + BEAT_S)
-    b.beat()
+    for _ in range(int(LEASE_S / BEAT_S) + 1):  # A's lease actor is stalled: no Beat
+        a.clock.advance(BEAT_S)
+        b.beat()
     rescued = b.wait_running(job.id)
     a.cable.mend()
     a.engine.exit_container(stale.id, 1)  # A's outcome: failed, for attempt 0
@@ -137,3 +140,41 @@ def test_a_late_hosts_outcome_write_is_fenced_and_changes_nothing(make_host: Mak
     assert (row.state, row.host, row.attempt) == (JobState.RUNNING, "host-b", 1)
     b.engine.exit_container(rescued.id, 0)
     assert finished(b.store, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_start_reported_while_the_database_is_away_is_recorded_when_it_returns(
+    make_host: MakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (found by the two-host state machine): the Started of a job claimed
+    just before a partition failed to open its transaction and was dropped; the job
+    stayed "starting" on a live host forever and its key with it."""
+    a = make_host("host-a")
+    a.engine.before("start_container", a.cable.cut)
+    job = a.submit("s")
+    container = a.wait_running(job.id)
+    eventually(
+        lambda: [r.getMessage() for r in caplog.records],
+        lambda lines: "supervisor: handling Started failed" in lines,
+        "the Started to meet the cut cable",
+    )
+    a.cable.mend()
+    a.tick()  # the kept Started is handled now
+    running = eventually(
+        lambda: a.job(job.id), lambda j: j.state is JobState.RUNNING, "the job running"
+    )
+    assert running.container_id == container.id
+    a.engine.exit_container(container.id, 0)
+    assert finished(a.store, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_job_submitted_on_a_full_host_is_claimed_by_another_without_waiting_for_a_tick(
+    make_host: MakeHost,
+) -> None:
+    """LISTEN/NOTIFY: B's Waker hears of the job at once; no Tick is sent here at all."""
+    a = make_host("host-a", max_workers=1)
+    b = make_host("host-b")
+    busy = a.submit("busy")
+    a.wait_running(busy.id)
+    job = a.submit("other")  # A has no free place
+    b.wait_running(job.id)
+    assert b.job(job.id).host == "host-b"

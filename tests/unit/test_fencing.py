@@ -71,6 +71,7 @@ def test_unfence_requeues_the_killed_jobs_and_runs_them_again(tmp_path: Path) ->
     yard.sup.tell(Fence("test"))
     eventually(yard.running, lambda cs: cs == [], "the worker killed")
     yard.sup.tell(Unfence())
+    yard.tick()  # the recovery runs at the next Tick
     again = eventually(
         lambda: yard.job(job.id),
         lambda j: j.state is JobState.RUNNING and j.container_id != job.container_id,

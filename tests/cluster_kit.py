@@ -18,9 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pykka
-from actor_kit import BASE_TAG
+from actor_kit import BASE_TAG, kit_settings
 from waiting import eventually
-from yard_kit import ASK_S, yard_settings
 
 from actors.clock import FakeClock
 from actors.cluster.lease import LeaseStatus
@@ -34,6 +33,7 @@ from actors.store.postgres import PostgresStore
 from actors.wiring import Actors, ClusterWiring, Wiring, start_actors
 
 REGISTRY = "127.0.0.1:5000"
+ASK_S = 10.0
 LEASE_S, BEAT_S = 6.0, 1.0
 
 
@@ -88,9 +88,9 @@ class Cable:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(a, selectors.EVENT_READ, b)
-        selector.register(b, selectors.EVENT_READ, a)
         try:
+            selector.register(a, selectors.EVENT_READ, b)
+            selector.register(b, selectors.EVENT_READ, a)
             while True:
                 for key, _ in selector.select(timeout=1.0):
                     data = key.fileobj.recv(65536)  # type: ignore[union-attr]
@@ -100,6 +100,7 @@ class Cable:
         except (OSError, ValueError):
             return
         finally:
+            selector.close()
             for sock in (a, b):
                 with contextlib.suppress(OSError):
                     sock.close()
@@ -113,7 +114,16 @@ def via(url: str, port: int) -> str:
 
 
 def cluster_settings(url: str, **supervisor: Any) -> Settings:
-    settings = yard_settings(**supervisor)
+    settings = kit_settings(
+        retry={"attempts": 3, "backoff_initial_s": 0.5, "backoff_max_s": 4.0},
+        supervisor={
+            "spawners": 2,
+            "stop_grace_s": 10.0,
+            "orphan_grace_s": 300.0,
+            "default_timeout_s": 3600.0,
+            **supervisor,
+        },
+    )
     return settings.replace(
         cluster={
             "database_url": url,
@@ -147,12 +157,18 @@ class Host:
         self.settings = cluster_settings(via(url, self.cable.port), max_workers=max_workers)
         self.store = PostgresStore(self.settings.cluster.database_url, name, clock, 30.0)
         self.actors: Actors | None = None
+        self.started = False
         self.fatal: list[str] = []
         # The base image as `docker save | load` brings it: the same ID on every host.
         self.base_id = self.engine.pull_image(base)
         self.engine.tag_image(self.base_id, *BASE_TAG.split(":"))
 
     def start(self) -> Host:
+        """Start the host's actors; a restart is a new process, with a new store."""
+        if self.started:
+            self.store.close()
+            self.store = PostgresStore(self.settings.cluster.database_url, self.name, self.clock)
+        self.started = True
         self.actors = start_actors(
             Wiring(
                 self.engine,
@@ -170,6 +186,8 @@ class Host:
                 ),
             )
         )
+        # As the app does: started means recovered (its on_start has run).
+        self.sup.ask(GetStatus(), timeout=ASK_S)
         return self
 
     def die(self) -> None:
