@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.postgres, pytest.mark.slow]
 
 JOBS = 300
 ITEMS = 30
-DEADLINE_S = 600.0
+DEADLINE_S = 300.0
 
 
 def _project() -> str:
