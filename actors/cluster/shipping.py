@@ -145,6 +145,8 @@ class SnapshotShipper(pykka.ThreadingActor):
         self._wait = backoff(settings.retry)
         self._manager: pykka.ActorRef[Any] | None = None
         self._pending: dict[SnapshotKey, _Push] = {}
+        # Registered here while the database was away: indexed at the next ShipSnapshots.
+        self._unrecorded: dict[SnapshotKey, Snapshot] = {}
         # What this host pushed, by key: its image and digest, deleted when replaced.
         self._pushed: dict[SnapshotKey, tuple[str, str]] = {}
 
@@ -152,10 +154,13 @@ class SnapshotShipper(pykka.ThreadingActor):
         try:
             match message:
                 case RecordSnapshot(snapshot=snapshot):
+                    self._unrecorded[snapshot.key] = snapshot
                     self._record(snapshot)
                 case ForgetSnapshot(key=key, image_id=image_id):
                     self._forget(key, image_id)
                 case ShipSnapshots(now=now):
+                    for snapshot in list(self._unrecorded.values()):
+                        self._record(snapshot)  # the database was away at its Register
                     self._retry_pushes(now)
                     self._drop_superseded()
                 case ReportTo(ref=ref):
@@ -172,7 +177,10 @@ class SnapshotShipper(pykka.ThreadingActor):
     def _record(self, snapshot: Snapshot) -> None:
         record = index_record(self._store, snapshot)
         digest = record.digest
-        if not self._store.record_snapshot(record):
+        accepted = self._store.record_snapshot(record)
+        if self._unrecorded.get(snapshot.key) is snapshot:
+            del self._unrecorded[snapshot.key]
+        if not accepted:
             log.info(
                 "snapshot %s of %s is older than the cluster's: deleting it",
                 snapshot.image_id,
@@ -209,9 +217,11 @@ class SnapshotShipper(pykka.ThreadingActor):
                 exc,
             )
             return
+        # Raises with the database away: the push stays pending (a second push of
+        # the same image is the same manifest) and the digest is recorded next time.
+        self._store.record_digest(snapshot.key, snapshot.image_id, reference)
         if self._pending.get(snapshot.key) is push:
             del self._pending[snapshot.key]
-        self._store.record_digest(snapshot.key, snapshot.image_id, reference)
         log.info("pushed snapshot %s (%s) as %s", snapshot.key, snapshot.image_id, reference)
         previous = self._pushed.get(snapshot.key)
         self._pushed[snapshot.key] = (snapshot.image_id, reference)

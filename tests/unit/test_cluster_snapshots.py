@@ -16,6 +16,7 @@ from actors.clock import FakeClock
 from actors.engine.base import ImageMissing
 from actors.engine.memory import MemoryRegistry
 from actors.engine.references import split_digest
+from actors.labels import LABEL_ROLE, ROLE_SNAPSHOT
 from actors.messages import ListSnapshots, RemoveSnapshot
 from actors.model import JobState, SnapshotKey
 from actors.store.cluster import SnapshotRecord
@@ -172,3 +173,25 @@ def test_a_failed_pull_starts_the_job_from_base_and_it_succeeds(
     done = finished(b.store, job.id)
     assert done.state is JobState.SUCCEEDED
     assert not done.from_snapshot
+
+
+def test_a_snapshot_registered_while_the_database_is_away_is_indexed_when_it_returns(
+    make_host: MakeHost,
+) -> None:
+    a = make_host("host-a")
+    job = a.submit("w")
+    container = a.wait_running(job.id)
+    a.engine.before("commit_container", a.cable.cut)  # cut off as it commits
+    a.engine.exit_container(container.id, 0)
+    eventually(
+        lambda: [i.id for i in a.engine.list_images({LABEL_ROLE: ROLE_SNAPSHOT})],
+        bool,
+        "the commit",
+    )
+    a.ship()  # the index is away: nothing recorded yet
+    a.cable.mend()
+    a.tick()  # the kept Finished is recorded now
+    assert finished(a.store, job.id).state is JobState.SUCCEEDED
+    a.ship()
+    record = pushed(a)
+    assert record.host_id == "host-a"
