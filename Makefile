@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test setup venv engine cluster-deps image lint format demo test-unit test-docker test-thorough bench clean
+.PHONY: run test setup venv engine cluster-deps image lint format demo cluster-demo test-unit test-docker test-thorough bench clean
 
 run: setup
 	$(BIN)/snapyard run
@@ -45,6 +45,9 @@ format: venv
 
 demo: setup
 	$(BIN)/snapyard demo
+
+cluster-demo: setup
+	$(BIN)/snapyard cluster-demo
 
 test-unit: venv
 	$(BIN)/pytest tests/unit tests/contract -m 'not docker' $(PYTEST_ARGS)

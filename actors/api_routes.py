@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -42,9 +43,10 @@ from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import Settings
+from actors.store.cluster import HostInfo
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
-from actors.wire import WireError, job_json, snapshot_json, spec_from_json
+from actors.wire import WireError, host_json, job_json, snapshot_json, spec_from_json
 
 __all__ = ["MAX_BODY_BYTES", "MAX_LIST_LIMIT", "ApiApp", "ChangeLog", "Facade"]
 
@@ -99,6 +101,9 @@ class Facade(Protocol):
     def prune_jobs(self) -> int: ...
 
     def health(self) -> tuple[bool, str]: ...
+
+    # A cluster's hosts ([] on a single host); their times are wall-clock seconds.
+    def hosts(self) -> list[HostInfo]: ...
 
 
 _Answer = Response | tuple[int, Any]
@@ -348,6 +353,11 @@ class ApiApp:
         evicted = await run_in_threadpool(app.prune_snapshots)
         return HTTPStatus.OK, {"evicted": [snapshot_json(s) for s in evicted]}
 
+    async def list_hosts(self, call: Call, app: Facade) -> _Answer:
+        hosts = await run_in_threadpool(app.hosts)
+        now = time.time()
+        return HTTPStatus.OK, {"hosts": [host_json(h, now) for h in hosts]}
+
     async def health(self, call: Call, app: Facade) -> _Answer:
         # From a check at most a second old: a probe storm never waits on one.
         ok, reason = await self.health_cache.answer(app.health)
@@ -406,6 +416,8 @@ def _routes(parts: list[str], path: str) -> tuple[str, dict[str, _Route]]:
             return "/snapshots/prune", {"POST": ApiApp.prune}
         case ["snapshots", _, _]:
             return "/snapshots/{project}/{work_item}", {"DELETE": ApiApp.remove_snapshot}
+        case ["hosts"]:
+            return "/hosts", {"GET": ApiApp.list_hosts}
         case ["healthz"]:
             return "/healthz", {"GET": ApiApp.health}
         case ["metrics"]:

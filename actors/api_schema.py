@@ -88,6 +88,8 @@ def _schemas() -> dict[str, Any]:
         "project": {"type": "string"},
         "work_item": {"type": "string"},
         "agent_type": {"type": "string"},
+        "host": _STRING_OR_NULL,
+        "attempt": {"type": "integer", "minimum": 0},
         "image_id": _STRING_OR_NULL,
         "from_snapshot": {"type": "boolean"},
         "snapshot_committed": {"type": "boolean"},
@@ -110,6 +112,17 @@ def _schemas() -> dict[str, Any]:
         "created_at": _TIME,
         "last_used_at": _TIME,
     }
+    host_types: dict[str, Any] = {
+        "host_id": {"type": "string"},
+        "live": {"type": "boolean"},
+        "draining": {"type": "boolean"},
+        "api": {"type": "string"},
+        "max_workers": {"type": "integer", "minimum": 0},
+        "running": {"type": "integer", "minimum": 0},
+        "started_at": _TIME,
+        "last_seen": _TIME,
+        "lease_until": _TIME,
+    }
     ident = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}
     return {
         "Job": {
@@ -121,7 +134,17 @@ def _schemas() -> dict[str, Any]:
         "Snapshot": {
             "type": "object",
             "required": list(SNAPSHOT_FIELDS),
-            "properties": {name: snapshot_types[name] for name in SNAPSHOT_FIELDS},
+            "properties": {
+                **{name: snapshot_types[name] for name in SNAPSHOT_FIELDS},
+                # A cluster's listing only: the host that holds it.
+                "host": {"type": "string"},
+            },
+            "additionalProperties": False,
+        },
+        "Host": {
+            "type": "object",
+            "required": list(host_types),
+            "properties": host_types,
             "additionalProperties": False,
         },
         "JobSubmission": {
@@ -186,6 +209,11 @@ def openapi_document() -> dict[str, Any]:
         "type": "object",
         "required": ["evicted"],
         "properties": {"evicted": {"type": "array", "items": _ref("Snapshot")}},
+    }
+    hosts = {
+        "type": "object",
+        "required": ["hosts"],
+        "properties": {"hosts": {"type": "array", "items": _ref("Host")}},
     }
     logs = {
         "type": "object",
@@ -297,6 +325,12 @@ def openapi_document() -> dict[str, Any]:
             "delete": _operation(
                 "Invalidate a snapshot and delete its image",
                 {"200": _json(removed, "removed"), "404": _error("no snapshot for that key")},
+            ),
+        },
+        "/hosts": {
+            "get": _operation(
+                "List the cluster's hosts and their leases (empty on a single host)",
+                {"200": _json(hosts, "the hosts")},
             ),
         },
         "/healthz": {

@@ -11,6 +11,7 @@ re-adopts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ import pykka
 from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
+from actors.cluster.member import cluster_snapshots, cluster_wiring, open_cluster_store
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
 from actors.instance import resolve_instance_id
@@ -45,7 +47,8 @@ from actors.metrics import MeteredEngine, Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.private_files import loose_permissions
 from actors.settings import Settings
-from actors.store import JobStore, SqliteStore
+from actors.store import JobStore, SqliteStore, StoreError
+from actors.store.cluster import ClusterStore, HostInfo
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import (
     Secrets,
@@ -154,14 +157,21 @@ class Snapyard:
         except EngineError as exc:
             raise SnapyardError(f"cannot prepare the worker images: {exc}") from exc
         self.base_image_id = self.base_image_ids[settings.worker.image]
+        if self._store is None and settings.cluster.enabled:
+            try:
+                self._store = open_cluster_store(settings, self.clock)
+            except StoreError as exc:
+                raise SnapyardError(str(exc)) from exc
         if self._store is None:
             if (problem := loose_permissions(settings.data_dir)) is not None:
                 log.warning("%s; run `chmod -R go= %s`", problem, settings.data_dir)
             self._store = SqliteStore(settings.store_path, self.clock)
         try:
             self._start_actors(engine, self._store)
-        except BaseException:
+        except BaseException as exc:
             self._stop_actors(timeout_s=settings.supervisor.shutdown_timeout_s)
+            if isinstance(exc, StoreError):  # e.g. the cluster database, at the first lease
+                raise SnapyardError(str(exc)) from exc
             raise
         self._started = True
         self._accepting = True
@@ -181,6 +191,9 @@ class Snapyard:
                 base_image_ids=self.base_image_ids,
                 metrics=self.metrics,
                 secrets=self.secrets,
+                cluster=cluster_wiring(self.settings, store, engine)
+                if self.settings.cluster.enabled
+                else None,
             )
         )
         self.snapshots_ref = self._actors.snapshots
@@ -209,6 +222,10 @@ class Snapyard:
         wait_s = timeout_s if timeout_s is not None else (math.inf if drain else limit)
         deadline = time.monotonic() + wait_s
         self._accepting = False
+        if isinstance(self._store, ClusterStore):
+            # Others stop waiting for this host's snapshots (locality) at once.
+            with contextlib.suppress(StoreError):
+                self._store.drain(True)
         supervisor = self.supervisor_ref
         if supervisor is not None and supervisor.is_alive():
             try:
@@ -313,7 +330,8 @@ class Snapyard:
         snaps: list[Snapshot] = self._snapshots().ask(
             ListSnapshots(), block=True, timeout=ASK_TIMEOUT_S
         )
-        return snaps
+        store = self._store  # a cluster's: this host's, then the index's newest elsewhere
+        return cluster_snapshots(snaps, store) if isinstance(store, ClusterStore) else snaps
 
     def remove_snapshot(self, key: SnapshotKey) -> bool:
         removed: bool = self._snapshots().ask(
@@ -336,6 +354,11 @@ class Snapyard:
         deleted: int = self._supervisor().ask(PruneJobs(), block=True, timeout=ASK_TIMEOUT_S)
         return deleted
 
+    def hosts(self) -> list[HostInfo]:
+        """The cluster's hosts and leases, from the shared store ([] on a single host)."""
+        store = self._store
+        return store.hosts() if isinstance(store, ClusterStore) else []
+
     def status(self) -> SupervisorStatus:
         status: SupervisorStatus = self._supervisor().ask(
             GetStatus(), block=True, timeout=ASK_TIMEOUT_S
@@ -352,6 +375,8 @@ class Snapyard:
             status = self.status()
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             return False, f"supervisor not answering: {exc or type(exc).__name__}"
+        if status.fenced:
+            return False, "fenced: this host cannot renew its cluster lease (see its log)"
         if self.watcher is None or not self.watcher.alive:
             return False, "the event watcher is not running"
         try:

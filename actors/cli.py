@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     prune = snaps_sub.add_parser("prune", parents=[common], help="run the eviction sweep now")
     prune.add_argument("--json", action="store_true")
 
+    hosts = sub.add_parser("hosts", parents=[common], help="list a cluster's hosts and leases")
+    hosts.add_argument("--json", action="store_true")
+    hosts.set_defaults(func=_lazy("actors.cli_jobs", "cmd_hosts"))
+
     doctor = sub.add_parser(
         "doctor", parents=[common], help="check the engine, base image, config, store and API port"
     )
@@ -158,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="tell the snapshot story on the real engine"
     )
     demo.set_defaults(func=_lazy("actors.cli_local", "cmd_demo"))
+
+    cluster_demo = sub.add_parser(
+        "cluster-demo",
+        parents=[common],
+        help="start PostgreSQL, a registry and three hosts here, and tell the cluster story",
+    )
+    cluster_demo.set_defaults(func=_lazy("actors.cli_local", "cmd_cluster_demo"))
 
     image = sub.add_parser("image", parents=[common], help="the base worker image")
     image_sub = image.add_subparsers(

@@ -345,6 +345,29 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+@_speaks_api
+def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    hosts = _client(args).hosts()
+    if args.json:
+        _print_json(hosts, out)
+    elif not hosts:
+        print("a single host: no [cluster] database_url is set", file=out)
+    else:
+        rows = [
+            [
+                h["host_id"],
+                ("draining" if h["draining"] else "live") if h["live"] else "lease ended",
+                f"{h['running']}/{h['max_workers']}",
+                _when(h["last_seen"]),
+                _when(h["lease_until"]),
+                h["api"],
+            ]
+            for h in hosts
+        ]
+        _table(("HOST", "STATE", "RUNNING", "LAST SEEN", "LEASE UNTIL", "API"), rows, out)
+    return EXIT_OK
+
+
 # OWN is what the snapshot adds (what max_total_bytes counts); SIZE its whole image.
 _SNAPSHOT_HEADERS = (
     "PROJECT",
@@ -399,6 +422,11 @@ def cmd_snapshots(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     snaps = client.snapshots()
     if args.json:
         _print_json(snaps, out)
-    else:
-        _table(_SNAPSHOT_HEADERS, _snapshot_rows(snaps), out)
+        return EXIT_OK
+    headers: tuple[str, ...] = _SNAPSHOT_HEADERS
+    rows = _snapshot_rows(snaps)
+    if any("host" in s for s in snaps):  # a cluster's: where each one is
+        headers = (*headers, "HOST")
+        rows = [[*row, s.get("host")] for row, s in zip(rows, snaps, strict=True)]
+    _table(headers, rows, out)
     return EXIT_OK

@@ -23,12 +23,12 @@ from actors.cli_common import (
     short_id,
 )
 from actors.demo import run_demo
-from actors.engine.base import EngineError
-from actors.settings import LogSettings, SettingsError
+from actors.engine.base import Engine, EngineError
+from actors.settings import LogSettings, Settings, SettingsError
 from actors.telemetry import setup_logging
 from actors.worker_image import WorkerImageError, ensure_base_image
 
-__all__ = ["cmd_demo", "cmd_image_build", "cmd_run"]
+__all__ = ["cmd_cluster_demo", "cmd_demo", "cmd_image_build", "cmd_run"]
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -57,8 +57,24 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """The snapshot story, told on the real engine."""
     settings = settings_of(args)
-    # The story goes to stdout; the actors' expected warnings (the deleted
-    # snapshot is the point of the story) would only blur it, errors do not.
+    return run_demo(settings, _demo_engine(settings, err), out)
+
+
+def cmd_cluster_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """The cluster story: PostgreSQL, a registry and three hosts on this machine."""
+    from actors.cluster_demo import run_cluster_demo  # noqa: PLC0415 - only this command needs it
+    from actors.engine.docker import DockerEngine  # noqa: PLC0415
+
+    settings = settings_of(args)
+    engine = _demo_engine(settings, err)
+    if not isinstance(engine, DockerEngine):  # pragma: no cover - make_engine makes one
+        raise CliError("the cluster demo needs the Docker engine", EXIT_JOB_FAILED)
+    return run_cluster_demo(settings, engine, out)
+
+
+def _demo_engine(settings: Settings, err: TextIO) -> Engine:
+    # The story goes to stdout; the actors' expected warnings (a deleted
+    # snapshot, a dead host are the point of the stories) would only blur it.
     setup_logging(LogSettings(level="ERROR", format="text"), stream=err)
     engine = make_engine(settings)
     try:
@@ -69,7 +85,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "start one with `make engine` (config/engine.sh) or set DOCKER_HOST",
             EXIT_JOB_FAILED,
         ) from None
-    return run_demo(settings, engine, out)
+    return engine
 
 
 def cmd_image_build(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -219,6 +219,9 @@ class ApiClient:
     def snapshots(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/snapshots")[1]["snapshots"])
 
+    def hosts(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/hosts")[1]["hosts"])
+
     def remove_snapshot(self, project: str, work_item: str) -> dict[str, Any]:
         path = f"/snapshots/{quote(project, safe='')}/{quote(work_item, safe='')}"
         return dict(self.request("DELETE", path)[1])

@@ -25,7 +25,7 @@ from actors.model import Job, JobSpec, JobState, SnapshotKey
 from actors.settings import Settings
 from actors.worker_image import ensure_base_image
 
-__all__ = ["DEMO_LABELS", "DEMO_PROJECT", "DEMO_REPOSITORY", "run_demo"]
+__all__ = ["DEMO_LABELS", "DEMO_PROJECT", "DEMO_REPOSITORY", "Story", "run_demo"]
 
 DEMO_PROJECT = "snapyard-demo"
 # Test-like: never the operator's repository, so cleanup cannot touch real snapshots.
@@ -40,7 +40,7 @@ _SETUP_SKIPPED = "setup skipped"
 
 
 @dataclass
-class _Story:
+class Story:
     out: TextIO
     failures: list[str] = field(default_factory=list)
 
@@ -77,7 +77,7 @@ def _snapshot_id(app: Snapyard, key: SnapshotKey) -> str | None:
 
 
 def _check_job(
-    story: _Story, step: str, job: Job, from_snapshot: bool, log_line: str, commit: bool = True
+    story: Story, step: str, job: Job, from_snapshot: bool, log_line: str, commit: bool = True
 ) -> None:
     story.check(
         step,
@@ -114,7 +114,7 @@ def run_demo(
     app_factory: Callable[[Settings, Engine], Snapyard] | None = None,
 ) -> int:
     """Tell the story; 0 only if every step behaved."""
-    story = _Story(out)
+    story = Story(out)
     data_dir = tempfile.mkdtemp(prefix="snapyard-demo-")
     settings = demo_settings(settings, data_dir)
     key = SnapshotKey(DEMO_PROJECT, f"item-{uuid.uuid4().hex[:8]}")

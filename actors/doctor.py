@@ -13,6 +13,7 @@ from typing import TextIO
 from actors.api import ApiServer, check_bind_allowed
 from actors.cli_common import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, make_engine, short_id
 from actors.client import ApiClient, ApiUnreachable
+from actors.doctor_cluster import cluster_checks
 from actors.engine.base import Engine, EngineError, ImageMissing
 from actors.labels import LABEL_WORKER_DIGEST
 from actors.private_files import ensure_private_dir, loose_permissions
@@ -199,7 +200,11 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     checks: list[_Check] = [("config", True, str(source or "built-in defaults"), "")]
     checks.extend(_check_engine(settings)[1])
-    checks.append(_check_store(settings))  # creates the data dir, private
+    if settings.cluster.enabled:  # the jobs are in the cluster's database
+        ensure_private_dir(settings.data_dir)
+        checks.extend(cluster_checks(settings))
+    else:
+        checks.append(_check_store(settings))  # creates the data dir, private
     checks.append(_check_helper(settings))
     checks.append(_check_private(settings))
     checks.append(_check_api_port(settings))

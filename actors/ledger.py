@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from tenacity.wait import wait_base
@@ -22,6 +23,7 @@ from actors.flight import Flights, Strikes
 from actors.metrics import Metrics
 from actors.model import Job, JobState
 from actors.store import JobStore
+from actors.store.cluster import Fenced
 from actors.telemetry import Secrets, job_log
 
 __all__ = ["Ledger", "job_logger"]
@@ -44,7 +46,11 @@ class Ledger:
         backoff: wait_base,
         metrics: Metrics,
         secrets: Secrets,
+        on_fenced: Callable[[Job], None] | None = None,
     ) -> None:
+        """``on_fenced`` hears of a write the cluster refused (``Fenced``): the
+        attempt was rescued, so the job is another host's now."""
+        self._on_fenced = on_fenced
         self._store = store
         self._metrics = metrics
         self._secrets = secrets
@@ -88,14 +94,30 @@ class Ledger:
         return self._strikes.setdefault(job_id, Strikes())
 
     def save(self, job: Job, note: str | None = None, *, was: JobState | None = None) -> Job:
-        """Write the job; ``was`` is its state before when it is not (or no longer) in flight."""
+        """Write the job; ``was`` is its state before when it is not (or no longer) in flight.
+
+        A write the cluster refuses (``Fenced``) changes nothing here: the
+        job is handed to ``on_fenced`` and returned as it was asked to be.
+        """
+        self.write(job, note, was=was)
+        return job
+
+    def write(self, job: Job, note: str | None = None, *, was: JobState | None = None) -> bool:
+        """``save``, telling whether the store took the write (False: ``Fenced``)."""
         flight = self._flights.get(job.id)
         previous = flight.job.state if flight is not None else was
-        self._store.update(job, note=note, holds_key=flight is not None)
+        try:
+            self._store.update(job, note=note, holds_key=flight is not None)
+        except Fenced:
+            self._strikes.pop(job.id, None)
+            self._secrets.forget(job.id)
+            if self._on_fenced is not None:
+                self._on_fenced(job)
+            return False
         self._count(previous, job.state)
         if flight is not None:
             flight.job = job
-        return job
+        return True
 
     def requeue(self, job: Job, note: str, *, backoff: bool) -> None:
         """Back to the store's queue; with ``backoff`` not claimed before its retry_at."""
@@ -110,14 +132,13 @@ class Ledger:
         self.save(requeued, note=note, was=job.state)
 
     def finish(self, job: Job, state: JobState, **changes: Any) -> Job:
-        job = self.save(
-            dataclasses.replace(job, state=state, finished_at=self._clock.now(), **changes),
-            note=changes.get("error"),
-            was=job.state,
-        )
+        was = job.state
+        job = dataclasses.replace(job, state=state, finished_at=self._clock.now(), **changes)
+        written = self.write(job, note=changes.get("error"), was=was)
         self._strikes.pop(job.id, None)
         self._secrets.forget(job.id)
-        job_logger(job).info("job %s", state.value)
+        if written:
+            job_logger(job).info("job %s", state.value)
         return job
 
     def publish(self) -> None:

@@ -19,12 +19,16 @@ from actors.model import JobSpec, Snapshot, SnapshotKey
 
 __all__ = [
     "ActorCrashed",
+    "Beat",
     "Cancel",
     "ContainerExited",
     "ContainersListed",
+    "Fence",
     "Finish",
     "Finished",
+    "ForgetSnapshot",
     "GetJob",
+    "GetLease",
     "GetStatus",
     "ImageDeleted",
     "Invalidate",
@@ -34,15 +38,19 @@ __all__ = [
     "Lookup",
     "PruneJobs",
     "Reconcile",
+    "RecordSnapshot",
     "Register",
     "RemoveContainer",
     "RemoveSnapshot",
+    "ReportTo",
     "SetBaseImage",
+    "ShipSnapshots",
     "Spawn",
     "SpawnFailed",
     "Started",
     "StopDispatching",
     "Submit",
+    "Supersede",
     "Supervise",
     "SupervisorStatus",
     "SweepOrphans",
@@ -50,6 +58,8 @@ __all__ = [
     "Terminate",
     "Terminated",
     "Tick",
+    "Unfence",
+    "WorkAvailable",
 ]
 
 Ref = pykka.ActorRef[Any]
@@ -312,6 +322,81 @@ class SupervisorStatus:
     due: tuple[tuple[str, float], ...] = ()
     busy_keys: frozenset[SnapshotKey] = frozenset()
     leftovers: int = 0
+    # This host lost its lease (a cluster): it claims nothing until it renews.
+    fenced: bool = False
+
+
+# --- the cluster: the HostLease and the Supervisor it fences ---------------
+
+
+@dataclass(frozen=True)
+class Fence:
+    """To the Supervisor: this host's lease may run out before it renews. Claim
+    nothing, kill every worker now: its jobs are about to be rescued elsewhere."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unfence:
+    """To the Supervisor: the lease is renewed. Recover again: what was rescued
+    meanwhile is another host's now (its writes raise ``Fenced``)."""
+
+
+@dataclass(frozen=True)
+class WorkAvailable:
+    """To the Supervisor: the store has new or rescued work; claim now, not at the next Tick."""
+
+
+@dataclass(frozen=True)
+class ReportTo:
+    """To the HostLease (or the SnapshotShipper): the Supervisor (or manager) to tell."""
+
+    ref: Ref
+
+
+@dataclass(frozen=True)
+class GetLease:
+    """Ask the HostLease: its ``LeaseStatus``."""
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Timer, to the HostLease: renew now (if no renewal is under way) and judge the lease."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class RecordSnapshot:
+    """To the SnapshotShipper: a snapshot registered on this host; index it, push it."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class ForgetSnapshot:
+    """To the SnapshotShipper: this host evicted the image; unindex it, delete its manifest."""
+
+    key: SnapshotKey
+    image_id: str
+
+
+@dataclass(frozen=True)
+class ShipSnapshots:
+    """Timer, to the SnapshotShipper: retry due pushes, drop superseded local copies."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class Supersede:
+    """To the SnapshotManager: a newer snapshot of the key exists in the cluster; drop
+    the entry if it is still ``image_id`` and delete the image."""
+
+    key: SnapshotKey
+    image_id: str
+    reason: str
 
 
 # --- Reaper (the Supervisor's hands for listing and removing containers) ----

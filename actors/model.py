@@ -82,6 +82,8 @@ class Snapshot:
     layers: int
     # What this snapshot adds over its parent (its own layer); None when not known.
     own_bytes: int | None = None
+    # In a cluster's listing: the host that holds it (None: this host, or no cluster).
+    host: str | None = None
 
     @property
     def charged_bytes(self) -> int:

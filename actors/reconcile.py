@@ -43,6 +43,7 @@ log = logging.getLogger("actors.supervisor")
 # A job that crashed its Spawner this many times is failed, not retried: a
 # poison job must not burn the restart intensity of the whole supervisor.
 MAX_CRASHES_PER_JOB = 2
+FENCED_REQUEUE_NOTE = "re-queued: this host lost its lease and stopped it"
 # The registry is in memory: a slower answer means the SnapshotManager is wedged.
 SNAPSHOTS_ASK_S = 10.0
 
@@ -72,6 +73,7 @@ class Reconciling:
     _list_seq: int
     _reconcile_requested: bool
     _fatal: str | None
+    _abandoned: set[str]
     _on_fatal: Callable[[str], None] | None
 
     if TYPE_CHECKING:  # pykka.ActorBase's: declared only, never shadowing it in the MRO
@@ -219,10 +221,23 @@ class Reconciling:
                     if remove is not None:
                         self._remove_container(remove, 0.0, "never started")
                     self._ledger.requeue(job, note, backoff=False)
+                case recovery.Vanished() | recovery.Adopt() if self._killed_by_fence(decision):
+                    # Its worker was killed by a fence (actors.fencing): it never ended.
+                    self._abandoned.discard(job.id)
+                    self._ledger.requeue(job, FENCED_REQUEUE_NOTE, backoff=False)
                 case recovery.Vanished():
                     self._finish_vanished(job)
                 case recovery.Adopt(container=container):
                     self._adopt(job, container, now)
+
+    def _killed_by_fence(self, decision: recovery.Vanished | recovery.Adopt) -> bool:
+        if decision.job.id not in self._abandoned:
+            return False
+        if isinstance(decision, recovery.Adopt):
+            if not recovery.has_exited(decision.container):
+                return False  # the kill did not reach it: still this host's, adopt it
+            self._remove_container(decision.container.id, 0.0, "killed by a fence")
+        return True
 
     def _finish_vanished(self, job: Job) -> None:
         if recovery.committed_before_restart(job, self._registered_snapshots()):

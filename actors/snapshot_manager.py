@@ -13,9 +13,10 @@ next sweep, it never crashes the actor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,29 +26,29 @@ import pykka
 from actors.clock import Clock
 from actors.engine.base import Conflict, Engine, EngineError, ImageInfo, ImageMissing
 from actors.eviction import created_at, over_limits, snapshot_from_labels
-from actors.instance import owned_snapshots
-from actors.labels import (
-    LABEL_ROLE,
-    ROLE_SNAPSHOT,
-)
-from actors.layers import own_bytes
 from actors.lineage import BaseImages, grew_from
 from actors.messages import (
     ActorCrashed,
+    ForgetSnapshot,
     ImageDeleted,
     Invalidate,
     ListSnapshots,
     Lookup,
+    RecordSnapshot,
     Register,
     RemoveSnapshot,
     SetBaseImage,
+    Supersede,
     SweepSnapshots,
 )
 from actors.metrics import Metrics
 from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
 from actors.settings import Settings
+from actors.snapshot_images import list_snapshot_images, own_bytes_of
+from actors.store.base import StoreError
 from actors.telemetry import capture_error
+from actors.tombstones import Tombstones
 from actors.usage import UsageLog
 
 __all__ = [
@@ -55,9 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Image IDs reported gone; bounded, because a long-lived supervisor sees many.
-_MAX_TOMBSTONES = 4096
 
 
 @dataclass(frozen=True)
@@ -78,10 +76,17 @@ class SnapshotManager(pykka.ThreadingActor):
         *,
         metrics: Metrics | None = None,
         usage: UsageLog | None = None,
+        shipper: pykka.ActorRef[Any] | None = None,
+        index: Callable[[Snapshot], bool] | None = None,
     ) -> None:
         """``parent`` hears every crash (``ActorCrashed``) and decides past how many
         the manager must stop (``actors.restarts.Root``); ``metrics`` is the app's
-        (None: a private registry nobody scrapes)."""
+        (None: a private registry nobody scrapes). ``shipper`` (a cluster host's
+        ``SnapshotShipper``) hears of every snapshot registered and evicted;
+        ``index`` records a registered one in the cluster's index at once, False
+        when the cluster has a newer one (``actors.cluster.shipping.index_snapshot``)."""
+        self._shipper = shipper
+        self._index = index
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
@@ -93,7 +98,7 @@ class SnapshotManager(pykka.ThreadingActor):
         # Evicted or replaced images not deleted yet: in use (409), a parent of
         # another image, or the engine did not answer. Retried every sweep.
         self._pending: dict[str, str] = {}
-        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._tombstones = Tombstones()
         # Every configured base image (one per agent type's) and its current ID.
         self._bases = BaseImages(settings.worker_images())
         self._needs_rebuild = True
@@ -180,6 +185,11 @@ class SnapshotManager(pykka.ThreadingActor):
             case Invalidate(key=key, image_id=image_id, reason=reason):
                 self._invalidate(key, image_id, reason)
                 return None
+            case Supersede(key=key, image_id=image_id, reason=reason):
+                if (entry := self._registry.get(key)) and same_image(entry.image_id, image_id):
+                    self._evict(entry, reason)
+                    self._delete_pending()
+                return None
             case ImageDeleted(image_id=image_id):
                 self._image_deleted(image_id)
                 return None
@@ -256,10 +266,25 @@ class SnapshotManager(pykka.ThreadingActor):
             self._queue_delete(current.image_id, "replaced by a newer snapshot")
         self._pending.pop(bare_image_id(snapshot.image_id), None)
         self._registry[snapshot.key] = snapshot
+        if not self._indexed(snapshot):
+            self._evict(snapshot, "a newer snapshot exists in the cluster")
+            return
+        self._ship(RecordSnapshot(snapshot))
+
+    def _indexed(self, snapshot: Snapshot) -> bool:
+        """Before Register's reply: the key's next job may be claimed on any host."""
+        if self._index is None:
+            return True
+        try:
+            return self._index(snapshot)
+        except StoreError as exc:
+            # The shipper records it again (and retries) once the database is back.
+            log.warning("snapshot %s not indexed yet: %s", snapshot.key, exc)
+            return True
 
     def _invalidate(self, key: SnapshotKey, image_id: str, reason: str) -> None:
         # A 404 says the image is gone, whoever's entry it was.
-        self._tombstone(image_id)
+        self._tombstones.add(image_id)
         entry = self._registry.get(key)
         if entry is None or not same_image(entry.image_id, image_id):
             log.info("Invalidate %s/%s is stale: the entry moved on", key, image_id)
@@ -268,7 +293,7 @@ class SnapshotManager(pykka.ThreadingActor):
         log.warning("snapshot %s invalidated (%s): %s", key, image_id, reason)
 
     def _image_deleted(self, image_id: str) -> None:
-        self._tombstone(image_id)
+        self._tombstones.add(image_id)
         self._pending.pop(bare_image_id(image_id), None)
         for key, entry in list(self._registry.items()):
             if same_image(entry.image_id, image_id):
@@ -331,7 +356,7 @@ class SnapshotManager(pykka.ThreadingActor):
             if bare_image_id(entry.image_id) in present or self._exists(entry.image_id):
                 continue
             del self._registry[key]
-            self._tombstone(entry.image_id)
+            self._tombstones.add(entry.image_id)
             log.warning("snapshot %s dropped: image %s is gone", key, entry.image_id)
         # A commit whose Register never arrived (a Spawner died in between)
         # leaves an image nobody owns. A grace period protects in-flight ones.
@@ -369,6 +394,12 @@ class SnapshotManager(pykka.ThreadingActor):
         self._metrics.snapshot_evictions.inc()
         log.info("evicting snapshot %s (%s): %s", entry.key, entry.image_id, reason)
         self._queue_delete(entry.image_id, reason)
+        self._ship(ForgetSnapshot(entry.key, entry.image_id))
+
+    def _ship(self, message: object) -> None:
+        if self._shipper is not None:
+            with contextlib.suppress(pykka.ActorDeadError):  # stopping
+                self._shipper.tell(message)
 
     def _queue_delete(self, image_id: str, reason: str) -> None:
         if bare_image_id(image_id) not in self._tombstones:
@@ -393,7 +424,7 @@ class SnapshotManager(pykka.ThreadingActor):
                 continue
             log.info("deleted snapshot image %s (%s)", image_id, reason)
             del self._pending[image_id]
-            self._tombstone(image_id)
+            self._tombstones.add(image_id)
 
     # --- reconciliation ----------------------------------------------------
 
@@ -421,7 +452,9 @@ class SnapshotManager(pykka.ThreadingActor):
                 bare_image_id(s.image_id) for s in self._registry.values()
             }:
                 continue
-            snapshot = dataclasses.replace(snapshot, own_bytes=self._own_bytes(info, snapshot))
+            snapshot = dataclasses.replace(
+                snapshot, own_bytes=own_bytes_of(self._engine, info, snapshot.base_image_id)
+            )
             self._register(snapshot)
             adopted += 1
         self._usage.restore(self._registry)
@@ -431,29 +464,5 @@ class SnapshotManager(pykka.ThreadingActor):
                 self._evict(entry, reason)
         log.info("registry rebuilt: %d snapshot images, %d kept", adopted, len(self._registry))
 
-    def _own_bytes(self, info: ImageInfo, snapshot: Snapshot) -> int | None:
-        """What an adopted image adds over its parent (its base, when flattened).
-
-        Unknown (None, charged at full size) when the parent cannot be inspected.
-        """
-        try:
-            parent = self._engine.inspect_image(info.parent_id or snapshot.base_image_id)
-        except EngineError as exc:
-            log.warning("size of %s over its parent unknown: %s", info.id, exc)
-            return None
-        return own_bytes(info, parent)
-
     def _list_snapshot_images(self) -> list[ImageInfo] | None:
-        try:
-            images = self._engine.list_images({LABEL_ROLE: ROLE_SNAPSHOT})
-        except EngineError as exc:
-            log.warning("could not list snapshot images (retrying next sweep): %s", exc)
-            return None
-        snapshots = self._settings.snapshots
-        return owned_snapshots(images, snapshots.repository, self._settings.supervisor.instance_id)
-
-    def _tombstone(self, image_id: str) -> None:
-        self._tombstones[bare_image_id(image_id)] = None
-        self._tombstones.move_to_end(bare_image_id(image_id))
-        while len(self._tombstones) > _MAX_TOMBSTONES:
-            self._tombstones.popitem(last=False)
+        return list_snapshot_images(self._engine, self._settings)

@@ -56,7 +56,7 @@ from actors.messages import (
     Terminated,
 )
 from actors.metrics import Metrics
-from actors.model import JobSpec, Snapshot
+from actors.model import JobSpec, Snapshot, SnapshotKey
 from actors.settings import Settings
 from actors.snapshotter import Snapshotter
 from actors.telemetry import capture_error, job_log
@@ -76,6 +76,9 @@ LOGS_TAIL_LINES = 200
 LOOKUP_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
+# (key, the local entry, the job's base image ID) -> the snapshot to start from
+# (``actors.cluster.shipping.RemoteSnapshots.fetch``: pulls a newer one from elsewhere).
+RemoteLookup = Callable[[SnapshotKey, Snapshot | None, str | None], Snapshot | None]
 
 
 @dataclass
@@ -112,9 +115,12 @@ class Spawner(pykka.ThreadingActor):
         labels: Mapping[str, str] | None = None,
         *,
         metrics: Metrics | None = None,
+        remote: RemoteLookup | None = None,
     ) -> None:
         """``labels`` are stamped on every container (and so every snapshot), e.g. for
-        tests; ``metrics`` is the app's (None: a private registry nobody scrapes)."""
+        tests; ``metrics`` is the app's (None: a private registry nobody scrapes);
+        ``remote`` is a cluster host's second opinion on each Lookup (a pull)."""
+        self._remote = remote
         super().__init__()
         self._metrics = metrics if metrics is not None else Metrics.unscraped()
         self._engine = engine
@@ -321,7 +327,8 @@ class Spawner(pykka.ThreadingActor):
                 "snapshot lookup failed (%s); starting from the base image", exc
             )
             return None
-        return found if isinstance(found, Snapshot) else None
+        local = found if isinstance(found, Snapshot) else None
+        return local if self._remote is None else self._remote(msg.spec.key, local, base_id)
 
     # --- Finish ------------------------------------------------------------
 
@@ -371,7 +378,13 @@ class Spawner(pykka.ThreadingActor):
         snapshot = self._snapshotter.commit(msg.job_id, msg.spec, msg.container_id)
         if snapshot is None:
             return None
-        self._tell(self._snapshots, Register(snapshot))
+        # Awaited: the job's end (and its key's release) must not overtake its
+        # snapshot, or the key's next job could miss it (on a cluster: run on
+        # another host before the index says where the snapshot is).
+        try:
+            self._snapshots.ask(Register(snapshot), timeout=LOOKUP_TIMEOUT_S)
+        except Exception as exc:  # dead or wedged: the sweep's rebuild finds the image
+            log.warning("snapshot %s not registered: %s", snapshot.image_id, exc)
         return snapshot.image_id
 
     # --- Terminate ---------------------------------------------------------

@@ -30,8 +30,9 @@ import pykka
 
 from actors.backoff import backoff
 from actors.clock import Clock
-from actors.deadlines import due_times, tick_action
+from actors.deadlines import tick_action
 from actors.engine.base import ContainerState, Engine, EngineError
+from actors.fencing import NOT_HANDLED, Fencing
 from actors.flight import EarlyExits, Flight, Flights, Kill, job_timeout, on_exit, outcome
 from actors.labels import MANAGED_FILTER
 from actors.ledger import Ledger, job_logger
@@ -52,7 +53,6 @@ from actors.messages import (
     Started,
     StopDispatching,
     Submit,
-    SupervisorStatus,
     SweepOrphans,
     Terminate,
     Terminated,
@@ -61,7 +61,7 @@ from actors.messages import (
 from actors.metrics import Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
 from actors.pool import SpawnerFactory, SpawnerPool
-from actors.reconcile import Reconciling, SupervisorStopped
+from actors.reconcile import SupervisorStopped
 from actors.restarts import RestartIntensity
 from actors.settings import Settings
 from actors.store import Caps, JobStore, new_job_id
@@ -76,7 +76,7 @@ MAX_REFUSED_STARTS = 10
 _ASKS = (Submit, Cancel, GetJob, ListJobs, GetStatus, PruneJobs)
 
 
-class Supervisor(Reconciling, pykka.ThreadingActor):
+class Supervisor(Fencing, pykka.ThreadingActor):
     """Runs queued jobs within the limits, one per (project, work item) at a time."""
 
     def __init__(
@@ -117,6 +117,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
             backoff(settings.retry),
             self._metrics,
             secrets if secrets is not None else Secrets(),
+            on_fenced=self._dropped,
         )
         # Running containers labelled ours that no job in flight owns, e.g. a
         # cancel whose stop never reached a down engine, then a restart. Until
@@ -128,6 +129,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         self._reconcile_requested = False
         self._dispatching = True
         self._fatal: str | None = None
+        self._fenced, self._abandoned, self._resync, self._redo = False, set(), False, []
 
     # --- life cycle --------------------------------------------------------
 
@@ -164,14 +166,19 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
             if isinstance(message, _ASKS):
                 raise SupervisorStopped(self._fatal)
             return None
+        if (answer := self._outside_store(message)) is not NOT_HANDLED:
+            return answer  # the database may be cut off (actors.fencing)
+        handled = False
         try:
             # One transaction per message: its state writes share one fsync,
             # and it commits before an ask's reply leaves this handler.
             with self._store.batch():
+                handled = True
                 return self._handle(message)
         except InvalidJob:
             raise
         except Exception as exc:
+            self._store_lost(exc, message, handled)
             if isinstance(message, _ASKS):
                 raise
             # A tell handler that raises stops a pykka actor: log, report, go on.
@@ -217,7 +224,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
                 self._on_crashed(message)
             case StopDispatching():
                 self._dispatching = False
-            case _:
+            case _ if not self._handle_cluster(message):
                 log.warning("supervisor: unexpected message %r", message)
         return None
 
@@ -247,7 +254,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         Supervisor adds only what it alone knows: its free places, and the
         keys of running containers no job owns (leftovers of a previous run).
         """
-        if not self._dispatching or not self._pool.refs:
+        if not self._dispatching or self._fenced or self._resync or not self._pool.refs:
             return
         free = self._sup.max_workers - len(self._flights) - len(self._leftovers)
         if free <= 0:
@@ -264,9 +271,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         self._pool.done(msg.spawner, msg.job_id, "spawn")
         flight = self._flights.get(msg.job_id)
         if flight is None or flight.phase != "starting":
-            # Not ours any more (e.g. re-queued after its Spawner was presumed
-            # dead). The orphan sweep removes the container after its grace.
-            log.warning("started container %s for unknown job %s", msg.container_id, msg.job_id)
+            self._started_unknown(msg)  # not ours any more
             return
         now = self._clock.now()
         flight.phase, flight.seq = "running", self._list_seq
@@ -392,6 +397,7 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         return job
 
     def _on_tick(self, now: float) -> None:
+        self._catch_up()
         for flight in self._flights.in_phase("running"):
             match tick_action(flight, now, self._sup.stop_grace_s):
                 case "time_out":
@@ -431,25 +437,3 @@ class Supervisor(Reconciling, pykka.ThreadingActor):
         """Places may have freed up: claim more work; then publish the gauges."""
         self._dispatch()
         self._ledger.publish()
-
-    def _status(self, deadlines: bool = False) -> SupervisorStatus:
-        return SupervisorStatus(
-            queued=self._ledger.queued,
-            in_flight=len(self._flights),
-            running=len(self._flights.in_phase("running")),
-            pending_ops=self._pool.load(),
-            spawners=len(self._pool.refs),
-            dispatching=self._dispatching,
-            due=due_times(
-                self._flights,
-                self._store.unfinished(),
-                self._clock.now(),
-                self._sup.stop_grace_s,
-                self._reconcile_requested,
-            )
-            if deadlines
-            else (),
-            busy_keys=frozenset(f.job.key for f in self._flights)
-            | frozenset(self._leftovers.values()),
-            leftovers=len(self._leftovers),
-        )

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from actors.model import Job, JobSpec, Snapshot, validate_spec
+from actors.store.cluster import HostInfo
 
 __all__ = [
     "JOB_FIELDS",
@@ -20,6 +21,7 @@ __all__ = [
     "SUBMIT_FIELDS",
     "WireError",
     "client_host",
+    "host_json",
     "iso_time",
     "job_json",
     "parse_time",
@@ -40,6 +42,8 @@ JOB_FIELDS = (
     "project",
     "work_item",
     "agent_type",
+    "host",
+    "attempt",
     "image_id",
     "from_snapshot",
     "snapshot_committed",
@@ -95,6 +99,10 @@ def job_json(job: Job) -> dict[str, Any]:
         "project": job.spec.project,
         "work_item": job.spec.work_item,
         "agent_type": job.spec.agent_type,
+        # The cluster host that claimed it (null while queued; on one host,
+        # this host) and which claim it is: a rescued job's attempt grows.
+        "host": job.host,
+        "attempt": job.attempt,
         "image_id": job.image_id,
         "from_snapshot": job.from_snapshot,
         "snapshot_committed": job.snapshot_committed,
@@ -106,9 +114,24 @@ def job_json(job: Job) -> dict[str, Any]:
     }
 
 
-def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
-    """The stable JSON shape of a snapshot registry entry."""
+def host_json(host: HostInfo, now: float) -> dict[str, Any]:
+    """The stable JSON shape of a cluster host (``GET /hosts``); ``live`` as of ``now``."""
     return {
+        "host_id": host.host_id,
+        "live": host.live(now),
+        "draining": host.draining,
+        "api": host.api,
+        "max_workers": host.max_workers,
+        "running": host.running,
+        "started_at": iso_time(host.started_at),
+        "last_seen": iso_time(host.last_seen),
+        "lease_until": iso_time(host.lease_until),
+    }
+
+
+def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
+    """The stable JSON shape of a snapshot registry entry (``host`` only in a cluster)."""
+    shape: dict[str, Any] = {
         "project": snapshot.key.project,
         "work_item": snapshot.key.work_item,
         "image_id": snapshot.image_id,
@@ -121,6 +144,9 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
         "created_at": iso_time(snapshot.created_at),
         "last_used_at": iso_time(snapshot.last_used_at),
     }
+    if snapshot.host is not None:  # a cluster's listing (issue 14): where it is
+        shape["host"] = snapshot.host
+    return shape
 
 
 def spec_from_json(body: object) -> JobSpec:

@@ -6,6 +6,11 @@ timers. Stop is the reverse, and never kills a running worker: its container
 keeps running and the next start re-adopts it. ``actors.app`` and every test
 kit start the actors here, so what the tests run is what production runs.
 
+A cluster host (``Wiring.cluster``) adds the SnapshotShipper (before the
+SnapshotManager, which tells it of each snapshot), the HostLease (before the
+Supervisor: a host that cannot renew its lease does not start) and the Waker
+(after it). Without ``cluster`` nothing of that starts.
+
 Who restarts whom: the Supervisor restarts its Spawners; the Root counts the
 crashes of the SnapshotManager and the Reaper (which restart in place, keeping
 their addresses); both stop past the same bounded intensity
@@ -18,36 +23,45 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pykka
 
 from actors.clock import Clock
+from actors.cluster.lease import HostLease
+from actors.cluster.shipping import ImageMover, RemoteSnapshots, SnapshotShipper, index_snapshot
+from actors.cluster.waker import Waker
 from actors.engine.base import Engine
 from actors.labels import LABEL_INSTANCE
 from actors.messages import (
+    Beat,
     PruneJobs,
+    ReportTo,
     SetBaseImage,
+    ShipSnapshots,
     Supervise,
     SweepOrphans,
     SweepSnapshots,
     Tick,
 )
 from actors.metrics import Metrics
+from actors.model import Snapshot
 from actors.pool import SpawnerFactory
 from actors.reaper import Reaper
 from actors.restarts import RestartIntensity, Root
 from actors.settings import Settings
 from actors.snapshot_manager import SnapshotManager
-from actors.spawner import Spawner
+from actors.spawner import RemoteLookup, Spawner
 from actors.store import JobStore
+from actors.store.cluster import ClusterStore
 from actors.supervisor import Supervisor
 from actors.telemetry import Secrets
 from actors.timers import Scheduler
 from actors.usage import UsageLog, UsageStore
 from actors.watcher import Watcher
 
-__all__ = ["Actors", "Wiring", "spawner_factory", "start_actors", "start_root"]
+__all__ = ["Actors", "ClusterWiring", "Wiring", "spawner_factory", "start_actors", "start_root"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +89,20 @@ class Wiring:
     # The app's registry and scrub set; None: private ones nobody reads (tests).
     metrics: Metrics | None = None
     secrets: Secrets | None = None
+    cluster: ClusterWiring | None = None
+
+
+@dataclass(frozen=True)
+class ClusterWiring:
+    """What makes a host a cluster member: its share of the cluster store, the
+    engine's registry calls (None: snapshots never leave this host) and how to
+    delete a pushed manifest; ``api`` is this host's address for ``snapyard hosts``."""
+
+    store: ClusterStore
+    mover: ImageMover | None = None
+    delete_manifest: Callable[[str], None] | None = None
+    api: str = ""
+    wait_for_work: Callable[[float], bool] | None = None
 
 
 @dataclass
@@ -87,13 +115,20 @@ class Actors:
     reaper: pykka.ActorRef[Any] | None = None
     supervisor: pykka.ActorRef[Any] | None = None
     watcher: Watcher | None = None
+    shipper: pykka.ActorRef[Any] | None = None
+    lease: pykka.ActorRef[Any] | None = None
+    waker: Waker | None = None
 
     def stop(self, timeout_s: float) -> None:
         self.scheduler.stop()
+        if self.waker is not None:
+            self.waker.stop()
+            self.waker = None
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
-        for ref in (self.supervisor, self.reaper, self.snapshots, self.root):
+        refs = (self.supervisor, self.lease, self.reaper, self.snapshots, self.shipper, self.root)
+        for ref in refs:
             if ref is None:
                 continue
             try:
@@ -101,6 +136,7 @@ class Actors:
             except (pykka.ActorDeadError, pykka.Timeout):
                 log.warning("%s did not stop within %.1fs", ref, timeout_s)
         self.supervisor = self.reaper = self.snapshots = self.root = None
+        self.lease = self.shipper = None
 
 
 def start_root(
@@ -118,10 +154,19 @@ def start_snapshots(
     root: pykka.ActorRef[Any],
     metrics: Metrics | None = None,
     usage: UsageStore | None = None,
+    shipper: pykka.ActorRef[Any] | None = None,
+    index: Callable[[Snapshot], bool] | None = None,
 ) -> pykka.ActorRef[Any]:
     """The SnapshotManager, a child of ``root``; ``usage`` keeps LRU order across restarts."""
     ref = SnapshotManager.start(
-        engine, settings, clock, parent=root, metrics=metrics, usage=UsageLog(usage)
+        engine,
+        settings,
+        clock,
+        parent=root,
+        metrics=metrics,
+        usage=UsageLog(usage),
+        shipper=shipper,
+        index=index,
     )
     root.tell(Supervise("snapshot-manager", ref))
     return ref
@@ -134,6 +179,7 @@ def spawner_factory(
     clock: Clock,
     labels: Mapping[str, str] | None = None,
     metrics: Metrics | None = None,
+    remote: RemoteLookup | None = None,
 ) -> SpawnerFactory:
     """Builds (and, after a crash, rebuilds) the Spawner ``name`` under ``parent``."""
     # The instance label rides on every container, whatever the caller stamps.
@@ -141,10 +187,41 @@ def spawner_factory(
 
     def start(name: str, parent: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         return Spawner.start(
-            engine, snapshots, settings, clock, name, parent, stamped, metrics=metrics
+            engine,
+            snapshots,
+            settings,
+            clock,
+            name,
+            parent,
+            stamped,
+            metrics=metrics,
+            remote=remote,
         )
 
     return start
+
+
+def start_lease(
+    cluster: ClusterWiring, settings: Settings, clock: Clock, metrics: Metrics | None
+) -> pykka.ActorRef[Any]:
+    """The HostLease; its first renewal happens before this returns (or raises)."""
+
+    def running() -> int:
+        if metrics is None:
+            return 0
+        value = metrics.registry.get_sample_value("snapyard_running_workers")
+        return int(value or 0)
+
+    c = settings.cluster
+    return HostLease.start(
+        cluster.store,
+        clock,
+        c.lease_s,
+        c.heartbeat_s,
+        api=cluster.api,
+        max_workers=settings.supervisor.max_workers,
+        running=running,
+    )
 
 
 def start_actors(wiring: Wiring) -> Actors:
@@ -157,16 +234,34 @@ def start_actors(wiring: Wiring) -> Actors:
     try:
         root = actors.root = start_root(settings, clock, wiring.on_fatal)
         metrics = wiring.metrics
+        cluster = wiring.cluster
+        if cluster is not None and cluster.mover is not None:
+            actors.shipper = SnapshotShipper.start(
+                cluster.store,
+                cluster.mover,
+                settings,
+                clock,
+                delete_manifest=cluster.delete_manifest,
+            )
+        index = None if cluster is None else partial(index_snapshot, cluster.store)
         snapshots = actors.snapshots = start_snapshots(
-            engine, settings, clock, root, metrics, wiring.store
+            engine, settings, clock, root, metrics, wiring.store, actors.shipper, index
         )
+        remote = None
+        if cluster is not None and cluster.mover is not None:
+            assert actors.shipper is not None
+            actors.shipper.tell(ReportTo(snapshots))
+            mover, registry = cluster.mover, settings.cluster.registry
+            remote = RemoteSnapshots(cluster.store, mover, registry, snapshots).fetch
         for image, image_id in wiring.base_image_ids.items():
             snapshots.tell(SetBaseImage(image_id, image=image))
         reaper = actors.reaper = Reaper.start(engine, root, instance_id=sup.instance_id)
         root.tell(Supervise("reaper", reaper))
         factory = spawner_factory(
-            engine, snapshots, settings, clock, wiring.container_labels, metrics
+            engine, snapshots, settings, clock, wiring.container_labels, metrics, remote
         )
+        if cluster is not None:
+            actors.lease = start_lease(cluster, settings, clock, metrics)
         # Events from here on are replayed to the Watcher: an exit between the
         # Supervisor's recovery listing and the stream opening is not lost.
         since = clock.now()
@@ -182,6 +277,11 @@ def start_actors(wiring: Wiring) -> Actors:
             metrics=metrics,
             secrets=wiring.secrets,
         )
+        if actors.lease is not None:
+            actors.lease.tell(ReportTo(supervisor))
+        if cluster is not None and cluster.wait_for_work is not None:
+            actors.waker = Waker(cluster.wait_for_work, supervisor, settings.cluster.heartbeat_s)
+            actors.waker.start()
         if wiring.watcher:
             actors.watcher = Watcher(
                 engine,
@@ -206,8 +306,15 @@ def start_actors(wiring: Wiring) -> Actors:
         scheduler.every(
             min(RETENTION_SWEEP_S, sup.retention_s), supervisor, lambda _now: PruneJobs()
         )
+        granularity = sup.tick_interval_s
+        if actors.lease is not None:
+            beat = settings.cluster.heartbeat_s
+            scheduler.every(beat, actors.lease, Beat)
+            granularity = min(granularity, beat / 2)
+        if actors.shipper is not None:
+            scheduler.every(settings.cluster.heartbeat_s, actors.shipper, ShipSnapshots)
         if wiring.run_timers:
-            scheduler.start(granularity_s=sup.tick_interval_s)
+            scheduler.start(granularity_s=granularity)
     except BaseException:
         with contextlib.suppress(Exception):
             actors.stop(timeout_s=sup.shutdown_timeout_s)

@@ -15,11 +15,20 @@ class Budget:
     machine_examples: int
     machine_steps: int
     bad_input_examples: int
+    # The two-host cluster machine: each example starts two hosts on PostgreSQL.
+    cluster_examples: int = 15
+    cluster_steps: int = 20
 
 
 BUDGETS = {
     "ci": Budget(machine_examples=200, machine_steps=30, bad_input_examples=200),
-    "thorough": Budget(machine_examples=2000, machine_steps=40, bad_input_examples=2000),
+    "thorough": Budget(
+        machine_examples=2000,
+        machine_steps=40,
+        bad_input_examples=2000,
+        cluster_examples=300,
+        cluster_steps=40,
+    ),
 }
 
 

@@ -262,6 +262,7 @@ def test_openapi_document_lists_every_route_and_the_error_shape(server: ApiServe
         "/snapshots",
         "/snapshots/prune",
         "/snapshots/{project}/{work_item}",
+        "/hosts",
         "/healthz",
         "/metrics",
         "/events",

@@ -1,0 +1,96 @@
+"""Making this host a cluster member: its store, and what the wiring adds for it.
+
+``actors.app`` calls these only when ``[cluster] database_url`` is set; without
+it nothing here runs and Snapyard is one host on SQLite, as ever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+
+from actors.clock import Clock
+from actors.cluster.registry_http import ManifestStore, RegistryHttp
+from actors.engine.base import Engine
+from actors.model import Snapshot
+from actors.settings import Settings
+from actors.store.base import JobStore
+from actors.store.cluster import ClusterStore
+from actors.wiring import ClusterWiring
+
+__all__ = ["cluster_snapshots", "cluster_wiring", "host_id_of", "open_cluster_store"]
+
+log = logging.getLogger(__name__)
+
+
+class NotAClusterStore(TypeError):
+    """[cluster] is set, but the store given to Snapyard cannot be shared by hosts."""
+
+
+def host_id_of(settings: Settings) -> str:
+    """``cluster.host_id``, else this machine's host name (stable across restarts)."""
+    return settings.cluster.host_id or socket.gethostname()
+
+
+def open_cluster_store(settings: Settings, clock: Clock) -> ClusterStore:
+    """The PostgreSQL store at ``cluster.database_url``, as this host (migrated on open).
+
+    Imported here, so a single host never loads psycopg.
+    """
+    from actors.store.postgres import PostgresStore  # noqa: PLC0415
+
+    c = settings.cluster
+    store = PostgresStore(c.database_url, host_id_of(settings), clock, c.locality_wait_s)
+    log.info("cluster member %s on %s", store.host_id, store.where)
+    return store
+
+
+def cluster_wiring(
+    settings: Settings,
+    store: JobStore,
+    engine: Engine,
+    manifests: ManifestStore | None = None,
+) -> ClusterWiring:
+    """The HostLease, the SnapshotShipper and the Waker for ``store``; ``manifests``
+    deletes evicted snapshots from the registry (default: ``cluster.registry``'s HTTP API)."""
+    if not isinstance(store, ClusterStore):
+        raise NotAClusterStore(
+            f"[cluster] database_url is set, but the job store is {type(store).__name__}, "
+            "which one host alone can use: pass no store (Snapyard opens the cluster's)"
+        )
+    registry = settings.cluster.registry
+    if manifests is None and registry:
+        manifests = RegistryHttp(registry)
+    wait = getattr(store, "wait_for_work", None)
+    api = settings.api
+    return ClusterWiring(
+        store,
+        # Always: without a registry nothing is pushed or pulled, but the index
+        # still records where each key's newest snapshot is (affinity).
+        mover=engine,
+        delete_manifest=None if manifests is None else manifests.delete_manifest,
+        api=f"{api.host}:{api.port}",
+        wait_for_work=wait if callable(wait) else None,
+    )
+
+
+def cluster_snapshots(local: list[Snapshot], store: ClusterStore) -> list[Snapshot]:
+    """The cluster's snapshots: this host's (with their sizes), then the newest of
+    every other key from the index (its host; sizes unknown here, so 0), by key."""
+    mine = {s.key: dataclasses.replace(s, host=store.host_id) for s in local}
+    for record in store.snapshots():
+        if record.key in mine:
+            continue
+        mine[record.key] = Snapshot(
+            key=record.key,
+            image_id=record.image_id,
+            tag=record.digest or "",  # pullable by digest once pushed
+            base_image_id="",
+            created_at=record.created_at,
+            last_used_at=record.created_at,
+            size_bytes=0,
+            layers=0,
+            host=record.host_id,
+        )
+    return sorted(mine.values(), key=lambda s: s.key)

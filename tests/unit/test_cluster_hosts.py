@@ -1,0 +1,180 @@
+"""Two hosts of a cluster on one real PostgreSQL: death, partition, fencing, pulled snapshots.
+
+Each host is the application's wiring on its own MemoryEngine; the engines
+share a MemoryRegistry, the hosts one FakeClock (a cluster keeps its clocks in
+step). A partition is a real cut TCP connection between a host and the
+database (``cluster_kit.Cable``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from cluster_kit import BEAT_S, LEASE_S, REGISTRY, Host, finished, shared_base
+from waiting import eventually
+
+from actors.clock import FakeClock
+from actors.engine.memory import MemoryRegistry
+from actors.messages import GetStatus
+from actors.model import JobState, SnapshotKey
+
+MakeHost = Callable[..., Host]
+
+
+@pytest.fixture
+def make_host(postgres_url: str) -> Iterator[MakeHost]:
+    clock = FakeClock()
+    registry = MemoryRegistry(REGISTRY)
+    base = shared_base(clock, registry)
+    hosts: list[Host] = []
+
+    def make(name: str, max_workers: int = 2) -> Host:
+        host = Host(name, postgres_url, clock, registry, base, max_workers)
+        hosts.append(host)
+        return host.start()
+
+    yield make
+    for host in hosts:
+        host.close()
+
+
+def test_a_dead_hosts_job_is_rescued_and_finished_elsewhere_from_the_pulled_snapshot(
+    make_host: MakeHost,
+) -> None:
+    a = make_host("host-a")
+    key = SnapshotKey("p", "w")
+    first = a.submit("w")
+    a.engine.exit_container(a.wait_running(first.id).id, 0)
+    assert finished(a.store, first.id).snapshot_committed
+    pushed = eventually(
+        lambda: a.store.newest_snapshot(key),
+        lambda r: r is not None and r.digest is not None,
+        "the snapshot pushed and its digest indexed",
+    )
+    assert pushed is not None
+    second = a.submit("w")
+    a.wait_running(second.id)
+    a.die()  # SIGKILL: no cleanup, no more renewals
+
+    b = make_host("host-b")
+    assert b.running() == []  # A's lease still holds
+    for _ in range(int(LEASE_S / BEAT_S) + 1):  # B beats on; A's lease runs out
+        a.clock.advance(BEAT_S)
+        b.beat()  # renews B's lease, then rescues A's job once A's has ended
+    container = b.wait_running(second.id)
+    assert container.image_id == pushed.image_id  # the pulled snapshot, same image ID
+    running = b.job(second.id)
+    assert (running.host, running.attempt, running.from_snapshot) == ("host-b", 1, True)
+    b.engine.exit_container(container.id, 0)
+    done = finished(b.store, second.id)
+    assert (done.state, done.host, done.from_snapshot) == (JobState.SUCCEEDED, "host-b", True)
+    notes = [note or "" for _s, _at, note in b.store.history(second.id)]
+    assert any("rescued: host host-a missed its lease" in n for n in notes)
+    # B's own commit is now the key's newest, on B.
+    newest = eventually(
+        lambda: b.store.newest_snapshot(key),
+        lambda r: r is not None and r.host_id == "host-b" and r.image_id != pushed.image_id,
+        "B's snapshot indexed",
+    )
+    assert newest is not None
+
+
+def test_a_partitioned_host_kills_its_worker_before_its_lease_ends_and_the_job_runs_once(
+    make_host: MakeHost,
+) -> None:
+    a = make_host("host-a")
+    job = a.submit("x")
+    a.wait_running(job.id)
+    b = make_host("host-b")
+    clock = a.clock
+    renewed = a.lease().last_renewal
+    a.cable.cut()
+    while not a.beat().fenced:
+        assert clock.now() < renewed + LEASE_S - BEAT_S, "not fenced in time"
+        b.beat()
+        clock.advance(BEAT_S)
+    eventually(lambda: a.running(job.id), lambda cs: cs == [], "A's worker killed")
+    assert clock.now() < renewed + LEASE_S  # before anyone may rescue it
+    assert b.running(job.id) == []
+    assert a.fenced()
+
+    while clock.now() <= renewed + LEASE_S:
+        clock.advance(BEAT_S)
+        b.beat()
+    container = b.wait_running(job.id)
+    b.engine.exit_container(container.id, 0)
+    done = finished(b.store, job.id)
+    assert (done.state, done.host, done.attempt) == (JobState.SUCCEEDED, "host-b", 1)
+    assert a.created_for(job.id) == 1
+    assert b.created_for(job.id) == 1
+    history = b.store.history(job.id)
+
+    a.cable.mend()
+    clock.advance(BEAT_S)
+    assert not a.beat().fenced
+    eventually(a.fenced, lambda f: not f, "A unfenced")
+    a.tick()
+    assert b.store.history(job.id) == history  # A wrote nothing over the rescue
+    assert b.store.get(job.id) == done
+    assert a.running() == []
+
+
+def test_a_late_hosts_outcome_write_is_fenced_and_changes_nothing(make_host: MakeHost) -> None:
+    """A host cut off whose lease actor fell behind (no Beat while cut off): its worker
+    runs on past its lease; when it comes back, its write is refused and dropped."""
+    a = make_host("host-a", max_workers=1)
+    job = a.submit("y")
+    stale = a.wait_running(job.id)
+    b = make_host("host-b")
+    a.cable.cut()
+    for _ in range(int(LEASE_S / BEAT_S) + 1):  # A's lease actor is stalled: no Beat
+        a.clock.advance(BEAT_S)
+        b.beat()
+    rescued = b.wait_running(job.id)
+    a.cable.mend()
+    a.engine.exit_container(stale.id, 1)  # A's outcome: failed, for attempt 0
+    eventually(lambda: a.sup.ask(GetStatus(), timeout=10.0).in_flight, lambda n: n == 0, "dropped")
+    row = b.store.get(job.id)
+    assert row is not None
+    assert (row.state, row.host, row.attempt) == (JobState.RUNNING, "host-b", 1)
+    b.engine.exit_container(rescued.id, 0)
+    assert finished(b.store, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_start_reported_while_the_database_is_away_is_recorded_when_it_returns(
+    make_host: MakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (found by the two-host state machine): the Started of a job claimed
+    just before a partition failed to open its transaction and was dropped; the job
+    stayed "starting" on a live host forever and its key with it."""
+    a = make_host("host-a")
+    a.engine.before("start_container", a.cable.cut)
+    job = a.submit("s")
+    container = a.wait_running(job.id)
+    eventually(
+        lambda: [r.getMessage() for r in caplog.records],
+        lambda lines: "supervisor: handling Started failed" in lines,
+        "the Started to meet the cut cable",
+    )
+    a.cable.mend()
+    a.tick()  # the kept Started is handled now
+    running = eventually(
+        lambda: a.job(job.id), lambda j: j.state is JobState.RUNNING, "the job running"
+    )
+    assert running.container_id == container.id
+    a.engine.exit_container(container.id, 0)
+    assert finished(a.store, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_job_submitted_on_a_full_host_is_claimed_by_another_without_waiting_for_a_tick(
+    make_host: MakeHost,
+) -> None:
+    """LISTEN/NOTIFY: B's Waker hears of the job at once; no Tick is sent here at all."""
+    a = make_host("host-a", max_workers=1)
+    b = make_host("host-b")
+    busy = a.submit("busy")
+    a.wait_running(busy.id)
+    job = a.submit("other")  # A has no free place
+    b.wait_running(job.id)
+    assert b.job(job.id).host == "host-b"
