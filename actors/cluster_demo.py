@@ -32,6 +32,9 @@ SETUP_SECONDS = 2.0
 LONG_JOB_S = 6
 JOB_DEADLINE_S = 120.0
 _TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
+# What the worker's entrypoint prints (actors/worker/entrypoint.sh).
+_SETUP_PAID = "setup starting"
+_SETUP_SKIPPED = "setup skipped"
 
 
 def _wait_all(client: ApiClient, ids: list[str], deadline_s: float) -> list[dict[str, Any]]:
@@ -96,6 +99,8 @@ def _tell(story: Story, cluster: LocalCluster, project: str) -> None:
         file=out,
     )
     story.check("affinity", not stuck, f"these left their snapshot's host: {stuck}")
+    paid = [j["id"] for j in second if _SETUP_SKIPPED not in client.logs(j["id"])]
+    story.check("affinity", not paid, f"these paid the setup again: {paid}")
 
     item = items[0]
     victim = cluster.host(str(where[item]))
