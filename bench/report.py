@@ -12,7 +12,18 @@ from typing import Any
 
 from bench.model import Figure, ScenarioResult
 
-__all__ = ["Comparison", "compare", "console_rows", "markdown", "worse_by"]
+__all__ = [
+    "Comparison",
+    "compare",
+    "console_rows",
+    "markdown",
+    "missed",
+    "with_summary",
+    "worse_by",
+]
+
+README_START = "<!-- bench-table -->"
+README_END = "<!-- /bench-table -->"
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,17 @@ def missed(results: list[ScenarioResult]) -> list[str]:
     return out
 
 
+_SUMMARY_END = "<!-- end of summary -->"
+
+
+def with_summary(readme: str, document: str) -> str:
+    """``readme`` with the summary of a results document between its bench-table markers."""
+    start, end = readme.index(README_START), readme.index(README_END)
+    summary = document.split(_SUMMARY_END, 1)[0].split("\n", 2)[2].strip()  # past the H1
+    link = "Every figure: [bench/results/latest.md](bench/results/latest.md)."
+    return f"{readme[: start + len(README_START)]}\n{summary}\n\n{link}\n{readme[end:]}"
+
+
 def markdown(
     results: list[ScenarioResult],
     comparisons: list[Comparison],
@@ -151,7 +173,7 @@ def markdown(
     misses = missed(results)
     if misses:
         lines += ["", "Missed targets:", "", *[f"- {m}" for m in misses]]
-    lines += ["", "## Every figure", ""]
+    lines += ["", _SUMMARY_END, "", "## Every figure", ""]
     for result in results:
         lines += [
             f"### {result.title}",

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.model import ScenarioResult
-from bench.report import compare, console_rows, markdown, missed
+from bench.report import compare, console_rows, markdown, missed, with_summary
 from bench.rigs import remove_bench_base
 from bench.scenarios import SCENARIOS
 
@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
         "--lock", type=Path, help="hold this flock around each real-engine scenario"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--readme", type=Path, help="put the summary table into this README (between markers)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the supervisor's warnings")
     parser.add_argument("--isolated-child", help=argparse.SUPPRESS)
     return parser
@@ -270,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     written = _write(args.out, stamp, document, results, text, not args.no_plots)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
 
+    if args.readme is not None:
+        args.readme.write_text(with_summary(args.readme.read_text(), text))
+        print(f"updated the table in {args.readme}")
     if args.update_baselines and not failures:
         _save_baselines(args.baselines, mode, results, meta)
         print(f"updated {args.baselines} ({mode})")

@@ -15,7 +15,7 @@ import pytest
 
 from bench.faults import OutageRelay, in_outage, overlapping
 from bench.model import Figure, ScenarioResult
-from bench.report import compare, markdown, missed
+from bench.report import compare, markdown, missed, with_summary
 from bench.s_engine import Timeline, dispatch_latencies
 from bench.scenarios import SCENARIOS, Scenario, register
 from tests.waiting import eventually
@@ -103,6 +103,26 @@ def test_the_markdown_table_shows_each_target_met_or_missed_and_the_load() -> No
     assert "| 1 | dispatch | rate | 3000 jobs/s | >= 2000 | met |  |" in text
     assert "load average (1 min) 1.5 before, 2.5 after" in text
     assert "+20%" in text  # against the baseline
+
+
+def test_the_readme_gets_the_summary_table_between_its_markers() -> None:
+    result = _result()
+    meta = {
+        "created": "now",
+        "mode": "full",
+        "git": "abc1234",
+        "numbers": {"dispatch": 1},
+        "host": {"cpus": 2, "load_before": 1.0, "load_after": 1.0},
+    }
+    text = markdown([result], compare([result], {}, 0.5), {}, meta)
+    readme = "intro\n<!-- bench-table -->\nold table\n<!-- /bench-table -->\nafter\n"
+    updated = with_summary(readme, text)
+    assert "old table" not in updated
+    assert "| 1 | dispatch | ratio | 1.2x  | <= 1.05x | MISSED | medians |" in updated
+    assert "## Every figure" not in updated
+    assert updated.startswith("intro\n")
+    assert updated.endswith("after\n")
+    assert with_summary(updated, text) == updated  # idempotent
 
 
 @pytest.fixture
