@@ -141,8 +141,18 @@ def remove_bench_base() -> None:
 def sweep_docker(
     engine: DockerEngine, since: float, labels: dict[str, str] | None = None
 ) -> tuple[int, int]:
-    """Remove bench containers, then bench images (children first) created since ``since``."""
-    labels = labels or BENCH_LABELS
+    """Remove bench containers, then bench images (children first) created since ``since``.
+
+    An engine that does not answer (a scenario's outage) ends the sweep
+    early; the scenario sweeps again through a direct connection.
+    """
+    try:
+        return _sweep(engine, since, labels or BENCH_LABELS)
+    except EngineError:
+        return 0, 0
+
+
+def _sweep(engine: DockerEngine, since: float, labels: dict[str, str]) -> tuple[int, int]:
     containers = 0
     for container in engine.list_containers(labels):
         if container.created_at >= since:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Tally:
     leaked_images: int = 0
     span_s: float = 0.0
     faults: int = 0
+    errors: list[str] = field(default_factory=list)  # why jobs failed, for the notes
 
     @property
     def jobs_per_s(self) -> float:
@@ -132,6 +133,7 @@ def _snapyard(condition: Condition, workload: list[tuple[str, str]], setup_s: fl
                 tally.succeeded += 1
             else:
                 tally.failed += 1
+                tally.errors.append(f"{job.state.value}: {job.error}")
             progress()
         tally.span_s = time.perf_counter() - began
         tally.faults = fault_count()
@@ -248,6 +250,11 @@ def faults(quick: bool) -> ScenarioResult:
         f"containers and {t.leaked_images} images leaked; {t.faults} faults; {t.jobs_per_s:.2f} jobs/s"
         for side, by in tallies.items()
         for name, t in by.items()
+    ]
+    notes += [
+        f"snapyard {name} failure: {error}"
+        for name, t in tallies["snapyard"].items()
+        for error in t.errors[:3]
     ]
     return ScenarioResult(
         name="faults",
