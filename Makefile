@@ -11,8 +11,11 @@ PYTEST_ARGS ?=
 run: setup
 	$(BIN)/snapyard run
 
+# Then the benchmark harness once, small (--quick: no figure is judged), so it
+# keeps working; it holds the shared Docker lock for its ~minute.
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+	flock /tmp/snapyard-docker.lock $(BIN)/python -m bench --quick --out bench/results/quick
 
 setup: venv engine cluster-deps image
 
@@ -21,7 +24,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 engine:
@@ -58,8 +61,9 @@ test-docker: setup
 test-thorough: setup
 	HYPOTHESIS_PROFILE=thorough $(BIN)/pytest tests/property $(PYTEST_ARGS)
 
+# Every scenario; the shared Docker lock is held per real-engine scenario.
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --lock /tmp/snapyard-docker.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

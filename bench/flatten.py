@@ -17,7 +17,7 @@ from actors.engine.base import ContainerSpec, EngineError, ImageConfig
 from actors.engine.docker import DockerEngine
 from actors.worker_image import DEMO_REPOSITORY, build_context, ensure_base_image
 from bench.model import Figure, ScenarioResult, median
-from bench.scenarios import (
+from bench.rigs import (
     BENCH_LABELS,
     BENCH_REPOSITORY,
     JOB_WAIT_S,

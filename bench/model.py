@@ -47,6 +47,8 @@ class ScenarioResult:
     params: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Figure name -> (operator, value): the issue's targets, reported as met or missed.
+    targets: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def figure(self, name: str) -> Figure:
         for figure in self.figures:
@@ -63,7 +65,16 @@ class ScenarioResult:
     def from_json(cls, data: dict[str, Any]) -> ScenarioResult:
         data = dict(data)
         data["figures"] = [Figure.from_json(f) for f in data["figures"]]
+        data["targets"] = {k: (op, float(v)) for k, (op, v) in data.get("targets", {}).items()}
         return cls(**data)
+
+    def verdicts(self) -> dict[str, bool]:
+        """Figure name -> whether it meets its target (only figures that have one)."""
+        out = {}
+        for name, (op, limit) in self.targets.items():
+            value = self.figure(name).value
+            out[name] = value <= limit if op == "<=" else value >= limit
+        return out
 
 
 def median(values: Sequence[float]) -> float:
