@@ -17,7 +17,9 @@ scaling.
 - **affinity**: three hosts, work items that each run a chain of jobs (a new
   job of every item once its previous one ended, as an agent's next task
   arrives); of the jobs whose item had a snapshot, how many started from it
-  on the host that held it (not pulled, not from base); target >= 95%.
+  on the host that held it (not pulled, not from base); target >= 95%. The
+  figure is the delay scheduling's doing: with ``locality_wait_s`` 0 the same
+  load measured 0.57 (39 pulls for 90 such jobs).
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ def cluster(quick: bool) -> ScenarioResult:
             for f in (claims.figures if claims else [])
         ),
         Figure(
-            "affinity_hit_rate", affinity["hit_rate"], "ratio", "higher", True, "target >= 0.95"
+            "affinity_hit_rate", affinity["hit_rate"], "share", "higher", True, "target >= 0.95"
         ),
         Figure("affinity_eligible_jobs", affinity["eligible"], "jobs", "higher"),
         Figure("affinity_pulls", affinity["pulls"], "pulls", "lower"),
