@@ -176,8 +176,8 @@ def _all_jobs(observer: PostgresStore, total: int) -> list[Job]:
 
 
 def _submit_all(cluster: list[_Host], work_items: list[str]) -> None:
-    """Each host's share of ``work_items`` through its own API, all hosts at once
-    (as clients spread over hosts would): submission never caps the cluster's rate."""
+    """Each host's share of ``work_items`` through its own supervisor, all hosts at
+    once (as clients spread over hosts would): one submitter does not cap the cluster."""
     with ThreadPoolExecutor(len(cluster)) as pool:
         shares = [work_items[i :: len(cluster)] for i in range(len(cluster))]
         done = pool.map(
