@@ -40,7 +40,7 @@ from actors.clock import SystemClock
 from actors.engine.memory import MemoryEngine, MemoryRegistry
 from actors.localcluster import LocalPostgres
 from actors.messages import GetStatus, Submit
-from actors.model import Job, JobState, validate_spec
+from actors.model import Job, JobState, SnapshotKey, validate_spec
 from actors.settings import Settings
 from actors.store.postgres import PostgresStore
 from actors.wiring import Actors, ClusterWiring, Wiring, start_actors
@@ -49,7 +49,7 @@ from bench.claim_cost import claim_cost
 from bench.model import Figure, ScenarioResult, median
 from bench.rigs import BENCH_LABELS, BenchError, Progress, bench_settings
 
-__all__ = ["cluster"]
+__all__ = ["affinity_hits", "cluster"]
 
 START_LATENCY_S = 0.3
 HOST_COUNTS = (1, 2, 3)
@@ -241,15 +241,7 @@ def _affinity(server: LocalPostgres, items: int, chain: int) -> dict[str, float]
         jobs = _all_jobs(db, total)
         pulls = sum(h.pulls() for h in cluster)
     ended = max(j.finished_at or 0.0 for j in jobs)
-    by_item: dict[str, list[Job]] = {}
-    for job in sorted(jobs, key=lambda j: j.started_at or 0.0):
-        by_item.setdefault(job.spec.work_item, []).append(job)
-    eligible = hits = 0
-    for chain_jobs in by_item.values():
-        for before, job in itertools.pairwise(chain_jobs):
-            if before.snapshot_committed:
-                eligible += 1
-                hits += job.from_snapshot and job.host == before.host
+    eligible, hits = affinity_hits(jobs)
     hosts_used = {job.host for job in jobs}
     return {
         "hit_rate": hits / eligible if eligible else 0.0,
@@ -258,6 +250,25 @@ def _affinity(server: LocalPostgres, items: int, chain: int) -> dict[str, float]
         "hosts_used": len(hosts_used),
         "jobs_per_s": total / (ended - began),
     }
+
+
+def affinity_hits(jobs: list[Job]) -> tuple[int, int]:
+    """(jobs whose key had a snapshot, of those the ones that started from it locally).
+
+    A key's jobs run one at a time, so the newest snapshot when one starts is
+    the one its key's previous job committed, on that job's host: a hit starts
+    from a snapshot on that same host (a pull or a start from base is a miss).
+    """
+    by_key: dict[SnapshotKey, list[Job]] = {}
+    for job in sorted(jobs, key=lambda j: j.started_at or 0.0):
+        by_key.setdefault(job.key, []).append(job)
+    eligible = hits = 0
+    for chain in by_key.values():
+        for before, job in itertools.pairwise(chain):
+            if before.snapshot_committed:
+                eligible += 1
+                hits += job.from_snapshot and job.host == before.host
+    return eligible, hits
 
 
 # --- the scenario -----------------------------------------------------------------
