@@ -43,6 +43,7 @@ def register(scenario: Scenario) -> Scenario:
 
 def _register_all() -> None:
     from bench.flatten import flatten_vs_commit
+    from bench.s_cluster import cluster
     from bench.s_engine import dispatch, exit_detection, throughput
     from bench.s_faults import faults
     from bench.s_memory import actor_cost, growth
@@ -57,7 +58,7 @@ def _register_all() -> None:
         Scenario("exit_detection", 6, exit_detection),
         Scenario("growth", 7, growth, own_process=True, docker=False),
         Scenario("faults", 8, faults),
-        # 9: cluster, see the module docstring.
+        Scenario("cluster", 9, cluster, docker=False),
         # Not in the list: what one flatten costs against one commit.
         Scenario("flatten_vs_commit", 10, flatten_vs_commit, in_quick=False),
     ):
