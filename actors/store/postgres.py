@@ -31,7 +31,7 @@ from actors.store.pg_claim import Claim
 from actors.store.pg_cluster import ClusterOps
 from actors.store.pg_schema import CHANNEL, HISTORY_ROWS, HOME, NOTIFY, migrate
 from actors.store.pg_session import IDLE_IN_TRANSACTION_S, Conn, PgSession
-from actors.store.rows import COLUMNS, history_time, job_of, row_of
+from actors.store.rows import COLUMNS, history_time, job_of, list_filter, row_of
 from actors.usage import UsageKey
 
 __all__ = ["CHANNEL", "HeldElsewhere", "PostgresStore"]
@@ -196,20 +196,10 @@ class PostgresStore(ClusterOps):
     def list(
         self, state: JobState | None = None, project: str | None = None, limit: int = 100
     ) -> builtins.list[Job]:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
-        where: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        if state is not None:
-            where.append("state = %s")
-            params.append(JobState(state).value)
-        if project is not None:
-            where.append("project = %s")
-            params.append(project)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        clause, params = list_filter(state, project, limit, "%s")
         sql = f"{_SELECT}{clause} ORDER BY created_at DESC, added DESC LIMIT %s"
         with self._session.session() as conn:
-            rows = conn.execute(sql, (*params, limit)).fetchall()
+            rows = conn.execute(sql, params).fetchall()
         return [job_of(row) for row in rows]
 
     def unfinished(self) -> builtins.list[Job]:

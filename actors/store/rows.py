@@ -14,7 +14,7 @@ from actors.clock import Clock
 from actors.model import Job, JobSpec, JobState
 from actors.store.base import tail
 
-__all__ = ["COLUMNS", "Row", "history_time", "job_of", "row_of"]
+__all__ = ["COLUMNS", "Row", "history_time", "job_of", "list_filter", "row_of"]
 
 
 class Row(Protocol):
@@ -129,3 +129,21 @@ def history_time(job: Job, clock: Clock) -> float:
     if job.state is JobState.RUNNING and job.started_at is not None:
         return job.started_at
     return clock.now()
+
+
+def list_filter(
+    state: JobState | None, project: str | None, limit: int, mark: str
+) -> tuple[str, list[Any]]:
+    """``list()``'s WHERE clause and parameters, ``mark`` being the driver's
+    placeholder (``?`` for sqlite3, ``%s`` for psycopg); the LIMIT is last."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    where: list[str] = []
+    params: list[Any] = []
+    if state is not None:
+        where.append(f"state = {mark}")
+        params.append(JobState(state).value)
+    if project is not None:
+        where.append(f"project = {mark}")
+        params.append(project)
+    return (f" WHERE {' AND '.join(where)}" if where else ""), [*params, limit]

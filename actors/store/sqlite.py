@@ -30,7 +30,7 @@ from actors.model import Job, JobState, SnapshotKey
 from actors.private_files import ensure_private_dir, ensure_private_file
 from actors.store.base import Caps, KeyHeld, StoreError
 from actors.store.cluster import Fenced
-from actors.store.rows import COLUMNS, history_time, job_of, row_of
+from actors.store.rows import COLUMNS, history_time, job_of, list_filter, row_of
 from actors.store.schema import MIGRATIONS, SCHEMA_VERSION, SELECT
 from actors.usage import UsageKey
 
@@ -261,20 +261,10 @@ class SqliteStore:
         self, state: JobState | None = None, project: str | None = None, limit: int = 100
     ) -> builtins.list[Job]:
         """Jobs, newest first, optionally filtered by state and project."""
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
-        where: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        if state is not None:
-            where.append("state = ?")
-            params.append(JobState(state).value)
-        if project is not None:
-            where.append("project = ?")
-            params.append(project)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        clause, params = list_filter(state, project, limit, "?")
         sql = f"{SELECT}{clause} ORDER BY created_at DESC, rowid DESC LIMIT ?"
         with self._lock:
-            rows = self._db.execute(sql, (*params, limit)).fetchall()
+            rows = self._db.execute(sql, params).fetchall()
         return [job_of(row) for row in rows]
 
     def unfinished(self) -> builtins.list[Job]:
