@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 import pytest
-from cluster_kit import (
+from real_cluster_kit import (
     TERMINAL,
     assert_one_active_per_key,
     history,
