@@ -16,8 +16,19 @@ __all__ = ["ensure_private_dir", "ensure_private_file", "loose_permissions"]
 
 
 def ensure_private_dir(path: Path) -> None:
-    """``mkdir -p -m 0700``: the umask can only take bits away from 0700."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """``mkdir -p`` where every directory it creates is 0700, parents included.
+
+    ``Path.mkdir(mode, parents=True)`` gives the mode to the last directory
+    only: a data dir first made as the parent of its ``secrets/`` came out
+    0755. The umask can only take bits away from 0700.
+    """
+    missing: list[Path] = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
 
 
 def ensure_private_file(path: Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from actors.engine.base import ImageConfig
+from actors.private_files import ensure_private_dir
 
 __all__ = [
     "BUSYBOX",
@@ -162,8 +163,7 @@ def write_helper_dir(root: Path, busybox: Path = BUSYBOX) -> Path:
         _make_readable(target)
         return target
     # The data dir above holds secrets: never create it looser than 0700.
-    root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    root.mkdir(mode=0o700, exist_ok=True)
+    ensure_private_dir(root)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
         (staging / "busybox").write_bytes(blob)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.engine.base import EngineError, encode_secret_env
+from actors.private_files import ensure_private_dir
 from actors.worker_helper import HelperError, write_helper_dir
 
 __all__ = ["SECRET_ENV_GID", "HostFiles"]
@@ -51,7 +52,7 @@ class HostFiles:
         Returns the file and the group that may read it (see SECRET_ENV_GID); a
         supervisor that may not give it that group uses its own.
         """
-        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(self.secrets_dir)
         path = self.secrets_dir / f"{uuid.uuid4().hex}.env"
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as handle:

@@ -44,3 +44,17 @@ def test_loose_permissions_are_named(tmp_path: Path, bits: int, loose: bool) -> 
     assert (problem is not None) is loose
     if problem is not None:
         assert f"mode {bits:04o}" in problem
+
+
+def test_a_data_dir_first_made_as_the_parent_of_its_secrets_is_private(tmp_path: Path) -> None:
+    """Regression: a cluster host's first job wrote data/secrets/ before anything made
+    data/, and ``mkdir(mode, parents=True)`` left data/ 0755."""
+    from actors.engine._docker_mounts import HostFiles
+
+    data = tmp_path / "new" / "data"
+    mounts = HostFiles(secrets_dir=data / "secrets", helper_dir=data / "helper")
+    path, _group = mounts.write_secrets({"TOKEN": "s3cret"})
+    assert path.read_bytes()  # the job's env arrived
+    for directory in (tmp_path / "new", data, data / "secrets"):
+        assert mode(directory) == 0o700, directory
+    assert loose_permissions(data) is None
