@@ -30,6 +30,37 @@ class SettingsError(ValueError):
         super().__init__(f"invalid setting {key} = {value!r}: {allowed}")
 
 
+def libpq_url() -> dict[str, Any]:
+    """A libpq connection string: a postgresql:// URL or ``key=value`` pairs."""
+    return {"database_url": True}
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:password@host`` with the password as ``***``: for messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def _check_database_url(key: str, value: str) -> None:
+    if not value:
+        return
+    scheme, sep, _rest = value.partition("://")
+    if sep and scheme not in ("postgresql", "postgres"):
+        raise SettingsError(
+            key,
+            redact_url(value),
+            "must be a PostgreSQL URL (postgresql://user@host:5432/dbname) or "
+            "libpq key=value pairs (host=... dbname=...); the password goes in "
+            "PGPASSWORD or ~/.pgpass",
+        )
+    if not sep and "=" not in value:
+        raise SettingsError(
+            key,
+            value,
+            "must be a PostgreSQL URL (postgresql://user@host:5432/dbname) or "
+            "libpq key=value pairs (host=... dbname=...)",
+        )
+
+
 def minimum(value: float) -> dict[str, Any]:
     return {"min": value}
 
@@ -134,6 +165,8 @@ def _coerce(key: str, raw: object, hint: Any, meta: Mapping[str, Any]) -> object
         raise SettingsError(key, raw, meta["allowed"])
     if "choices" in meta and value not in meta["choices"]:
         raise SettingsError(key, raw, f"must be one of {', '.join(meta['choices'])}")
+    if "database_url" in meta and isinstance(value, str):
+        _check_database_url(key, value)
     return value
 
 

@@ -19,7 +19,14 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from actors._settings_values import SettingsError, build, choice, docker_repository, minimum
+from actors._settings_values import (
+    SettingsError,
+    build,
+    choice,
+    docker_repository,
+    libpq_url,
+    minimum,
+)
 from actors.labels import CONFIG_FILE, STORE_FILE
 from actors.layers import ENGINE_MAX_LAYERS, MIN_MAX_LAYERS
 
@@ -146,7 +153,7 @@ class ClusterSettings:
     """Past one host. Empty ``database_url``: a single host on SQLite, as ever."""
 
     # postgresql://user@127.0.0.1:5432/snapyard (libpq URL or key=value string).
-    database_url: str = ""
+    database_url: str = field(default="", metadata=libpq_url())
     # Empty: this machine's host name. Unique in the cluster; stable across restarts.
     host_id: str = field(
         default="",
@@ -164,6 +171,17 @@ class ClusterSettings:
     heartbeat_s: float = field(default=2.0, metadata=minimum(0.1))
     # A host that has not renewed for this long is dead: its jobs are re-queued.
     lease_s: float = field(default=10.0, metadata=minimum(0.5))
+
+    def __post_init__(self) -> None:
+        # The fence falls due at lease_s - heartbeat_s after the last renewal:
+        # a host must get at least two tries at renewing per lease.
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise SettingsError(
+                "cluster.heartbeat_s",
+                self.heartbeat_s,
+                f"must be at most half of cluster.lease_s ({self.lease_s}), so a host "
+                "renews its lease at least twice before it runs out",
+            )
 
     @property
     def enabled(self) -> bool:

@@ -261,3 +261,30 @@ def test_an_instance_id_that_is_no_plain_label_value_is_refused(instance_id: str
     with pytest.raises(SettingsError) as info:
         load_settings(env={"SNAPYARD_SUPERVISOR__INSTANCE_ID": instance_id})
     assert info.value.key == "supervisor.instance_id"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://x:SecretPw1@y/z", "redis://:SecretPw1@127.0.0.1:6379/0", "just-a-hostname"],
+)
+def test_a_database_url_that_is_not_postgresql_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings(env={"SNAPYARD_CLUSTER__DATABASE_URL": url})
+    assert refused.value.key == "cluster.database_url"
+    assert "SecretPw1" not in str(refused.value)
+    assert "PostgreSQL URL" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://snapyard@db:5432/snapyard", "postgres://u:p@127.0.0.1/d", "host=db dbname=s"],
+)
+def test_postgresql_urls_and_key_value_strings_are_accepted(url: str) -> None:
+    settings = load_settings(env={"SNAPYARD_CLUSTER__DATABASE_URL": url})
+    assert settings.cluster.database_url == url
+    assert settings.cluster.enabled
+
+
+def test_a_heartbeat_longer_than_half_the_lease_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"at most half of cluster\.lease_s"):
+        load_settings(env={"SNAPYARD_CLUSTER__HEARTBEAT_S": "6", "SNAPYARD_CLUSTER__LEASE_S": "10"})
