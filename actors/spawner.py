@@ -39,6 +39,7 @@ from actors.engine.base import (
     EngineUnavailable,
     ImageMissing,
 )
+from actors.labels import LABEL_INSTANCE, LABEL_JOB_ID
 from actors.lineage import BaseImageMissing, StaleSnapshot, start_image
 from actors.masking import mask_secrets
 from actors.messages import (
@@ -256,6 +257,8 @@ class Spawner(pykka.ThreadingActor):
     def _launch(self, msg: Spawn, plan: _Plan) -> _Launched:
         """One attempt: resolve the base, look up a snapshot (once), create, start."""
         plan.attempts += 1
+        if plan.attempts > 1:
+            self._remove_earlier_attempts(msg)
         base_id = self._resolve_base(plan.base_image)
         if plan.snapshots_enabled and not plan.looked_up:
             plan.snapshot = self._lookup(msg, base_id)
@@ -427,6 +430,15 @@ class Spawner(pykka.ThreadingActor):
             ref.tell(message)
         except pykka.ActorDeadError:
             log.warning("%s is dead; dropped %s", ref, type(message).__name__)
+
+    def _remove_earlier_attempts(self, msg: Spawn) -> None:
+        """A create whose reply was lost (the engine blinked) still made a container:
+        remove this job's before making another, or every blip leaks one."""
+        mine = {LABEL_JOB_ID: msg.job_id}
+        if LABEL_INSTANCE in self._extra_labels:
+            mine[LABEL_INSTANCE] = self._extra_labels[LABEL_INSTANCE]
+        for container in self._engine.list_containers(mine):
+            self._discard(container.id, msg)
 
     def _discard(self, container_id: str, msg: Spawn) -> None:
         # Retried through a blip: a start that timed out may still have run the

@@ -676,3 +676,27 @@ def test_a_start_that_timed_out_is_discarded_through_a_blip_before_the_retry(
     started = rig.spawn("job-1", SPEC)
     assert isinstance(started, Started)
     assert [c.id for c in rig.engine.list_containers({})] == [started.container_id]
+
+
+def test_a_create_whose_reply_was_lost_leaves_no_second_container(
+    rig: MemoryRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine made the container, then the connection dropped before its reply
+    (the bench's outage relay does this): the retry must not leak the first one."""
+    real_create = rig.engine.create_container
+    lost: list[str] = []
+
+    def create_then_drop_the_reply(spec: ContainerSpec) -> str:
+        container_id = real_create(spec)
+        if not lost:
+            lost.append(container_id)
+            raise EngineUnavailable("the connection dropped before the reply")
+        return container_id
+
+    monkeypatch.setattr(rig.engine, "create_container", create_then_drop_the_reply)
+    started = rig.spawn("job-1", SPEC)
+    assert isinstance(started, Started)
+    assert started.attempts == 2
+    left = rig.engine.list_containers({LABEL_JOB_ID: "job-1"})
+    assert [c.id for c in left] == [started.container_id]
+    assert lost[0] != started.container_id
