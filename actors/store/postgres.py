@@ -300,14 +300,16 @@ class PostgresStore(ClusterOps):
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until work may be claimable (a NOTIFY) or ``timeout_s``; True if woken.
 
-        LISTENs on a connection of its own, made on the first call: a wake-up
-        sent before then is missed, so callers also poll (a short timeout).
+        LISTENs on a connection of its own, made on the first call (and again
+        after a lost connection): what was notified before that LISTEN is
+        missed, so that call answers True at once, and the caller claims.
         """
         with self._listen_lock:
             try:
                 if self._listener is None or self._listener.closed:
                     self._listener = self._session.connect()
                     self._listener.execute(f"LISTEN {CHANNEL}")
+                    return True
                 woken = any(True for _ in self._listener.notifies(timeout=timeout_s, stop_after=1))
                 if woken:  # one wake-up for everything that arrived meanwhile
                     for _ in self._listener.notifies(timeout=0):
