@@ -24,12 +24,13 @@ def over_limits(
 ) -> list[tuple[Snapshot, str]]:
     """The entries to evict past ``max_count`` and then ``max_total_bytes``, LRU first."""
     by_lru = sorted(entries, key=lambda s: (s.last_used_at, s.created_at))
-    evicted: list[tuple[Snapshot, str]] = []
-    while len(by_lru) > max_count:
-        evicted.append((by_lru.pop(0), "over snapshots.max_count"))
-    total = sum(s.charged_bytes for s in by_lru)
-    while by_lru and total > max_total_bytes:
-        victim = by_lru.pop(0)
+    # Walk an index, never pop(0): a sweep past a lowered cap evicts thousands.
+    excess = max(0, len(by_lru) - max_count)
+    evicted = [(s, "over snapshots.max_count") for s in by_lru[:excess]]
+    total = sum(s.charged_bytes for s in by_lru[excess:])
+    for victim in by_lru[excess:]:
+        if total <= max_total_bytes:
+            break
         total -= victim.charged_bytes
         evicted.append((victim, "over snapshots.max_total_bytes"))
     return evicted

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from actors.engine.base import ImageMissing
 from actors.model import Snapshot
-from actors.naming import same_image
+from actors.naming import bare_image_id, same_image
 
 __all__ = [
     "BaseImageMissing",
@@ -65,6 +65,10 @@ class BaseImages:
     def __init__(self, configured: Iterable[str]) -> None:
         self._configured = tuple(configured)
         self._ids: dict[str, str] = {}
+        # is_old runs per snapshot in every rebuild and sweep: both answers are
+        # kept ready here (set() is rare) rather than recomputed each time.
+        self._complete = not self._configured
+        self._known: frozenset[str] = frozenset()
 
     def get(self, image: str) -> str | None:
         return self._ids.get(image)
@@ -73,12 +77,12 @@ class BaseImages:
         """Record ``image``'s ID; whether it changed."""
         previous = self._ids.get(image)
         self._ids[image] = image_id
+        self._complete = all(image in self._ids for image in self._configured)
+        self._known = frozenset(bare_image_id(known) for known in self._ids.values())
         return previous is None or not same_image(previous, image_id)
 
     def is_old(self, base_image_id: str) -> bool:
-        if any(image not in self._ids for image in self._configured):
-            return False
-        return not any(same_image(base_image_id, known) for known in self._ids.values())
+        return self._complete and bare_image_id(base_image_id) not in self._known
 
 
 class StaleSnapshot(ImageMissing):

@@ -46,6 +46,7 @@ from actors.model import Snapshot, SnapshotKey
 from actors.naming import bare_image_id, same_image
 from actors.settings import Settings
 from actors.snapshot_images import list_snapshot_images, own_bytes_of
+from actors.snapshot_registry import SnapshotRegistry
 from actors.store.base import StoreError
 from actors.telemetry import capture_error
 from actors.tombstones import Tombstones
@@ -94,7 +95,7 @@ class SnapshotManager(pykka.ThreadingActor):
         self._clock = clock
         self._parent = parent
         self._name = name
-        self._registry: dict[SnapshotKey, Snapshot] = {}
+        self._registry = SnapshotRegistry()  # indexed by image ID: rebuilds stay O(n)
         # Evicted or replaced images not deleted yet: in use (409), a parent of
         # another image, or the engine did not answer. Retried every sweep.
         self._pending: dict[str, str] = {}
@@ -295,10 +296,9 @@ class SnapshotManager(pykka.ThreadingActor):
     def _image_deleted(self, image_id: str) -> None:
         self._tombstones.add(image_id)
         self._pending.pop(bare_image_id(image_id), None)
-        for key, entry in list(self._registry.items()):
-            if same_image(entry.image_id, image_id):
-                del self._registry[key]
-                log.warning("snapshot %s dropped: image %s was deleted", key, image_id)
+        for key in self._registry.keys_of(image_id):
+            del self._registry[key]
+            log.warning("snapshot %s dropped: image %s was deleted", key, image_id)
 
     def _remove(self, key: SnapshotKey) -> bool:
         entry = self._registry.get(key)
@@ -360,11 +360,10 @@ class SnapshotManager(pykka.ThreadingActor):
             log.warning("snapshot %s dropped: image %s is gone", key, entry.image_id)
         # A commit whose Register never arrived (a Spawner died in between)
         # leaves an image nobody owns. A grace period protects in-flight ones.
-        owned = {bare_image_id(s.image_id) for s in self._registry.values()}
         grace = self._settings.supervisor.orphan_grace_s
         now = self._clock.now()
         for info in listed:
-            if bare_image_id(info.id) in owned or bare_image_id(info.id) in self._pending:
+            if self._registry.holds(info.id) or bare_image_id(info.id) in self._pending:
                 continue
             if now - created_at(info) > grace:
                 self._queue_delete(info.id, "orphaned snapshot image")
@@ -448,9 +447,7 @@ class SnapshotManager(pykka.ThreadingActor):
             if snapshot is None:
                 log.warning("image %s is labelled a snapshot but lacks its key labels", info.id)
                 continue
-            if bare_image_id(info.id) in {
-                bare_image_id(s.image_id) for s in self._registry.values()
-            }:
+            if self._registry.holds(info.id):  # an index, not a set of all per image
                 continue
             snapshot = dataclasses.replace(
                 snapshot, own_bytes=own_bytes_of(self._engine, info, snapshot.base_image_id)

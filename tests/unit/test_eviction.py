@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from actors.eviction import over_limits
 from actors.model import Snapshot, SnapshotKey
 
@@ -25,3 +27,32 @@ def test_a_snapshot_is_charged_its_own_bytes_or_its_whole_size_when_unknown() ->
     known, unknown = snap("k", 2.0, 100), snap("u", 1.0, None, size=5_000)
     assert over_limits([known, unknown], 9, 5_000) == [(unknown, "over snapshots.max_total_bytes")]
     assert over_limits([known, unknown], 9, 5_100) == []
+
+
+def _over_limits_by_popping(
+    entries: list[Snapshot], max_count: int, max_total_bytes: int
+) -> list[tuple[Snapshot, str]]:
+    """The rule as first written (pop the LRU head until it fits), kept as the oracle."""
+    by_lru = sorted(entries, key=lambda s: (s.last_used_at, s.created_at))
+    evicted: list[tuple[Snapshot, str]] = []
+    while len(by_lru) > max_count:
+        evicted.append((by_lru.pop(0), "over snapshots.max_count"))
+    total = sum(s.charged_bytes for s in by_lru)
+    while by_lru and total > max_total_bytes:
+        victim = by_lru.pop(0)
+        total -= victim.charged_bytes
+        evicted.append((victim, "over snapshots.max_total_bytes"))
+    return evicted
+
+
+def test_over_limits_decides_as_popping_the_lru_head_did() -> None:
+    rng = random.Random(15)
+    for _ in range(300):
+        entries = [
+            snap(f"s{i}", float(rng.randint(0, 5)), rng.choice([None, 10, 100, 1_000]), 2_000)
+            for i in range(rng.randint(0, 12))
+        ]
+        max_count, max_bytes = rng.randint(0, 13), rng.choice([0, 50, 500, 5_000, 10**9])
+        assert over_limits(entries, max_count, max_bytes) == _over_limits_by_popping(
+            entries, max_count, max_bytes
+        )
