@@ -43,6 +43,7 @@ from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.settings import Settings
+from actors.store.base import StoreUnavailable
 from actors.store.cluster import HostInfo
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
@@ -190,6 +191,11 @@ class ApiApp:
                     HTTPStatus.SERVICE_UNAVAILABLE,
                     error_body(f"the supervisor is not answering: {exc or type(exc).__name__}"),
                 )
+            except StoreUnavailable as exc:
+                # The database is away (a cluster's PostgreSQL): retryable, and its
+                # message already says where and what to do.
+                log.warning("api: %s %s: %s", call.method, call.route, exc)
+                response = json_response(HTTPStatus.SERVICE_UNAVAILABLE, error_body(str(exc)))
             except Exception as exc:
                 log.exception("api: %s %s failed", call.method, call.route)
                 capture_error(

@@ -54,7 +54,10 @@ _COMMON = {
     "414": _error("the request target is over 8 KiB"),
     "431": _error("the request headers are over 16 KiB"),
     "500": _error("an internal error; the supervisor's log has the detail"),
-    "503": _error("the supervisor is starting, stopped or not answering"),
+    "503": _error(
+        "the supervisor is starting, stopped or not answering, or its job store's database "
+        "cannot be reached; `error` says which, and a later try may succeed"
+    ),
 }
 
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}

@@ -135,8 +135,8 @@ def _client(args: argparse.Namespace) -> ApiClient:
 def _api_error(exc: ApiError) -> CliError:
     """422 and 400 are the caller's input (usage); the rest a refused request."""
     code = EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_JOB_FAILED
-    if exc.status == 503:
-        return CliError(f"the supervisor is not serving: {exc.message}", EXIT_UNREACHABLE)
+    if exc.status == 503:  # its message says what is away: the supervisor, or its store
+        return CliError(exc.message, EXIT_UNREACHABLE)
     if exc.status == 401:
         return CliError(
             f"the supervisor refused the request: {exc.message} "
