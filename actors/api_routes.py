@@ -42,6 +42,7 @@ from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.outage import StoreOutage
 from actors.settings import Settings
 from actors.store.base import StoreUnavailable
 from actors.store.cluster import HostInfo
@@ -55,6 +56,8 @@ __all__ = ["MAX_BODY_BYTES", "MAX_LIST_LIMIT", "ApiApp", "ChangeLog", "Facade"]
 log = logging.getLogger("actors.api")
 
 MAX_LIST_LIMIT = 1000
+# Routes whose answer reads the job store: one that succeeds ends an outage.
+_STORE_ROUTES = ("/jobs", "/hosts", "/events")
 
 
 class ChangeLog(Protocol):
@@ -161,6 +164,7 @@ class ApiApp:
         self.followers = Followers()
         self._feed: ChangeFeed | None = None
         self.health_cache = HealthCache()
+        self.outage = StoreOutage("api", log)
 
     def close(self) -> None:
         self.closing.set()
@@ -193,8 +197,8 @@ class ApiApp:
                 )
             except StoreUnavailable as exc:
                 # The database is away (a cluster's PostgreSQL): retryable, and its
-                # message already says where and what to do.
-                log.warning("api: %s %s: %s", call.method, call.route, exc)
+                # message already says where and what to do. Logged once (actors.outage).
+                self.outage.lost(exc)
                 response = json_response(HTTPStatus.SERVICE_UNAVAILABLE, error_body(str(exc)))
             except Exception as exc:
                 log.exception("api: %s %s failed", call.method, call.route)
@@ -205,6 +209,8 @@ class ApiApp:
                     HTTPStatus.INTERNAL_SERVER_ERROR,
                     error_body(f"internal error ({type(exc).__name__}); see the supervisor's log"),
                 )
+            if response.status_code < 500 and call.route.startswith(_STORE_ROUTES):
+                self.outage.answered()  # a 404 from the store is an answer too
             if self.facade is not None:  # None until attached: no registry to count in yet
                 # Counted before the answer leaves: a client that reads it sees the count.
                 labels = {"route": call.route, "method": call.method}

@@ -314,6 +314,26 @@ def test_an_unreachable_store_is_503_with_its_message_and_the_cli_exits_3(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_the_api_logs_a_store_outage_once_and_its_end_once(
+    fake: FakeApp, fake_server: ApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.api")
+    fake.raise_on_get = StoreUnavailable(STORE_AWAY)
+    for _ in range(3):
+        assert raw(fake_server, "GET", "/jobs/x")[0] == 503
+    fake.raise_on_get = None
+    for _ in range(2):
+        assert raw(fake_server, "GET", "/jobs/x")[0] == 404
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "actors.api"]
+    assert said == [
+        (
+            logging.WARNING,
+            f"api: the job store is unreachable; retrying quietly until it answers: {STORE_AWAY}",
+        ),
+        (logging.INFO, "api: the job store answers again"),
+    ]
+
+
 def test_an_unexpected_error_is_500_and_names_no_internals(
     fake: FakeApp, fake_server: ApiServer
 ) -> None:
