@@ -39,6 +39,7 @@ from actors.api_http import (
 )
 from actors.api_schema import openapi_json
 from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
+from actors.cluster.member import SnapshotElsewhere
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
@@ -353,7 +354,11 @@ class ApiApp:
 
     async def remove_snapshot(self, call: Call, app: Facade) -> _Answer:
         key = SnapshotKey(call.parts[1], call.parts[2])
-        if not await run_in_threadpool(app.remove_snapshot, key):
+        try:
+            removed = await run_in_threadpool(app.remove_snapshot, key)
+        except SnapshotElsewhere as exc:  # a cluster's: the listing shows it, on another host
+            raise HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
+        if not removed:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no snapshot for {key}")
         return HTTPStatus.OK, {"removed": True, "project": key.project, "work_item": key.work_item}
 

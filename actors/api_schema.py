@@ -327,7 +327,13 @@ def openapi_document() -> dict[str, Any]:
             ],
             "delete": _operation(
                 "Invalidate a snapshot and delete its image",
-                {"200": _json(removed, "removed"), "404": _error("no snapshot for that key")},
+                {
+                    "200": _json(removed, "removed"),
+                    "404": _error(
+                        "no snapshot for that key on this host (in a cluster, `error` names "
+                        "the host that holds it)"
+                    ),
+                },
             ),
         },
         "/hosts": {

@@ -381,6 +381,12 @@ _SNAPSHOT_HEADERS = (
 )
 
 
+def _sized(s: Mapping[str, Any]) -> bool:
+    """Whether the entry's sizes are known: another host's snapshot, from the
+    cluster's index, has none (0 layers; a committed snapshot has at least one)."""
+    return not ("host" in s and s["layers"] == 0)
+
+
 def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
     return [
         [
@@ -388,8 +394,8 @@ def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
             s["work_item"],
             short_id(s["image_id"]),
             "-" if s.get("own_bytes") is None else _size(s["own_bytes"]),
-            _size(s["size_bytes"]),
-            s["layers"],
+            _size(s["size_bytes"]) if _sized(s) else "-",
+            s["layers"] if _sized(s) else "-",
             _when(s["created_at"]),
             _when(s["last_used_at"]),
         ]
