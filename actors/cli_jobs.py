@@ -353,19 +353,25 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     elif not hosts:
         print("a single host: no [cluster] database_url is set", file=out)
     else:
-        rows = [
-            [
-                h["host_id"],
-                ("draining" if h["draining"] else "live") if h["live"] else "lease ended",
-                f"{h['running']}/{h['max_workers']}",
-                _when(h["last_seen"]),
-                _when(h["lease_until"]),
-                h["api"],
-            ]
-            for h in hosts
-        ]
-        _table(("HOST", "STATE", "RUNNING", "LAST SEEN", "LEASE UNTIL", "API"), rows, out)
+        _table(_HOST_HEADERS, [_host_row(h) for h in hosts], out)
     return EXIT_OK
+
+
+_HOST_HEADERS = ("HOST", "STATE", "RUNNING", "LAST SEEN", "LEASE UNTIL", "API")
+
+
+def _host_row(h: Mapping[str, Any]) -> list[object]:
+    """A host whose lease ended runs nothing here any more (its jobs are rescued):
+    its last reported running count is stale, so RUNNING is '-'."""
+    live = bool(h["live"])
+    return [
+        h["host_id"],
+        ("draining" if h["draining"] else "live") if live else "lease ended",
+        f"{h['running']}/{h['max_workers']}" if live else "-",
+        _when(h["last_seen"]),
+        _when(h["lease_until"]),
+        h["api"],
+    ]
 
 
 # OWN is what the snapshot adds (what max_total_bytes counts); SIZE its whole image.
