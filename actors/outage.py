@@ -46,7 +46,7 @@ class StoreOutage:
             first, self._away = not self._away, True
         if first:
             self._log.warning(
-                "%s: the job store is unreachable; retrying quietly until it answers: %s",
+                "%s: the job store is unavailable; retrying quietly until it answers: %s",
                 self._who,
                 exc,
             )

@@ -328,7 +328,7 @@ def test_the_api_logs_a_store_outage_once_and_its_end_once(
     assert said == [
         (
             logging.WARNING,
-            f"api: the job store is unreachable; retrying quietly until it answers: {STORE_AWAY}",
+            f"api: the job store is unavailable; retrying quietly until it answers: {STORE_AWAY}",
         ),
         (logging.INFO, "api: the job store answers again"),
     ]

@@ -156,7 +156,7 @@ def test_a_start_reported_while_the_database_is_away_is_recorded_when_it_returns
     container = a.wait_running(job.id)
     eventually(
         lambda: [r.getMessage() for r in caplog.records],
-        lambda lines: any("supervisor: the job store is unreachable" in x for x in lines),
+        lambda lines: any("supervisor: the job store is unavailable" in x for x in lines),
         "the Started to meet the cut cable",
     )
     a.cable.mend()

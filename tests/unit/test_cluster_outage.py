@@ -59,7 +59,7 @@ def test_an_outage_is_one_warning_when_it_starts_and_one_info_when_it_ends(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     # Nor pykka's INFO traceback for each ask: the asker reports it.
     assert not [r for r in caplog.records if r.name.startswith("pykka") and r.exc_info]
-    warned = lines(caplog, logging.WARNING, "supervisor: the job store is unreachable")
+    warned = lines(caplog, logging.WARNING, "supervisor: the job store is unavailable")
     assert len(warned) == 1
     assert warned[0].exc_info is None
     assert "cannot be reached" in warned[0].getMessage()  # the store's own message
@@ -69,7 +69,7 @@ def test_an_outage_is_one_warning_when_it_starts_and_one_info_when_it_ends(
     a.tick()
     a.tick()
     assert len(lines(caplog, logging.INFO, "supervisor: the job store answers again")) == 1
-    assert len(lines(caplog, logging.WARNING, "supervisor: the job store is unreachable")) == 1
+    assert len(lines(caplog, logging.WARNING, "supervisor: the job store is unavailable")) == 1
 
 
 def test_any_other_exception_is_not_an_outage_and_stays_the_callers_error(
