@@ -39,10 +39,13 @@ from actors.api_http import (
 )
 from actors.api_schema import openapi_json
 from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
+from actors.cluster.member import SnapshotElsewhere
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
+from actors.outage import StoreOutage
 from actors.settings import Settings
+from actors.store.base import StoreUnavailable
 from actors.store.cluster import HostInfo
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
@@ -54,6 +57,8 @@ __all__ = ["MAX_BODY_BYTES", "MAX_LIST_LIMIT", "ApiApp", "ChangeLog", "Facade"]
 log = logging.getLogger("actors.api")
 
 MAX_LIST_LIMIT = 1000
+# Routes whose answer reads the job store: one that succeeds ends an outage.
+_STORE_ROUTES = ("/jobs", "/hosts", "/events")
 
 
 class ChangeLog(Protocol):
@@ -160,6 +165,7 @@ class ApiApp:
         self.followers = Followers()
         self._feed: ChangeFeed | None = None
         self.health_cache = HealthCache()
+        self.outage = StoreOutage("api", log)
 
     def close(self) -> None:
         self.closing.set()
@@ -190,6 +196,11 @@ class ApiApp:
                     HTTPStatus.SERVICE_UNAVAILABLE,
                     error_body(f"the supervisor is not answering: {exc or type(exc).__name__}"),
                 )
+            except StoreUnavailable as exc:
+                # The database is away (a cluster's PostgreSQL): retryable, and its
+                # message already says where and what to do. Logged once (actors.outage).
+                self.outage.lost(exc)
+                response = json_response(HTTPStatus.SERVICE_UNAVAILABLE, error_body(str(exc)))
             except Exception as exc:
                 log.exception("api: %s %s failed", call.method, call.route)
                 capture_error(
@@ -199,6 +210,8 @@ class ApiApp:
                     HTTPStatus.INTERNAL_SERVER_ERROR,
                     error_body(f"internal error ({type(exc).__name__}); see the supervisor's log"),
                 )
+            if response.status_code < 500 and call.route.startswith(_STORE_ROUTES):
+                self.outage.answered()  # a 404 from the store is an answer too
             if self.facade is not None:  # None until attached: no registry to count in yet
                 # Counted before the answer leaves: a client that reads it sees the count.
                 labels = {"route": call.route, "method": call.method}
@@ -341,7 +354,11 @@ class ApiApp:
 
     async def remove_snapshot(self, call: Call, app: Facade) -> _Answer:
         key = SnapshotKey(call.parts[1], call.parts[2])
-        if not await run_in_threadpool(app.remove_snapshot, key):
+        try:
+            removed = await run_in_threadpool(app.remove_snapshot, key)
+        except SnapshotElsewhere as exc:  # a cluster's: the listing shows it, on another host
+            raise HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
+        if not removed:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no snapshot for {key}")
         return HTTPStatus.OK, {"removed": True, "project": key.project, "work_item": key.work_item}
 

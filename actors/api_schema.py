@@ -54,7 +54,10 @@ _COMMON = {
     "414": _error("the request target is over 8 KiB"),
     "431": _error("the request headers are over 16 KiB"),
     "500": _error("an internal error; the supervisor's log has the detail"),
-    "503": _error("the supervisor is starting, stopped or not answering"),
+    "503": _error(
+        "the supervisor is starting, stopped or not answering, or its job store's database "
+        "cannot be reached; `error` says which, and a later try may succeed"
+    ),
 }
 
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -324,7 +327,13 @@ def openapi_document() -> dict[str, Any]:
             ],
             "delete": _operation(
                 "Invalidate a snapshot and delete its image",
-                {"200": _json(removed, "removed"), "404": _error("no snapshot for that key")},
+                {
+                    "200": _json(removed, "removed"),
+                    "404": _error(
+                        "no snapshot for that key on this host (in a cluster, `error` names "
+                        "the host that holds it)"
+                    ),
+                },
             ),
         },
         "/hosts": {

@@ -30,6 +30,7 @@ from actors.api_http import HttpError
 from actors.engine.base import ContainerMissing, Engine, EngineError
 from actors.masking import mask_secrets
 from actors.model import Job, JobState
+from actors.store.base import StoreUnavailable
 from actors.supervisor import SupervisorStopped
 from actors.telemetry import capture_error
 from actors.wire import iso_time
@@ -62,6 +63,8 @@ async def _guarded(stream: AsyncIterator[bytes], what: str) -> AsyncIterator[byt
             yield chunk
     except _STOPPED as exc:
         log.info("api: %s ended: the supervisor stopped (%s)", what, type(exc).__name__)
+    except StoreUnavailable as exc:  # a cluster's database away: expected, not a bug
+        log.warning("api: %s ended: %s", what, exc)
     except Exception as exc:
         log.exception("api: %s failed", what)
         capture_error(exc, source="api", extras={"route": what})

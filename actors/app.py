@@ -26,7 +26,12 @@ import pykka
 from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
-from actors.cluster.member import cluster_snapshots, cluster_wiring, open_cluster_store
+from actors.cluster.member import (
+    cluster_snapshots,
+    cluster_wiring,
+    held_elsewhere,
+    open_cluster_store,
+)
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
 from actors.instance import resolve_instance_id
@@ -334,9 +339,16 @@ class Snapyard:
         return cluster_snapshots(snaps, store) if isinstance(store, ClusterStore) else snaps
 
     def remove_snapshot(self, key: SnapshotKey) -> bool:
+        """Remove this host's snapshot of ``key``; one another host holds raises
+        ``SnapshotElsewhere``, which names that host and how to remove it there."""
         removed: bool = self._snapshots().ask(
             RemoveSnapshot(key), block=True, timeout=ASK_TIMEOUT_S
         )
+        store = self._store
+        if not removed and isinstance(store, ClusterStore):
+            elsewhere = held_elsewhere(store, key)
+            if elsewhere is not None:
+                raise elsewhere
         return removed
 
     def prune_snapshots(self) -> list[Snapshot]:

@@ -135,8 +135,8 @@ def _client(args: argparse.Namespace) -> ApiClient:
 def _api_error(exc: ApiError) -> CliError:
     """422 and 400 are the caller's input (usage); the rest a refused request."""
     code = EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_JOB_FAILED
-    if exc.status == 503:
-        return CliError(f"the supervisor is not serving: {exc.message}", EXIT_UNREACHABLE)
+    if exc.status == 503:  # its message says what is away: the supervisor, or its store
+        return CliError(exc.message, EXIT_UNREACHABLE)
     if exc.status == 401:
         return CliError(
             f"the supervisor refused the request: {exc.message} "
@@ -353,19 +353,25 @@ def cmd_hosts(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     elif not hosts:
         print("a single host: no [cluster] database_url is set", file=out)
     else:
-        rows = [
-            [
-                h["host_id"],
-                ("draining" if h["draining"] else "live") if h["live"] else "lease ended",
-                f"{h['running']}/{h['max_workers']}",
-                _when(h["last_seen"]),
-                _when(h["lease_until"]),
-                h["api"],
-            ]
-            for h in hosts
-        ]
-        _table(("HOST", "STATE", "RUNNING", "LAST SEEN", "LEASE UNTIL", "API"), rows, out)
+        _table(_HOST_HEADERS, [_host_row(h) for h in hosts], out)
     return EXIT_OK
+
+
+_HOST_HEADERS = ("HOST", "STATE", "RUNNING", "LAST SEEN", "LEASE UNTIL", "API")
+
+
+def _host_row(h: Mapping[str, Any]) -> list[object]:
+    """A host whose lease ended runs nothing here any more (its jobs are rescued):
+    its last reported running count is stale, so RUNNING is '-'."""
+    live = bool(h["live"])
+    return [
+        h["host_id"],
+        ("draining" if h["draining"] else "live") if live else "lease ended",
+        f"{h['running']}/{h['max_workers']}" if live else "-",
+        _when(h["last_seen"]),
+        _when(h["lease_until"]),
+        h["api"],
+    ]
 
 
 # OWN is what the snapshot adds (what max_total_bytes counts); SIZE its whole image.
@@ -381,6 +387,12 @@ _SNAPSHOT_HEADERS = (
 )
 
 
+def _sized(s: Mapping[str, Any]) -> bool:
+    """Whether the entry's sizes are known: another host's snapshot, from the
+    cluster's index, has none (0 layers; a committed snapshot has at least one)."""
+    return not ("host" in s and s["layers"] == 0)
+
+
 def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
     return [
         [
@@ -388,8 +400,8 @@ def _snapshot_rows(snaps: Sequence[Mapping[str, Any]]) -> list[list[object]]:
             s["work_item"],
             short_id(s["image_id"]),
             "-" if s.get("own_bytes") is None else _size(s["own_bytes"]),
-            _size(s["size_bytes"]),
-            s["layers"],
+            _size(s["size_bytes"]) if _sized(s) else "-",
+            s["layers"] if _sized(s) else "-",
             _when(s["created_at"]),
             _when(s["last_used_at"]),
         ]

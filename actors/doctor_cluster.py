@@ -11,8 +11,9 @@ import time
 from actors.clock import SystemClock
 from actors.cluster.member import host_id_of, open_cluster_store
 from actors.cluster.registry_http import RegistryHttp
-from actors.engine.base import EngineError
+from actors.engine.base import EngineError, RegistryUnavailable
 from actors.settings import Settings
+from actors.store.base import StoreUnavailable
 from actors.store.cluster import HostInfo
 
 __all__ = ["Check", "cluster_checks"]
@@ -34,7 +35,7 @@ def cluster_checks(settings: Settings, now: float | None = None) -> list[Check]:
         database: Check = (
             "database",
             False,
-            str(exc),
+            exc.problem if isinstance(exc, StoreUnavailable) else str(exc),  # the fix follows
             "start PostgreSQL, or fix [cluster] database_url (SNAPYARD_CLUSTER__DATABASE_URL)",
         )
     else:
@@ -77,10 +78,12 @@ def _registry(settings: Settings) -> Check:
         registry = RegistryHttp(address)
         registry.ping()
     except EngineError as exc:
+        # The error's own advice is the fix column's: say only what is wrong here.
+        found = f"does not answer ({exc.detail})" if isinstance(exc, RegistryUnavailable) else exc
         return (
             "registry",
             False,
-            f"{address}: {exc}",
+            f"{address}: {found}",
             "start the registry (docker-registry serve), or fix [cluster] registry",
         )
     return "registry", True, f"{registry.describe()}: answers", ""

@@ -60,6 +60,7 @@ from actors.messages import (
 )
 from actors.metrics import Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, SnapshotKey
+from actors.outage import StoreOutage
 from actors.pool import SpawnerFactory, SpawnerPool
 from actors.reconcile import SupervisorStopped
 from actors.restarts import RestartIntensity
@@ -130,6 +131,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         self._dispatching = True
         self._fatal: str | None = None
         self._fenced, self._abandoned, self._resync, self._redo = False, set(), False, []
+        self._outage = StoreOutage("supervisor", log)
 
     # --- life cycle --------------------------------------------------------
 
@@ -174,17 +176,21 @@ class Supervisor(Fencing, pykka.ThreadingActor):
             # and it commits before an ask's reply leaves this handler.
             with self._store.batch():
                 handled = True
-                return self._handle(message)
+                answer = self._handle(message)
         except InvalidJob:
             raise
         except Exception as exc:
             self._store_lost(exc, message, handled)
             if isinstance(message, _ASKS):
-                raise
+                raise  # the asker reports it (the API: 503 for a store away)
+            if self._outage.lost(exc):
+                return None  # expected in a cluster: said once (actors.outage)
             # A tell handler that raises stops a pykka actor: log, report, go on.
             log.exception("supervisor: handling %s failed", type(message).__name__)
             capture_error(exc, source="supervisor", extras={"message": type(message).__name__})
             return None
+        self._outage.answered()
+        return answer
 
     def _handle(self, message: Any) -> Any:
         match message:

@@ -136,7 +136,7 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
         "work_item": snapshot.key.work_item,
         "image_id": snapshot.image_id,
         "tag": snapshot.tag,
-        "base_image_id": snapshot.base_image_id,
+        "base_image_id": snapshot.base_image_id or None,  # "": unknown (another host's)
         "size_bytes": snapshot.size_bytes,
         # What the snapshot adds over its parent: what snapshots.max_total_bytes counts.
         "own_bytes": snapshot.own_bytes,

@@ -47,6 +47,7 @@ from actors.messages import (
 )
 from actors.metrics import Metrics
 from actors.model import Snapshot
+from actors.outage import quiet_pykka
 from actors.pool import SpawnerFactory
 from actors.reaper import Reaper
 from actors.restarts import RestartIntensity, Root
@@ -230,6 +231,7 @@ def start_actors(wiring: Wiring) -> Actors:
     sup = settings.supervisor
     if not sup.instance_id:
         raise ValueError("supervisor.instance_id is empty: resolve it first (resolve_instance_id)")
+    quiet_pykka()  # a store away is reported by the asker, not by pykka too
     actors = Actors(Scheduler(clock))
     try:
         root = actors.root = start_root(settings, clock, wiring.on_fatal)

@@ -31,8 +31,16 @@ from actors.messages import Beat, Fence, GetLease, ReportTo, Unfence, WorkAvaila
 from actors.model import Job
 from actors.store.cluster import ClusterStore
 from actors.telemetry import capture_error, job_log
+from actors.wire import iso_time
 
-__all__ = ["HostLease", "LeaseStatus", "fence_deadline", "lease_action", "should_fence"]
+__all__ = [
+    "HostLease",
+    "LeaseStatus",
+    "fence_deadline",
+    "fence_reason",
+    "lease_action",
+    "should_fence",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,14 @@ def fence_deadline(last_renewal: float, lease_s: float, heartbeat_s: float) -> f
 def should_fence(last_renewal: float, now: float, lease_s: float, heartbeat_s: float) -> bool:
     """Fenced exactly while the newest renewal no longer covers ``now`` with a margin."""
     return now >= fence_deadline(last_renewal, lease_s, heartbeat_s)
+
+
+def fence_reason(last_renewal: float, lease_s: float, now: float, last_error: str | None) -> str:
+    """Why a host fences itself, in times a person reads (ISO-8601 UTC, and how long ago)."""
+    return (
+        f"no lease renewal since {iso_time(last_renewal)} ({now - last_renewal:.1f} s ago; "
+        f"the lease ends at {iso_time(last_renewal + lease_s)}; last error: {last_error})"
+    )
 
 
 def lease_action(
@@ -161,7 +177,7 @@ class HostLease(pykka.ThreadingActor):
                 self._busy.clear()
                 self._failures += 1
                 self._last_error = error
-                log.warning("lease renewal at %.3f failed: %s", at, error)
+                log.warning("lease renewal at %s failed: %s", iso_time(at), error)
                 self._judge(self._clock.now())
             case ReportTo(ref=ref):
                 self._supervisor = ref
@@ -202,11 +218,7 @@ class HostLease(pykka.ThreadingActor):
         )
         if action == "fence":
             self._fenced = True
-            until = self._last_renewal + self._lease_s
-            reason = (
-                f"no lease renewal since {self._last_renewal:.3f} "
-                f"(lease until {until:.3f}; last error: {self._last_error})"
-            )
+            reason = fence_reason(self._last_renewal, self._lease_s, now, self._last_error)
             log.error("host %s fences itself: %s", self._store.host_id, reason)
             capture_error(RuntimeError(f"host fenced: {reason}"), source="lease")
             self._tell(Fence(reason))

@@ -13,13 +13,20 @@ import socket
 from actors.clock import Clock
 from actors.cluster.registry_http import ManifestStore, RegistryHttp
 from actors.engine.base import Engine
-from actors.model import Snapshot
+from actors.model import Snapshot, SnapshotKey
 from actors.settings import Settings
 from actors.store.base import JobStore
 from actors.store.cluster import ClusterStore
 from actors.wiring import ClusterWiring
 
-__all__ = ["cluster_snapshots", "cluster_wiring", "host_id_of", "open_cluster_store"]
+__all__ = [
+    "SnapshotElsewhere",
+    "cluster_snapshots",
+    "cluster_wiring",
+    "held_elsewhere",
+    "host_id_of",
+    "open_cluster_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +82,29 @@ def cluster_wiring(
     )
 
 
+class SnapshotElsewhere(LookupError):
+    """A snapshot to remove is held by another host: only that host can delete it."""
+
+
+def held_elsewhere(store: ClusterStore, key: SnapshotKey) -> SnapshotElsewhere | None:
+    """Why ``snapshots rm`` found nothing here although the listing shows the key:
+    the index's newest is on another host, whose API removes it (None: it is not)."""
+    record = store.newest_snapshot(key)
+    if record is None or record.host_id == store.host_id:
+        return None
+    api = {h.host_id: h.api for h in store.hosts()}.get(record.host_id)
+    where = f"SNAPYARD_API={api} " if api else ""
+    return SnapshotElsewhere(
+        f"the snapshot of {key} is held by host {record.host_id}, not this one; remove it "
+        f"there: {where}snapyard snapshots rm {key.project} {key.work_item}"
+    )
+
+
 def cluster_snapshots(local: list[Snapshot], store: ClusterStore) -> list[Snapshot]:
     """The cluster's snapshots: this host's (with their sizes), then the newest of
-    every other key from the index (its host; sizes unknown here, so 0), by key."""
+    every other key from the index (its host). The index knows no sizes, layers or
+    base of another host's image: they are 0, 0 and "" here, which the wire and the
+    CLI show as unknown (a committed snapshot has at least one layer)."""
     mine = {s.key: dataclasses.replace(s, host=store.host_id) for s in local}
     for record in store.snapshots():
         if record.key in mine:

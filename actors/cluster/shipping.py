@@ -41,6 +41,7 @@ from actors.messages import (
 )
 from actors.model import Snapshot, SnapshotKey
 from actors.naming import same_image, snapshot_image_name
+from actors.outage import StoreOutage
 from actors.settings import Settings
 from actors.store.cluster import ClusterStore, SnapshotRecord
 
@@ -149,6 +150,7 @@ class SnapshotShipper(pykka.ThreadingActor):
         self._unrecorded: dict[SnapshotKey, Snapshot] = {}
         # What this host pushed, by key: its image and digest, deleted when replaced.
         self._pushed: dict[SnapshotKey, tuple[str, str]] = {}
+        self._outage = StoreOutage("shipper", log)
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -167,9 +169,13 @@ class SnapshotShipper(pykka.ThreadingActor):
                     self._manager = ref
                 case _:
                     log.warning("shipper: unexpected message %r", message)
-        except Exception:
+        except Exception as exc:
             # The database or the registry away: the next ShipSnapshots tries again.
-            log.exception("shipper: %s failed", type(message).__name__)
+            if not self._outage.lost(exc):
+                log.exception("shipper: %s failed", type(message).__name__)
+            return None
+        if isinstance(message, ShipSnapshots | RecordSnapshot):
+            self._outage.answered()
         return None
 
     # --- index and push ----------------------------------------------------

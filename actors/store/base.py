@@ -46,7 +46,15 @@ class StoreError(RuntimeError):
 
 
 class StoreUnavailable(StoreError):
-    """The store's database cannot be reached now; the next call tries again."""
+    """The store's database cannot be reached now; the next call tries again.
+
+    ``problem`` is what is wrong without the advice that ends the message, for
+    a caller that says what to do itself (``snapyard doctor``'s fix column).
+    """
+
+    def __init__(self, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = message if problem is None else problem
 
 
 class KeyHeld(StoreError):

@@ -103,10 +103,11 @@ class PgSession:
                 f"a write on {self.where} collided with another host's and was rolled back "
                 f"({detail}); it is safe to try again."
             )
+        # No "reconnects later" here: `snapyard run` at start-up and `doctor` do not.
+        problem = f"the cluster database {self.where} cannot be reached ({detail})"
         return StoreUnavailable(
-            f"the cluster database {self.where} cannot be reached "
-            f"({detail}). Check that PostgreSQL runs and that "
-            "[cluster] database_url is right; Snapyard reconnects on its next use."
+            f"{problem}: check that PostgreSQL runs and that [cluster] database_url is right",
+            problem,
         )
 
     @contextlib.contextmanager
@@ -159,7 +160,7 @@ class PgSession:
                         self._lost_in_batch = False
                         raise StoreUnavailable(
                             f"the connection to {self.where} was lost inside a batch of "
-                            "writes; they were rolled back. Snapyard reconnects on its next use."
+                            "writes; they were rolled back"
                         )
                     with self.session() as conn:
                         conn.execute("COMMIT")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import http.client
+import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +29,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from actors.api import ApiServer, check_bind_allowed, is_loopback
 from actors.api_routes import MAX_BODY_BYTES
+from actors.api_schema import openapi_document
+from actors.cli import EXIT_UNREACHABLE
+from actors.cli import main as cli_main
 from actors.client import ApiClient, ApiError, ApiUnreachable
 from actors.metrics import Metrics
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey, validate_spec
@@ -37,7 +42,7 @@ from actors.settings import (
     Settings,
     SettingsError,
 )
-from actors.store import new_job_id
+from actors.store import StoreUnavailable, new_job_id
 from actors.telemetry import RecordingTransport, close_sentry, flush_sentry, setup_sentry
 from actors.wire import JOB_FIELDS, SNAPSHOT_FIELDS, iso_time, job_json, snapshot_json
 
@@ -280,6 +285,53 @@ def test_a_dead_actor_system_answers_503_not_a_traceback(
     status, _, body = raw(fake_server, "GET", "/jobs/x")
     assert status == 503
     assert body["error"] == "the supervisor is not answering: supervisor stopped"
+
+
+STORE_AWAY = (
+    "the cluster database 127.0.0.1:5432/snapyard cannot be reached (connection refused). "
+    "Check that PostgreSQL runs and that [cluster] database_url is right."
+)
+
+
+def test_an_unreachable_store_is_503_with_its_message_and_the_cli_exits_3(
+    fake: FakeApp,
+    fake_server: ApiServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cluster's PostgreSQL away is expected and retryable: not a 500 "internal error"."""
+    fake.raise_on_get = StoreUnavailable(STORE_AWAY)
+    status, _, body = raw(fake_server, "GET", "/jobs/x")
+    assert status == 503
+    assert body["error"] == STORE_AWAY
+    responses = openapi_document()["paths"]["/jobs/{id}"]["get"]["responses"]
+    assert "job store" in responses["503"]["description"]
+    monkeypatch.setenv("SNAPYARD_API", f"127.0.0.1:{fake_server.port}")
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["job", "x"], out=out, err=err) == EXIT_UNREACHABLE
+    assert STORE_AWAY in err.getvalue()
+    assert "internal error" not in err.getvalue()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_api_logs_a_store_outage_once_and_its_end_once(
+    fake: FakeApp, fake_server: ApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.api")
+    fake.raise_on_get = StoreUnavailable(STORE_AWAY)
+    for _ in range(3):
+        assert raw(fake_server, "GET", "/jobs/x")[0] == 503
+    fake.raise_on_get = None
+    for _ in range(2):
+        assert raw(fake_server, "GET", "/jobs/x")[0] == 404
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "actors.api"]
+    assert said == [
+        (
+            logging.WARNING,
+            f"api: the job store is unavailable; retrying quietly until it answers: {STORE_AWAY}",
+        ),
+        (logging.INFO, "api: the job store answers again"),
+    ]
 
 
 def test_an_unexpected_error_is_500_and_names_no_internals(

@@ -8,6 +8,7 @@ Reads wait on the socket (with a timeout), never on a sleep.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import io
@@ -16,7 +17,7 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from api_kit import WAIT_S, Served, served
 from test_api import post_json, raw
 from waiting import eventually
 
+from actors.api_streams import _guarded
 from actors.cli import main
 from actors.client import ApiClient, JobEvent
 from actors.model import Job, JobState
+from actors.store import StoreUnavailable
 
 SECRET = "hunter2-follow-secret"
 
@@ -257,3 +260,27 @@ def test_the_supervisor_stopping_under_open_streams_is_no_error(
             follow.to_the_end()
             events.to_the_end()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_stream_the_store_outage_ends_is_a_warning_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: a cluster's database away ended an /events stream with an ERROR
+    and a traceback (and a Sentry event), as if it were a bug."""
+
+    async def changes() -> AsyncIterator[bytes]:
+        yield b"id: 1\n\n"
+        raise StoreUnavailable("the cluster database db:5432/snapyard cannot be reached (x)")
+
+    async def read() -> list[bytes]:
+        return [chunk async for chunk in _guarded(changes(), "GET /events")]
+
+    assert asyncio.run(read()) == [b"id: 1\n\n"]
+    said = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records]
+    assert said == [
+        (
+            logging.WARNING,
+            "api: GET /events ended: the cluster database db:5432/snapyard cannot be reached (x)",
+            None,
+        )
+    ]

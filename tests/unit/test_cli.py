@@ -435,7 +435,7 @@ def test_a_supervisor_that_answers_503_is_exit_3(monkeypatch: pytest.MonkeyPatch
         server.shutdown()
         thread.join()
     assert run.code == 3
-    assert "not serving" in run.err
+    assert "the supervisor is not running: stopping" in run.err
 
 
 # --- errors for scripts, and pipes ------------------------------------------------

@@ -14,10 +14,12 @@ import pytest
 from cluster_kit import BEAT_S, LEASE_S, REGISTRY, Host, finished, shared_base
 from waiting import eventually
 
+from actors.cli_jobs import _host_row
 from actors.clock import FakeClock
 from actors.engine.memory import MemoryRegistry
 from actors.messages import GetStatus
 from actors.model import JobState, SnapshotKey
+from actors.wire import host_json
 
 MakeHost = Callable[..., Host]
 
@@ -154,7 +156,7 @@ def test_a_start_reported_while_the_database_is_away_is_recorded_when_it_returns
     container = a.wait_running(job.id)
     eventually(
         lambda: [r.getMessage() for r in caplog.records],
-        lambda lines: "supervisor: handling Started failed" in lines,
+        lambda lines: any("supervisor: the job store is unavailable" in x for x in lines),
         "the Started to meet the cut cable",
     )
     a.cable.mend()
@@ -178,3 +180,20 @@ def test_a_job_submitted_on_a_full_host_is_claimed_by_another_without_waiting_fo
     job = a.submit("other")  # A has no free place
     b.wait_running(job.id)
     assert b.job(job.id).host == "host-b"
+
+
+def test_hosts_shows_no_running_count_for_a_host_whose_lease_ended(make_host: MakeHost) -> None:
+    """Regression: `snapyard hosts` showed a dead host's last count ("lease ended 1/2")."""
+    a = make_host("host-a")
+    a.wait_running(a.submit("w").id)
+    a.beat()  # A reports its one running job
+    a.die()
+    b = make_host("host-b")
+    for _ in range(int(LEASE_S / BEAT_S) + 1):
+        a.clock.advance(BEAT_S)
+        b.beat()
+    now = b.clock.now()
+    rows = {h.host_id: _host_row(host_json(h, now)) for h in b.store.hosts()}
+    assert rows["host-a"][1:3] == ["lease ended", "-"]
+    assert rows["host-b"][1] == "live"
+    assert str(rows["host-b"][2]).endswith("/2")  # a live host keeps its count

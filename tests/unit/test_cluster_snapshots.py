@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from cluster_kit import BEAT_S, REGISTRY, Host, finished, shared_base
+from cluster_kit import ASK_S, BEAT_S, REGISTRY, Host, finished, shared_base
 from waiting import eventually
 
+from actors.cli_jobs import _snapshot_rows
 from actors.clock import FakeClock
+from actors.cluster.member import cluster_snapshots, held_elsewhere
 from actors.engine.base import ImageMissing
 from actors.engine.memory import MemoryRegistry
 from actors.engine.references import split_digest
@@ -20,6 +22,7 @@ from actors.labels import LABEL_ROLE, ROLE_SNAPSHOT
 from actors.messages import ListSnapshots, RemoveSnapshot
 from actors.model import JobState, SnapshotKey
 from actors.store.cluster import SnapshotRecord
+from actors.wire import SNAPSHOT_FIELDS, snapshot_json
 
 MakeHost = Callable[..., Host]
 KEY = SnapshotKey("p", "w")
@@ -195,3 +198,28 @@ def test_a_snapshot_registered_while_the_database_is_away_is_indexed_when_it_ret
     a.ship()
     record = pushed(a)
     assert record.host_id == "host-a"
+
+
+def test_another_hosts_snapshot_lists_unknown_sizes_as_dash_and_rm_names_its_host(
+    make_host: MakeHost,
+) -> None:
+    """Regression: B listed A's snapshot as "SIZE 0 B LAYERS 0", and `snapshots rm`
+    on B said "no snapshot for p/w" although the list showed it."""
+    a, b = make_host("host-a"), make_host("host-b")
+    run_once(a)
+    local = b.actors.snapshots.ask(ListSnapshots(), timeout=ASK_S)  # type: ignore[union-attr]
+    listed = [snapshot_json(s) for s in cluster_snapshots(local, b.store)]
+    assert [(s["host"], s["base_image_id"], s["own_bytes"]) for s in listed] == [
+        ("host-a", None, None)  # unknown: null where the schema allows it
+    ]
+    assert set(listed[0]) == {*SNAPSHOT_FIELDS, "host"}  # the shape is unchanged
+    [row] = _snapshot_rows(listed)
+    assert row[3:6] == ["-", "-", "-"]  # OWN, SIZE, LAYERS: unknown, not zero
+
+    assert held_elsewhere(a.store, KEY) is None  # A's own: removed there as usual
+    elsewhere = held_elsewhere(b.store, KEY)
+    assert elsewhere is not None
+    assert str(elsewhere) == (
+        "the snapshot of p/w is held by host host-a, not this one; remove it there: "
+        "SNAPYARD_API=host-a:8750 snapyard snapshots rm p w"
+    )

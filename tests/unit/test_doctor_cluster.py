@@ -17,6 +17,7 @@ from actors.clock import FakeClock
 from actors.doctor_cluster import cluster_checks
 from actors.localcluster.registry import LocalRegistry
 from actors.settings import Settings
+from actors.store.base import StoreUnavailable
 from actors.store.postgres import PostgresStore
 
 __all__ = ["local_registry"]
@@ -70,7 +71,18 @@ def test_a_database_nobody_serves_fails_and_names_the_fix() -> None:
     assert not ok
     assert "s3cret" not in found
     assert "database_url" in fix
+    # Said once: what is wrong in `found`, what to do in `fix` (not both in both).
+    assert found.startswith(f"the cluster database snap@127.0.0.1:{port}/snapyard")
+    assert "cannot be reached (" in found
+    assert "database_url" not in found
     assert checks["lease"][:2] == (False, "host-a: not checked, no database")
+    # What `snapyard run` prints as it exits: no "reconnects on its next use".
+    with pytest.raises(StoreUnavailable) as caught:
+        PostgresStore(url, "host-a", FakeClock(NOW))
+    message = str(caught.value)
+    assert message.startswith(found.split(" (")[0])
+    assert message.endswith(": check that PostgreSQL runs and that [cluster] database_url is right")
+    assert "reconnect" not in message
 
 
 def test_a_stopped_registry_fails(postgres_url: str, local_registry: LocalRegistry) -> None:
@@ -82,7 +94,9 @@ def test_a_stopped_registry_fails(postgres_url: str, local_registry: LocalRegist
     finally:
         local_registry.start()
     assert not ok
-    assert local_registry.address in found
+    assert found.startswith(f"{local_registry.address}: does not answer (")
+    assert found.count(local_registry.address) >= 1
+    assert "start it" not in found  # the fix says what to do, once
     assert "docker-registry" in fix
 
 

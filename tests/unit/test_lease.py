@@ -9,6 +9,7 @@ itself is exercised in test_cluster_hosts.py.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from actors.cluster.lease import (
 )
 from actors.messages import Beat, Fence, GetLease, ReportTo, Unfence, WorkAvailable
 from actors.model import Job, JobState, validate_spec
+from actors.wire import iso_time
 
 LEASE_S, BEAT_S = 10.0, 2.0
 
@@ -181,3 +183,25 @@ def test_a_hanging_database_call_does_not_delay_the_fence() -> None:
 def test_heartbeat_must_be_shorter_than_the_lease() -> None:
     with pytest.raises(ValueError, match=r"shorter than cluster\.lease_s"):
         HostLease(LeaseCalls(), FakeClock(), 2.0, 2.0)  # type: ignore[arg-type]
+
+
+def test_lease_log_lines_give_iso_times_and_durations_not_epoch_numbers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: "lease renewal at 1796054163.792 failed", "no lease renewal since
+    1796054162.790 (lease until ...)": numbers a person cannot read."""
+    rig = Rig()
+    renewed = rig.status().last_renewal
+    rig.store.cut.set()
+    for _ in range(4):
+        failed_at = rig.beat(BEAT_S)
+    fence = eventually(rig.told, lambda told: len(told) == 1, "one Fence")[0]
+    assert isinstance(fence, Fence)
+    assert fence.reason.startswith(
+        f"no lease renewal since {iso_time(renewed)} (8.0 s ago; "
+        f"the lease ends at {iso_time(renewed + LEASE_S)}; last error: "
+    )
+    said = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"lease renewal at {iso_time(failed_at)} failed") for line in said)
+    epoch = re.compile(r"\b\d{9,}\.\d+\b")  # seconds since 1970, as the old lines had them
+    assert [line for line in said if epoch.search(line)] == []
