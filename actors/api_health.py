@@ -14,7 +14,6 @@ that one check.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable
 
@@ -52,12 +51,20 @@ class HealthCache:
 
     def _start(self, check: Callable[[], Health]) -> asyncio.Future[Health]:
         if self._running is None or self._running.done():
-            running = asyncio.ensure_future(run_in_threadpool(check))
-            running.add_done_callback(functools.partial(self._finished, self._clock()))
+            running = asyncio.ensure_future(self._check(check, self._clock()))
+            running.add_done_callback(_retrieve)
             self._running = running
         return self._running
 
-    def _finished(self, started: float, done: asyncio.Future[Health]) -> None:
-        # exception() also marks an error seen when no probe waited for it.
-        if not done.cancelled() and done.exception() is None:
-            self._last = (started, done.result())
+    async def _check(self, check: Callable[[], Health], started: float) -> Health:
+        health = await run_in_threadpool(check)
+        # Before the future is done, not in a done callback: a probe between the
+        # two would see a finished check and an old answer, and start another.
+        self._last = (started, health)
+        return health
+
+
+def _retrieve(done: asyncio.Future[Health]) -> None:
+    """Mark an error seen when no probe waited for it (asyncio would log it)."""
+    if not done.cancelled():
+        done.exception()
