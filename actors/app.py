@@ -26,7 +26,12 @@ import pykka
 from prometheus_client import CollectorRegistry
 
 from actors.clock import Clock, SystemClock
-from actors.cluster.member import cluster_snapshots, cluster_wiring, open_cluster_store
+from actors.cluster.member import (
+    cluster_snapshots,
+    cluster_wiring,
+    open_cluster_store,
+    runs_elsewhere,
+)
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
 from actors.instance import resolve_instance_id
@@ -323,7 +328,13 @@ class Snapyard:
         return jobs
 
     def cancel(self, job_id: str) -> Job | None:
+        """Raises ``RunsElsewhere`` when another cluster host runs the job."""
         job: Job | None = self._supervisor().ask(Cancel(job_id), block=True, timeout=ASK_TIMEOUT_S)
+        store = self._store
+        if job is not None and isinstance(store, ClusterStore):
+            refusal = runs_elsewhere(job, store.host_id, store.hosts())
+            if refusal is not None:
+                raise refusal
         return job
 
     def snapshots(self) -> list[Snapshot]:

@@ -13,19 +13,50 @@ import socket
 from actors.clock import Clock
 from actors.cluster.registry_http import ManifestStore, RegistryHttp
 from actors.engine.base import Engine
-from actors.model import Snapshot
+from actors.model import Job, Snapshot
 from actors.settings import Settings
 from actors.store.base import JobStore
-from actors.store.cluster import ClusterStore
+from actors.store.cluster import ClusterStore, HostInfo
 from actors.wiring import ClusterWiring
 
-__all__ = ["cluster_snapshots", "cluster_wiring", "host_id_of", "open_cluster_store"]
+__all__ = [
+    "RunsElsewhere",
+    "cluster_snapshots",
+    "cluster_wiring",
+    "host_id_of",
+    "open_cluster_store",
+    "runs_elsewhere",
+]
 
 log = logging.getLogger(__name__)
 
 
 class NotAClusterStore(TypeError):
     """[cluster] is set, but the store given to Snapyard cannot be shared by hosts."""
+
+
+class RunsElsewhere(Exception):
+    """A cancel sent to a host that does not run the job: only its own host can stop
+    its worker, so the caller is told where to send it (never a silent no-op)."""
+
+    def __init__(self, job: Job, host: str, api: str | None) -> None:
+        self.job = job
+        self.host = host
+        self.api = api
+        where = f"its API at {api}" if api else "its API"
+        super().__init__(
+            f"job {job.id} is {job.state} on host {host}, not on this one: nothing was "
+            f"cancelled; send the cancel to {where} (SNAPYARD_API=ADDRESS snapyard cancel {job.id})"
+        )
+
+
+def runs_elsewhere(job: Job, host_id: str, hosts: list[HostInfo]) -> RunsElsewhere | None:
+    """Why a cancel this host answered left ``job`` alone, if it runs on another host
+    (a queued or finished job, or one of this host's, is always this host's to answer)."""
+    if job.state.terminal or job.host is None or job.host == host_id:
+        return None
+    api = next((h.api for h in hosts if h.host_id == job.host), None)
+    return RunsElsewhere(job, job.host, api)
 
 
 def host_id_of(settings: Settings) -> str:
