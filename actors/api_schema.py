@@ -289,7 +289,10 @@ def openapi_document() -> dict[str, Any]:
                 {
                     "200": _json(job, "the cancelled job"),
                     "404": missing,
-                    "409": _error("the job already ended"),
+                    "409": _error(
+                        "the job already ended, or another cluster host runs it "
+                        "(the message names that host and its API address)"
+                    ),
                 },
             ),
         },
