@@ -220,11 +220,14 @@ class Reconciling:
                 case recovery.Requeue(note=note, remove=remove):
                     if remove is not None:
                         self._remove_container(remove, 0.0, "never started")
-                    self._ledger.requeue(job, note, backoff=False)
+                    # Starting when a fence killed its worker: that was an attempt too.
+                    fenced = job.id in self._abandoned
+                    self._abandoned.discard(job.id)
+                    self._ledger.requeue(job, note, backoff=False, next_attempt=fenced)
                 case recovery.Vanished() | recovery.Adopt() if self._killed_by_fence(decision):
                     # Its worker was killed by a fence (actors.fencing): it never ended.
                     self._abandoned.discard(job.id)
-                    self._ledger.requeue(job, FENCED_REQUEUE_NOTE, backoff=False)
+                    self._ledger.requeue(job, FENCED_REQUEUE_NOTE, backoff=False, next_attempt=True)
                 case recovery.Vanished():
                     self._finish_vanished(job)
                 case recovery.Adopt(container=container):

@@ -178,3 +178,37 @@ def test_a_job_submitted_on_a_full_host_is_claimed_by_another_without_waiting_fo
     job = a.submit("other")  # A has no free place
     b.wait_running(job.id)
     assert b.job(job.id).host == "host-b"
+
+
+def test_a_job_whose_worker_a_fence_killed_runs_again_as_the_next_attempt(
+    make_host: MakeHost,
+) -> None:
+    """Regression: after an outage shorter than the lease, the fenced host re-ran the
+    job itself, but the record kept ``attempt: 0`` and no trace that it ran twice."""
+    a = make_host("host-a")
+    job = a.submit("f")
+    first = a.wait_running(job.id)
+    eventually(lambda: a.job(job.id).state, lambda s: s is JobState.RUNNING, "running, recorded")
+    a.cable.cut()
+    while not a.beat().fenced:
+        a.clock.advance(BEAT_S)
+    eventually(lambda: a.running(job.id), lambda cs: cs == [], "A's worker killed")
+    a.cable.mend()
+    a.clock.advance(BEAT_S)
+    assert not a.beat().fenced  # renewed before the lease ended: nobody rescued it
+    eventually(a.fenced, lambda f: not f, "A unfenced")
+    a.tick()  # the recovery re-queues it, and A claims it again
+    again = a.wait_running(job.id)
+    assert again.id != first.id
+    running = eventually(
+        lambda: a.store.get(job.id),
+        lambda j: j is not None and j.state is JobState.RUNNING,
+        "the job running again",
+    )
+    assert running is not None
+    assert (running.host, running.attempt) == ("host-a", 1)
+    notes = [(state, note) for state, _at, note in a.store.history(job.id)]
+    assert (JobState.QUEUED, "re-queued: this host lost its lease and stopped it") in notes
+    a.engine.exit_container(again.id, 0)  # the new attempt's outcome is written
+    done = finished(a.store, job.id)
+    assert (done.state, done.attempt) == (JobState.SUCCEEDED, 1)
