@@ -130,6 +130,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         self._dispatching = True
         self._fatal: str | None = None
         self._fenced, self._abandoned, self._resync, self._redo = False, set(), False, []
+        self._superseded: set[str] = set()  # containers removed as superseded (warned once)
 
     # --- life cycle --------------------------------------------------------
 
@@ -148,6 +149,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         with self._store.batch():
             self._recover(self._store.unfinished(), containers)
             if containers is not None:
+                self._remove_superseded(containers)
                 self._note_leftovers(containers)
             self._after_change()
 
@@ -265,7 +267,9 @@ class Supervisor(Fencing, pykka.ThreadingActor):
             self._ledger.claimed(job)
             self._flights.add(Flight(job, "starting"))
             snapshots_on = self._settings.snapshots_enabled_for(job.spec.project)
-            self._send(job.id, "spawn", Spawn(job.id, job.spec, snapshots_on, self.actor_ref))
+            self._send(
+                job.id, "spawn", Spawn(job.id, job.spec, snapshots_on, self.actor_ref, job.attempt)
+            )
 
     def _on_started(self, msg: Started) -> None:
         self._pool.done(msg.spawner, msg.job_id, "spawn")

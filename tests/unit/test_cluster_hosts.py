@@ -16,6 +16,7 @@ from waiting import eventually
 
 from actors.clock import FakeClock
 from actors.engine.memory import MemoryRegistry
+from actors.labels import LABEL_ATTEMPT, MANAGED_FILTER
 from actors.messages import GetStatus
 from actors.model import JobState, SnapshotKey
 
@@ -212,3 +213,40 @@ def test_a_job_whose_worker_a_fence_killed_runs_again_as_the_next_attempt(
     a.engine.exit_container(again.id, 0)  # the new attempt's outcome is written
     done = finished(a.store, job.id)
     assert (done.state, done.attempt) == (JobState.SUCCEEDED, 1)
+
+
+def test_a_restarted_host_removes_at_once_the_workers_of_jobs_rescued_meanwhile(
+    make_host: MakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: after a kill -9 (the engine up), a restarted host left the workers of
+    jobs rescued elsewhere meanwhile, running or exited, until ``orphan_grace_s``."""
+    a = make_host("host-a")
+    running, exited = a.submit("r"), a.submit("e")
+    still = a.wait_running(running.id)
+    done = a.wait_running(exited.id)
+    for job in (running, exited):
+        eventually(lambda j=job: a.job(j.id).state, lambda s: s is JobState.RUNNING, "recorded")
+    assert still.labels[LABEL_ATTEMPT] == "0"
+    a.die()
+    a.engine.exit_container(done.id, 0)  # exited while its host was down
+    b = make_host("host-b")
+    for _ in range(int(LEASE_S / BEAT_S) + 1):
+        a.clock.advance(BEAT_S)
+        b.beat()
+    b.wait_running(running.id)
+    b.wait_running(exited.id)
+
+    a.start()  # the same clock: orphan_grace_s (300 s) has not passed
+    gone = {still.id, done.id}
+    eventually(
+        lambda: {c.id for c in a.engine.list_containers(MANAGED_FILTER)} & gone,
+        lambda left: left == set(),
+        "A's stale workers removed",
+    )
+    for job in (running, exited):
+        row = b.store.get(job.id)
+        assert row is not None
+        assert (row.state, row.host, row.attempt) == (JobState.RUNNING, "host-b", 1)
+    a.tick()  # another listing: no second warning for the same containers
+    warned = [r.getMessage() for r in caplog.records if "it is now host-b's" in r.getMessage()]
+    assert len(warned) == 2, warned
