@@ -378,7 +378,8 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         if flight is None:
             stored = self._store.get(job_id)
             if stored is None or stored.state is not JobState.QUEUED:
-                return stored  # unknown (None) or already finished
+                self._hand_over_cancel(stored)  # another cluster host runs it
+                return stored  # unknown (None), already finished, or handed over
             job = self._ledger.finish(
                 stored, JobState.CANCELLED, error="cancelled before it started"
             )
@@ -402,6 +403,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
 
     def _on_tick(self, now: float) -> None:
         self._catch_up()
+        self._cancels_from_elsewhere()  # a lost NOTIFY costs one Tick
         for flight in self._flights.in_phase("running"):
             match tick_action(flight, now, self._sup.stop_grace_s):
                 case "time_out":

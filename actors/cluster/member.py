@@ -36,17 +36,17 @@ class NotAClusterStore(TypeError):
 
 
 class RunsElsewhere(Exception):
-    """A cancel sent to a host that does not run the job: only its own host can stop
-    its worker, so the caller is told where to send it (never a silent no-op)."""
+    """A cancel answered by a host that does not run the job: it was handed to the
+    host that does (recorded on the job's row), which stops it. Not an error: the
+    API says so (202), never a silent "running"."""
 
     def __init__(self, job: Job, host: str, api: str | None) -> None:
         self.job = job
         self.host = host
         self.api = api
-        where = f"its API at {api}" if api else "its API"
+        where = f" (its API at {api})" if api else ""
         super().__init__(
-            f"job {job.id} is {job.state} on host {host}, not on this one: nothing was "
-            f"cancelled; send the cancel to {where} (SNAPYARD_API=ADDRESS snapyard cancel {job.id})"
+            f"job {job.id} is {job.state} on host {host}{where}: the cancel was handed to it"
         )
 
 
