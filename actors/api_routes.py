@@ -333,8 +333,11 @@ class ApiApp:
             )
         try:
             cancelled = await run_in_threadpool(app.cancel, job.id)
-        except RunsElsewhere as exc:  # only its own host can stop it: say where
-            raise HttpError(HTTPStatus.CONFLICT, str(exc)) from None
+        except RunsElsewhere as exc:  # handed to the host that runs it: say which
+            return HTTPStatus.ACCEPTED, {
+                **job_json(exc.job),
+                "cancel_handed_to": {"host": exc.host, "api": exc.api},
+            }
         if cancelled is None:  # removed between the two calls
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job with id {job.id!r}", "id")
         return HTTPStatus.OK, job_json(cancelled)

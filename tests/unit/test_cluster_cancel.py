@@ -8,6 +8,7 @@ database. The operator's ``snapyard cancel`` reaches B: it must never answer
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from waiting import eventually
 
 from actors.api import ApiServer
 from actors.app import Snapyard
+from actors.cli import main
 from actors.clock import FakeClock
-from actors.cluster.member import RunsElsewhere
 from actors.engine.memory import MemoryEngine, MemoryRegistry
 from actors.model import JobState
 from actors.store.postgres import PostgresStore
@@ -49,15 +50,20 @@ def two_hosts(postgres_url: str, tmp_path: Path) -> Iterator[tuple[Host, Snapyar
 
 
 def test_a_cancel_sent_to_a_host_not_running_the_job_is_handed_to_the_host_that_runs_it(
-    two_hosts: tuple[Host, Snapyard, ApiServer],
+    two_hosts: tuple[Host, Snapyard, ApiServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b, _server = two_hosts
+    a, _b, server = two_hosts
     job = a.submit("w")
     a.wait_running(job.id)
     eventually(lambda: a.job(job.id).state, lambda s: s is JobState.RUNNING, "running, recorded")
-    with pytest.raises(RunsElsewhere) as handed:  # B does not run it: it hands it over
-        b.cancel(job.id)
-    assert (handed.value.host, handed.value.api) == ("host-a", "host-a:8750")
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setenv("SNAPYARD_API", f"127.0.0.1:{server.port}")
+    code = main(["cancel", job.id], out=out, err=err)
+    assert code == 0, err.getvalue()
+    assert out.getvalue() == (
+        f"job {job.id}: running on host host-a (its API at host-a:8750); "
+        "the cancel was handed to it\n"
+    )
     # A hears of it through the database alone (NOTIFY, else its next Tick) and
     # cancels it as a local cancel does: the job ends, its worker is stopped.
     done = finished(a.store, job.id)
