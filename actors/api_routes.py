@@ -39,7 +39,7 @@ from actors.api_http import (
 )
 from actors.api_schema import openapi_json
 from actors.api_streams import ChangeFeed, Followers, event_stream, log_stream
-from actors.cluster.member import SnapshotElsewhere
+from actors.cluster.member import RunsElsewhere, SnapshotElsewhere
 from actors.engine.base import Engine
 from actors.metrics import CONTENT_TYPE, Metrics
 from actors.model import InvalidJob, Job, JobSpec, JobState, Snapshot, SnapshotKey
@@ -343,7 +343,13 @@ class ApiApp:
             raise HttpError(
                 HTTPStatus.CONFLICT, f"job {job.id} already ended ({job.state}); nothing to cancel"
             )
-        cancelled = await run_in_threadpool(app.cancel, job.id)
+        try:
+            cancelled = await run_in_threadpool(app.cancel, job.id)
+        except RunsElsewhere as exc:  # handed to the host that runs it: say which
+            return HTTPStatus.ACCEPTED, {
+                **job_json(exc.job),
+                "cancel_handed_to": {"host": exc.host, "api": exc.api},
+            }
         if cancelled is None:  # removed between the two calls
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job with id {job.id!r}", "id")
         return HTTPStatus.OK, job_json(cancelled)

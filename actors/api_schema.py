@@ -291,6 +291,11 @@ def openapi_document() -> dict[str, Any]:
                 "Cancel a queued or running job",
                 {
                     "200": _json(job, "the cancelled job"),
+                    "202": _json(
+                        job,
+                        "another cluster host runs it: the cancel was handed to that host "
+                        "(cancel_handed_to: host, api), which stops it",
+                    ),
                     "404": missing,
                     "409": _error("the job already ended"),
                 },

@@ -31,6 +31,7 @@ from actors.cluster.member import (
     cluster_wiring,
     held_elsewhere,
     open_cluster_store,
+    runs_elsewhere,
 )
 from actors.engine.base import Engine, EngineError
 from actors.engine.docker import DockerEngine
@@ -328,7 +329,13 @@ class Snapyard:
         return jobs
 
     def cancel(self, job_id: str) -> Job | None:
+        """Raises ``RunsElsewhere`` when another cluster host runs the job."""
         job: Job | None = self._supervisor().ask(Cancel(job_id), block=True, timeout=ASK_TIMEOUT_S)
+        store = self._store
+        if job is not None and isinstance(store, ClusterStore):
+            refusal = runs_elsewhere(job, store.host_id, store.hosts())
+            if refusal is not None:
+                raise refusal
         return job
 
     def snapshots(self) -> list[Snapshot]:

@@ -340,6 +340,13 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     job = _client(args).cancel(args.id)
     if args.json:
         _print_json(job, out)
+    elif (handed := job.get("cancel_handed_to")) is not None:
+        api = f" (its API at {handed['api']})" if handed.get("api") else ""
+        print(
+            f"job {job['id']}: {job['state']} on host {handed['host']}{api}; "
+            "the cancel was handed to it",
+            file=out,
+        )
     else:
         print(f"job {job['id']}: {job['state']}", file=out)
     return EXIT_OK

@@ -45,6 +45,7 @@ from actors.model import Job, SnapshotKey
 from actors.pool import SpawnerPool
 from actors.reconcile import Reconciling
 from actors.store.base import StoreUnavailable
+from actors.store.cluster import ClusterStore
 
 __all__ = ["NOT_HANDLED", "Fencing"]
 
@@ -88,10 +89,37 @@ class Fencing(Reconciling):
     def _dispatch(self) -> None:
         raise NotImplementedError
 
+    def _cancel(self, job_id: str) -> Job | None:
+        raise NotImplementedError
+
+    def _hand_over_cancel(self, job: Job | None) -> None:
+        """A cancel of a job this host does not run: record it on the job's row for
+        the host that runs it (the database is the only channel between hosts)."""
+        store = self._store
+        if job is None or job.state.terminal or not isinstance(store, ClusterStore):
+            return
+        host = store.request_cancel(job.id)
+        if host is not None:
+            job_logger(job).warning("cancel requested here; handed to host %s, which runs it", host)
+
+    def _cancels_from_elsewhere(self) -> None:
+        """Cancel, as a local cancel does, this host's jobs whose cancel another host
+        recorded; one not yet stoppable (recovering) is retried at the next Tick."""
+        store = self._store
+        if not isinstance(store, ClusterStore) or self._fenced:
+            return
+        for job_id in store.cancel_requests():
+            flight = self._flights.get(job_id)
+            if flight is None or flight.kill is not None:
+                continue
+            job_logger(flight.job).warning("cancel requested on another host; cancelling it")
+            self._cancel(job_id)
+
     def _handle_cluster(self, message: Any) -> bool:
         """The cluster's messages; False for any other."""
         match message:
             case WorkAvailable():
+                self._cancels_from_elsewhere()
                 self._after_change()
             case _:
                 return False

@@ -20,6 +20,7 @@ __all__ = [
     "ENV_SNAPSHOT_REUSE",
     "JOB_LABELS",
     "LABEL_AGENT_TYPE",
+    "LABEL_ATTEMPT",
     "LABEL_BASE_IMAGE_ID",
     "LABEL_CREATED_AT",
     "LABEL_DEMO",
@@ -50,6 +51,9 @@ LABEL_JOB_ID: Final = "snapyard.job.id"
 LABEL_PROJECT: Final = "snapyard.project"
 LABEL_WORK_ITEM: Final = "snapyard.work_item"
 LABEL_AGENT_TYPE: Final = "snapyard.agent_type"
+# The job's attempt (its fencing token) the container runs: a restarted host
+# removes at once a container whose job was rescued meanwhile (a newer attempt).
+LABEL_ATTEMPT: Final = "snapyard.job.attempt"
 LABEL_SNAPSHOT_ENABLED: Final = "snapyard.snapshot.enabled"
 LABEL_IMAGE_SOURCE: Final = "snapyard.image.source"
 LABEL_BASE_IMAGE_ID: Final = "snapyard.base_image_id"
@@ -66,6 +70,7 @@ MANAGED_FILTER: Final[Mapping[str, str]] = {LABEL_MANAGED: "true"}
 JOB_LABELS: Final = (
     LABEL_MANAGED,
     LABEL_JOB_ID,
+    LABEL_ATTEMPT,
     LABEL_AGENT_TYPE,
     LABEL_SNAPSHOT_ENABLED,
     LABEL_IMAGE_SOURCE,

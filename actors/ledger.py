@@ -102,12 +102,22 @@ class Ledger:
         self.write(job, note, was=was)
         return job
 
-    def write(self, job: Job, note: str | None = None, *, was: JobState | None = None) -> bool:
-        """``save``, telling whether the store took the write (False: ``Fenced``)."""
+    def write(
+        self,
+        job: Job,
+        note: str | None = None,
+        *,
+        was: JobState | None = None,
+        was_attempt: int | None = None,
+    ) -> bool:
+        """``save``, telling whether the store took the write (False: ``Fenced``);
+        ``was_attempt`` as ``JobStore.update``'s."""
         flight = self._flights.get(job.id)
         previous = flight.job.state if flight is not None else was
         try:
-            self._store.update(job, note=note, holds_key=flight is not None)
+            self._store.update(
+                job, note=note, holds_key=flight is not None, was_attempt=was_attempt
+            )
         except Fenced:
             self._strikes.pop(job.id, None)
             self._secrets.forget(job.id)
@@ -119,17 +129,25 @@ class Ledger:
             flight.job = job
         return True
 
-    def requeue(self, job: Job, note: str, *, backoff: bool) -> None:
-        """Back to the store's queue; with ``backoff`` not claimed before its retry_at."""
+    def requeue(self, job: Job, note: str, *, backoff: bool, next_attempt: bool = False) -> None:
+        """Back to the store's queue; with ``backoff`` not claimed before its retry_at.
+
+        ``next_attempt``: its worker was killed (a fence), so the next run is a new
+        attempt, written only while the row still has this one (a rescue wins).
+        """
         retry_at = None
         if backoff:
             strikes = self.strikes(job.id)
             strikes.requeues += 1
             retry_at = self._clock.now() + delay_after(self._backoff, strikes.requeues)
         requeued = dataclasses.replace(
-            job, state=JobState.QUEUED, container_id=None, retry_at=retry_at
+            job,
+            state=JobState.QUEUED,
+            container_id=None,
+            retry_at=retry_at,
+            attempt=job.attempt + 1 if next_attempt else job.attempt,
         )
-        self.save(requeued, note=note, was=job.state)
+        self.write(requeued, note=note, was=job.state, was_attempt=job.attempt)
 
     def finish(self, job: Job, state: JobState, **changes: Any) -> Job:
         was = job.state

@@ -142,6 +142,7 @@ class Spawn:
     spec: JobSpec
     snapshots_enabled: bool
     reply_to: Ref
+    attempt: int = 0  # labelled on the container (LABEL_ATTEMPT)
 
 
 @dataclass(frozen=True)

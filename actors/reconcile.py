@@ -34,6 +34,7 @@ from actors.pool import OpKind, SpawnerPool
 from actors.restarts import RestartIntensity
 from actors.settings import Settings, SupervisorSettings
 from actors.store import JobStore
+from actors.store.cluster import ClusterStore
 from actors.telemetry import capture_error
 
 __all__ = ["Reconciling"]
@@ -74,6 +75,7 @@ class Reconciling:
     _reconcile_requested: bool
     _fatal: str | None
     _abandoned: set[str]
+    _superseded: set[str]
     _on_fatal: Callable[[str], None] | None
 
     if TYPE_CHECKING:  # pykka.ActorBase's: declared only, never shadowing it in the MRO
@@ -144,6 +146,7 @@ class Reconciling:
             self._flights.remove(flight.id)
         notes = {f.id: f.recover_note for f in settled if f.recover_note is not None}
         self._recover([f.job for f in settled], list(msg.containers), notes)
+        self._remove_superseded(msg.containers)
         by_id = {c.id: c for c in msg.containers}
         for flight in self._flights.in_phase("running"):
             if flight.seq >= msg.seq or flight.container_id is None:
@@ -164,6 +167,31 @@ class Reconciling:
                 self._remove_container(cid, self._sup.stop_grace_s, "orphan")
         self._note_leftovers(msg.containers)
         self._after_change()
+
+    def _remove_superseded(self, containers: Iterable[ContainerState]) -> None:
+        """Remove at once (not after ``orphan_grace_s``) every container, running or
+        exited, whose job now belongs to another host or another attempt: rescued
+        while this host was down or fenced, it must never run twice."""
+        listed = {c.id for c in containers}
+        self._superseded &= listed  # forget those gone; warn once per container
+        owned = self._flights.containers()
+        host_id = self._store.host_id if isinstance(self._store, ClusterStore) else None
+        for container in containers:
+            job_id = recovery.job_label(container)
+            if job_id is None or container.id in owned or container.id in self._superseded:
+                continue
+            stored = self._store.get(job_id)
+            if stored is None or not recovery.superseded(container, stored, host_id):
+                continue
+            self._superseded.add(container.id)
+            log.warning(
+                "container %s ran job %s as this host's; it is now %s's (attempt %d): removing it",
+                container.id,
+                job_id,
+                stored.host or "queued",
+                stored.attempt,
+            )
+            self._remove_container(container.id, 0.0, "its job was rescued elsewhere")
 
     def _mine(self, containers: Iterable[ContainerState]) -> list[ContainerState]:
         """Only this instance's containers: another's are never swept, counted or adopted."""
@@ -220,11 +248,14 @@ class Reconciling:
                 case recovery.Requeue(note=note, remove=remove):
                     if remove is not None:
                         self._remove_container(remove, 0.0, "never started")
-                    self._ledger.requeue(job, note, backoff=False)
+                    # Starting when a fence killed its worker: that was an attempt too.
+                    fenced = job.id in self._abandoned
+                    self._abandoned.discard(job.id)
+                    self._ledger.requeue(job, note, backoff=False, next_attempt=fenced)
                 case recovery.Vanished() | recovery.Adopt() if self._killed_by_fence(decision):
                     # Its worker was killed by a fence (actors.fencing): it never ended.
                     self._abandoned.discard(job.id)
-                    self._ledger.requeue(job, FENCED_REQUEUE_NOTE, backoff=False)
+                    self._ledger.requeue(job, FENCED_REQUEUE_NOTE, backoff=False, next_attempt=True)
                 case recovery.Vanished():
                     self._finish_vanished(job)
                 case recovery.Adopt(container=container):

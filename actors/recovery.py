@@ -11,7 +11,13 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from actors.engine.base import ContainerState
-from actors.labels import LABEL_JOB_ID, LABEL_MANAGED, LABEL_PROJECT, LABEL_WORK_ITEM
+from actors.labels import (
+    LABEL_ATTEMPT,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_WORK_ITEM,
+)
 from actors.messages import ContainerExited
 from actors.model import Job, JobState, Snapshot, SnapshotKey
 
@@ -189,6 +195,17 @@ def exit_of(container: ContainerState) -> ContainerExited:
     # An unknown exit code is never 0: it must not pass for success (or commit).
     code = container.exit_code if container.exit_code is not None else -1
     return ContainerExited(container.id, code, container.oom_killed)
+
+
+def superseded(container: ContainerState, job: Job, host_id: str | None) -> bool:
+    """Whether ``container`` runs an attempt of ``job`` that is no longer this
+    host's: the job now belongs to another host, or to a newer attempt (it was
+    rescued, or queued again). Such a container must never run on: a rescued
+    job would run twice. One without the attempt label is judged by host alone."""
+    if job.host is not None and host_id is not None and job.host != host_id:
+        return True
+    label = container.labels.get(LABEL_ATTEMPT)
+    return label is not None and label.isdigit() and int(label) != job.attempt
 
 
 def job_label(container: ContainerState) -> str | None:

@@ -273,6 +273,7 @@ class Spawner(pykka.ThreadingActor):
             self._settings.worker_for(msg.spec.agent_type),
             msg.snapshots_enabled,
             self._extra_labels,
+            msg.attempt,
         )
         try:
             container_id = self._engine.create_container(spec)

@@ -132,6 +132,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         self._fatal: str | None = None
         self._fenced, self._abandoned, self._resync, self._redo = False, set(), False, []
         self._outage = StoreOutage("supervisor", log)
+        self._superseded: set[str] = set()  # containers removed as superseded (warned once)
 
     # --- life cycle --------------------------------------------------------
 
@@ -150,6 +151,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         with self._store.batch():
             self._recover(self._store.unfinished(), containers)
             if containers is not None:
+                self._remove_superseded(containers)
                 self._note_leftovers(containers)
             self._after_change()
 
@@ -271,7 +273,9 @@ class Supervisor(Fencing, pykka.ThreadingActor):
             self._ledger.claimed(job)
             self._flights.add(Flight(job, "starting"))
             snapshots_on = self._settings.snapshots_enabled_for(job.spec.project)
-            self._send(job.id, "spawn", Spawn(job.id, job.spec, snapshots_on, self.actor_ref))
+            self._send(
+                job.id, "spawn", Spawn(job.id, job.spec, snapshots_on, self.actor_ref, job.attempt)
+            )
 
     def _on_started(self, msg: Started) -> None:
         self._pool.done(msg.spawner, msg.job_id, "spawn")
@@ -380,7 +384,8 @@ class Supervisor(Fencing, pykka.ThreadingActor):
         if flight is None:
             stored = self._store.get(job_id)
             if stored is None or stored.state is not JobState.QUEUED:
-                return stored  # unknown (None) or already finished
+                self._hand_over_cancel(stored)  # another cluster host runs it
+                return stored  # unknown (None), already finished, or handed over
             job = self._ledger.finish(
                 stored, JobState.CANCELLED, error="cancelled before it started"
             )
@@ -404,6 +409,7 @@ class Supervisor(Fencing, pykka.ThreadingActor):
 
     def _on_tick(self, now: float) -> None:
         self._catch_up()
+        self._cancels_from_elsewhere()  # a lost NOTIFY costs one Tick
         for flight in self._flights.in_phase("running"):
             match tick_action(flight, now, self._sup.stop_grace_s):
                 case "time_out":

@@ -16,6 +16,7 @@ from actors.labels import (
     ENV_SETUP_SECONDS,
     ENV_SNAPSHOT_REUSE,
     LABEL_AGENT_TYPE,
+    LABEL_ATTEMPT,
     LABEL_BASE_IMAGE_ID,
     LABEL_IMAGE_SOURCE,
     LABEL_JOB_ID,
@@ -38,6 +39,7 @@ def worker_container_spec(
     worker: WorkerSettings,
     snapshots_enabled: bool,
     extra_labels: Mapping[str, str],
+    attempt: int = 0,
 ) -> ContainerSpec:
     """``worker`` is ``[worker]`` with the agent type's image and limits over it."""
     snapshot = start.snapshot
@@ -51,6 +53,7 @@ def worker_container_spec(
         {
             LABEL_MANAGED: "true",
             LABEL_JOB_ID: job_id,
+            LABEL_ATTEMPT: str(attempt),
             LABEL_PROJECT: spec.project,
             LABEL_WORK_ITEM: spec.work_item,
             LABEL_AGENT_TYPE: spec.agent_type,

@@ -13,19 +13,21 @@ import socket
 from actors.clock import Clock
 from actors.cluster.registry_http import ManifestStore, RegistryHttp
 from actors.engine.base import Engine
-from actors.model import Snapshot, SnapshotKey
+from actors.model import Job, Snapshot, SnapshotKey
 from actors.settings import Settings
 from actors.store.base import JobStore
-from actors.store.cluster import ClusterStore
+from actors.store.cluster import ClusterStore, HostInfo
 from actors.wiring import ClusterWiring
 
 __all__ = [
+    "RunsElsewhere",
     "SnapshotElsewhere",
     "cluster_snapshots",
     "cluster_wiring",
     "held_elsewhere",
     "host_id_of",
     "open_cluster_store",
+    "runs_elsewhere",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,30 @@ log = logging.getLogger(__name__)
 
 class NotAClusterStore(TypeError):
     """[cluster] is set, but the store given to Snapyard cannot be shared by hosts."""
+
+
+class RunsElsewhere(Exception):
+    """A cancel answered by a host that does not run the job: it was handed to the
+    host that does (recorded on the job's row), which stops it. Not an error: the
+    API says so (202), never a silent "running"."""
+
+    def __init__(self, job: Job, host: str, api: str | None) -> None:
+        self.job = job
+        self.host = host
+        self.api = api
+        where = f" (its API at {api})" if api else ""
+        super().__init__(
+            f"job {job.id} is {job.state} on host {host}{where}: the cancel was handed to it"
+        )
+
+
+def runs_elsewhere(job: Job, host_id: str, hosts: list[HostInfo]) -> RunsElsewhere | None:
+    """Why a cancel this host answered left ``job`` alone, if it runs on another host
+    (a queued or finished job, or one of this host's, is always this host's to answer)."""
+    if job.state.terminal or job.host is None or job.host == host_id:
+        return None
+    api = next((h.api for h in hosts if h.host_id == job.host), None)
+    return RunsElsewhere(job, job.host, api)
 
 
 def host_id_of(settings: Settings) -> str:

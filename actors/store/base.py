@@ -96,7 +96,14 @@ class JobStore(Protocol):
     def add(self, job: Job, note: str | None = None) -> None:
         """Insert a new job and its first history row; raises if the ID exists."""
 
-    def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
+    def update(
+        self,
+        job: Job,
+        note: str | None = None,
+        *,
+        holds_key: bool | None = None,
+        was_attempt: int | None = None,
+    ) -> None:
         """Write every field of ``job``; a state change also appends a history row.
 
         A terminal job's env is deleted (``spec.env`` reads back empty): nothing
@@ -105,6 +112,10 @@ class JobStore(Protocol):
         ``holds_key`` None: a starting or running job holds its key, any other
         releases it. True keeps a terminal job holding it (cancelled, but its
         container is not gone yet). Raises ``KeyHeld`` if another job holds it.
+
+        ``was_attempt``: the attempt the row must still have (default
+        ``job.attempt``), so a job re-queued with a new attempt (after a fence
+        killed its worker) is written only if no rescue bumped it first.
         """
 
     def claim(

@@ -94,6 +94,18 @@ class ClusterStore(JobStore, Protocol):
         A host that loses the election returns ``[]`` at once."""
         ...
 
+    # --- cancels across hosts (the database is the only channel) -----------
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """A cancel of a job another host starts or runs: recorded on its row and
+        NOTIFY'd; returns that host (None when no other host runs it now)."""
+        ...
+
+    def cancel_requests(self) -> builtins.list[str]:
+        """IDs of this host's starting or running jobs whose cancel was requested
+        elsewhere: this host cancels them as a local cancel does."""
+        ...
+
     # --- the snapshot index -----------------------------------------------
 
     def record_snapshot(self, record: SnapshotRecord) -> bool:

@@ -127,6 +127,32 @@ class ClusterOps:
                 conn.execute(NOTIFY)
         return sorted((job_of(row) for row in rows), key=lambda job: (job.created_at, job.id))
 
+    # --- cancels across hosts ---------------------------------------------
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """Record a cancel of a job another host runs, and wake that host; the
+        host it was handed to (None: not starting or running elsewhere now)."""
+        with self._session.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET cancel_requested = true WHERE id = %s "
+                "AND state IN ('starting', 'running') AND host IS NOT NULL AND host <> %s "
+                "RETURNING host",
+                (job_id, self.host_id),
+            ).fetchone()
+            if row is not None:
+                conn.execute(NOTIFY)
+        return None if row is None else str(row["host"])
+
+    def cancel_requests(self) -> builtins.list[str]:
+        """This host's starting or running jobs another host was asked to cancel."""
+        with self._session.session() as conn:
+            rows = conn.execute(
+                "SELECT id FROM jobs WHERE cancel_requested AND host = %s "
+                "AND state IN ('starting', 'running')",
+                (self.host_id,),
+            ).fetchall()
+        return [str(row["id"]) for row in rows]
+
     # --- the snapshot index -----------------------------------------------
 
     def record_snapshot(self, record: SnapshotRecord) -> bool:

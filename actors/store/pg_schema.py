@@ -150,8 +150,16 @@ NOTIFY = f"SELECT pg_notify('{CHANNEL}', '')"
 # is written, and on every queued job of the key when its newest snapshot moves.
 HOME = "(SELECT s.host_id FROM snapshots s WHERE s.project = %s AND s.work_item = %s)"
 
+# v2: a cancel asked of a host that does not run the job: the database is the
+# only channel between hosts, so it is recorded on the job's row (and NOTIFY'd)
+# and the owning host acts on it. Indexed for the owner's poll at each Tick.
+_SCHEMA_V2 = (
+    "ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT false",
+    "CREATE INDEX jobs_cancel_requested ON jobs (host) WHERE cancel_requested",
+)
+
 # To change the schema, append a tuple of statements; never edit one that has shipped.
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1,)
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -111,7 +111,14 @@ class PostgresStore(ClusterOps):
             if job.state is JobState.QUEUED:
                 conn.execute(NOTIFY)
 
-    def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
+    def update(
+        self,
+        job: Job,
+        note: str | None = None,
+        *,
+        holds_key: bool | None = None,
+        was_attempt: int | None = None,
+    ) -> None:
         """Write every field of ``job`` while its attempt is current, else ``Fenced``.
 
         Also ``Fenced`` (``HeldElsewhere``): a job another host has claimed is
@@ -128,14 +135,15 @@ class PostgresStore(ClusterOps):
             ).fetchone()
             if current is None:
                 raise KeyError(job.id)
-            if current["attempt"] != job.attempt:
-                raise Fenced(job.id, job.attempt)
+            guard = job.attempt if was_attempt is None else was_attempt
+            if current["attempt"] != guard:
+                raise Fenced(job.id, guard)
             if current["host"] not in (None, self.host_id):
-                raise HeldElsewhere(job.id, job.attempt, current["host"])
+                raise HeldElsewhere(job.id, guard, current["host"])
             conn.execute(
                 f"UPDATE jobs SET {assignments}, home = {HOME} "  # noqa: S608
                 "WHERE id = %s AND attempt = %s",
-                (*_row(job)[1:], holds, job.key.project, job.key.work_item, job.id, job.attempt),
+                (*_row(job)[1:], holds, job.key.project, job.key.work_item, job.id, guard),
             )
             if current["state"] != job.state.value:
                 at = history_time(job, self._clock)

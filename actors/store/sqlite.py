@@ -163,7 +163,14 @@ class SqliteStore:
             ]
         )
 
-    def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
+    def update(
+        self,
+        job: Job,
+        note: str | None = None,
+        *,
+        holds_key: bool | None = None,
+        was_attempt: int | None = None,
+    ) -> None:
         """Write every field of ``job``; a state change also appends a history row.
 
         Only while the row's ``attempt`` is still the job's, else ``Fenced``: the
@@ -178,11 +185,12 @@ class SqliteStore:
             ).fetchone()
             if current is None:
                 raise KeyError(job.id)
-            if current["attempt"] != job.attempt:
-                raise Fenced(job.id, job.attempt)
+            guard = job.attempt if was_attempt is None else was_attempt
+            if current["attempt"] != guard:
+                raise Fenced(job.id, guard)
             db.execute(
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND attempt = ?",  # noqa: S608
-                (*row[1:], int(holds), job.id, job.attempt),
+                (*row[1:], int(holds), job.id, guard),
             )
             if current["state"] != job.state.value:
                 db.execute(

@@ -179,6 +179,19 @@ def test_a_fenced_write_in_a_batch_keeps_the_others(store: JobStore) -> None:
     assert store.get(other.id) == other
 
 
+def test_a_new_attempt_is_written_only_while_the_row_has_the_old_one(store: JobStore) -> None:
+    """A re-queue after a fence: attempt + 1, guarded by the attempt it replaces."""
+    (current,) = queue(store, dataclasses.replace(job("w"), attempt=1))
+    stale = dataclasses.replace(current, attempt=3, error="stale")
+    with pytest.raises(Fenced):
+        store.update(stale, was_attempt=2)
+    assert store.get(current.id) == current
+    store.update(dataclasses.replace(current, attempt=2), note="again", was_attempt=1)
+    stored = store.get(current.id)
+    assert stored is not None
+    assert (stored.state, stored.attempt) == (JobState.QUEUED, 2)
+
+
 def test_an_update_of_an_unknown_job_raises_key_error(store: JobStore) -> None:
     with pytest.raises(KeyError):
         store.update(job("never-added"))

@@ -17,6 +17,7 @@ from waiting import eventually
 from actors.cli_jobs import _host_row
 from actors.clock import FakeClock
 from actors.engine.memory import MemoryRegistry
+from actors.labels import LABEL_ATTEMPT, MANAGED_FILTER
 from actors.messages import GetStatus
 from actors.model import JobState, SnapshotKey
 from actors.wire import host_json
@@ -180,6 +181,77 @@ def test_a_job_submitted_on_a_full_host_is_claimed_by_another_without_waiting_fo
     job = a.submit("other")  # A has no free place
     b.wait_running(job.id)
     assert b.job(job.id).host == "host-b"
+
+
+def test_a_job_whose_worker_a_fence_killed_runs_again_as_the_next_attempt(
+    make_host: MakeHost,
+) -> None:
+    """Regression: after an outage shorter than the lease, the fenced host re-ran the
+    job itself, but the record kept ``attempt: 0`` and no trace that it ran twice."""
+    a = make_host("host-a")
+    job = a.submit("f")
+    first = a.wait_running(job.id)
+    eventually(lambda: a.job(job.id).state, lambda s: s is JobState.RUNNING, "running, recorded")
+    a.cable.cut()
+    while not a.beat().fenced:
+        a.clock.advance(BEAT_S)
+    eventually(lambda: a.running(job.id), lambda cs: cs == [], "A's worker killed")
+    a.cable.mend()
+    a.clock.advance(BEAT_S)
+    assert not a.beat().fenced  # renewed before the lease ended: nobody rescued it
+    eventually(a.fenced, lambda f: not f, "A unfenced")
+    a.tick()  # the recovery re-queues it, and A claims it again
+    again = a.wait_running(job.id)
+    assert again.id != first.id
+    running = eventually(
+        lambda: a.store.get(job.id),
+        lambda j: j is not None and j.state is JobState.RUNNING,
+        "the job running again",
+    )
+    assert running is not None
+    assert (running.host, running.attempt) == ("host-a", 1)
+    notes = [(state, note) for state, _at, note in a.store.history(job.id)]
+    assert (JobState.QUEUED, "re-queued: this host lost its lease and stopped it") in notes
+    a.engine.exit_container(again.id, 0)  # the new attempt's outcome is written
+    done = finished(a.store, job.id)
+    assert (done.state, done.attempt) == (JobState.SUCCEEDED, 1)
+
+
+def test_a_restarted_host_removes_at_once_the_workers_of_jobs_rescued_meanwhile(
+    make_host: MakeHost, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: after a kill -9 (the engine up), a restarted host left the workers of
+    jobs rescued elsewhere meanwhile, running or exited, until ``orphan_grace_s``."""
+    a = make_host("host-a")
+    running, exited = a.submit("r"), a.submit("e")
+    still = a.wait_running(running.id)
+    done = a.wait_running(exited.id)
+    for job in (running, exited):
+        eventually(lambda j=job: a.job(j.id).state, lambda s: s is JobState.RUNNING, "recorded")
+    assert still.labels[LABEL_ATTEMPT] == "0"
+    a.die()
+    a.engine.exit_container(done.id, 0)  # exited while its host was down
+    b = make_host("host-b")
+    for _ in range(int(LEASE_S / BEAT_S) + 1):
+        a.clock.advance(BEAT_S)
+        b.beat()
+    b.wait_running(running.id)
+    b.wait_running(exited.id)
+
+    a.start()  # the same clock: orphan_grace_s (300 s) has not passed
+    gone = {still.id, done.id}
+    eventually(
+        lambda: {c.id for c in a.engine.list_containers(MANAGED_FILTER)} & gone,
+        lambda left: left == set(),
+        "A's stale workers removed",
+    )
+    for job in (running, exited):
+        row = b.store.get(job.id)
+        assert row is not None
+        assert (row.state, row.host, row.attempt) == (JobState.RUNNING, "host-b", 1)
+    a.tick()  # another listing: no second warning for the same containers
+    warned = [r.getMessage() for r in caplog.records if "it is now host-b's" in r.getMessage()]
+    assert len(warned) == 2, warned
 
 
 def test_hosts_shows_no_running_count_for_a_host_whose_lease_ended(make_host: MakeHost) -> None:

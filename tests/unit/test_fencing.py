@@ -36,11 +36,18 @@ class RefusingStore(SqliteStore):
         self.rescued: set[str] = set()
         self.lock = threading.Lock()
 
-    def update(self, job: Job, note: str | None = None, *, holds_key: bool | None = None) -> None:
+    def update(
+        self,
+        job: Job,
+        note: str | None = None,
+        *,
+        holds_key: bool | None = None,
+        was_attempt: int | None = None,
+    ) -> None:
         with self.lock:
             if job.id in self.rescued:
                 raise Fenced(job.id, getattr(job, "attempt", 0))
-        super().update(job, note, holds_key=holds_key)
+        super().update(job, note, holds_key=holds_key, was_attempt=was_attempt)
 
 
 def status(yard: Yard) -> SupervisorStatus:
@@ -77,6 +84,7 @@ def test_unfence_requeues_the_killed_jobs_and_runs_them_again(tmp_path: Path) ->
         lambda j: j.state is JobState.RUNNING and j.container_id != job.container_id,
         "the job running again in a new container",
     )
+    assert (job.attempt, again.attempt) == (0, 1)  # it ran twice: two attempts
     history = [(state, note) for state, _at, note in yard.store.history(job.id)]
     assert (JobState.QUEUED, "re-queued: this host lost its lease and stopped it") in history
     assert [s for s, _n in history].count(JobState.RUNNING) == 2

@@ -6,12 +6,19 @@ restart (or of a Spawner that died mid-start) is one row here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import pytest
 
 from actors.engine.base import ContainerState, ContainerStatus
-from actors.labels import LABEL_JOB_ID, LABEL_MANAGED, LABEL_PROJECT, LABEL_WORK_ITEM
+from actors.labels import (
+    LABEL_ATTEMPT,
+    LABEL_JOB_ID,
+    LABEL_MANAGED,
+    LABEL_PROJECT,
+    LABEL_WORK_ITEM,
+)
 from actors.messages import ContainerExited
 from actors.model import Job, JobSpec, JobState, Snapshot, SnapshotKey
 from actors.recovery import (
@@ -26,6 +33,7 @@ from actors.recovery import (
     exit_of,
     orphans,
     plan,
+    superseded,
     unowned_running,
 )
 
@@ -146,3 +154,26 @@ def test_orphans_are_old_enough_unowned_managed_containers() -> None:
 def test_an_unknown_exit_code_is_never_success() -> None:
     assert exit_of(container("c", "dead", exit_code=None)) == ContainerExited("c", -1, False)
     assert exit_of(container("c", "exited", exit_code=0)) == ContainerExited("c", 0, False)
+
+
+@pytest.mark.parametrize(
+    ("host", "attempt", "label", "expected"),
+    [
+        ("host-a", 0, "0", False),  # still this host's attempt
+        (None, 0, "0", False),  # queued again, same attempt: recovery's to judge
+        ("host-b", 1, "0", True),  # rescued by another host
+        ("host-b", 0, None, True),  # no attempt label: judged by host alone
+        (None, 1, "0", True),  # queued again as a new attempt (after a fence)
+        ("host-a", 2, "1", True),  # this host's again, but a newer attempt
+        ("host-a", 0, None, False),
+    ],
+)
+def test_a_container_is_superseded_when_its_job_is_another_hosts_or_attempts(
+    host: str | None, attempt: int, label: str | None, expected: bool
+) -> None:
+    stored = dataclasses.replace(job(JobState.RUNNING), host=host, attempt=attempt)
+    labels = {} if label is None else {LABEL_ATTEMPT: label}
+    assert superseded(container("c1", labels=labels), stored, "host-a") is expected
+    assert superseded(container("c1", labels=labels), stored, None) is (
+        expected and label is not None and int(label) != attempt
+    )

@@ -19,6 +19,7 @@ from actors.engine.base import ContainerSpec, EngineError, EngineUnavailable, Im
 from actors.engine.memory import MemoryContainer
 from actors.labels import (
     LABEL_AGENT_TYPE,
+    LABEL_ATTEMPT,
     LABEL_BASE_IMAGE_ID,
     LABEL_CREATED_AT,
     LABEL_IMAGE_SOURCE,
@@ -250,6 +251,7 @@ def test_base_start_carries_the_label_env_and_limits_contract(rig: MemoryRig) ->
         LABEL_INSTANCE: KIT_INSTANCE,
         LABEL_MANAGED: "true",
         LABEL_JOB_ID: "job-1",
+        LABEL_ATTEMPT: "0",
         LABEL_PROJECT: "proj",
         LABEL_WORK_ITEM: "item-1",
         LABEL_AGENT_TYPE: "coder",
