@@ -1,6 +1,7 @@
 """The application: wires the actors together, starts them in dependency order
 and stops them in reverse (as Mopidy does), and offers one small facade that
-the HTTP API and the CLI use.
+the HTTP API and the CLI use. ``snapyard run``'s process life (signals, exit
+codes) is ``actors.run``.
 
 Start order: engine check -> worker image -> job store -> the actors, started
 by ``actors.wiring.start_actors`` (Root -> SnapshotManager -> Reaper ->
@@ -14,12 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
-from types import FrameType, TracebackType
+from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 import pykka
@@ -59,15 +58,12 @@ from actors.supervisor import SupervisorStopped
 from actors.telemetry import (
     Secrets,
     flush_sentry,
-    install_thread_dump_signal,
-    setup_logging,
-    setup_sentry,
 )
 from actors.watcher import Watcher
 from actors.wiring import Actors, Wiring, start_actors
 from actors.worker_image import WorkerImageError, ensure_worker_images
 
-__all__ = ["Snapyard", "SnapyardError", "run_forever"]
+__all__ = ["Snapyard", "SnapyardError"]
 
 log = logging.getLogger(__name__)
 
@@ -418,51 +414,3 @@ class Snapyard:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} is still {job.state} after {timeout_s:g}s")
             time.sleep(_WAIT_POLL_S)
-
-
-def run_forever(
-    settings: Settings,
-    drain: bool = False,
-    *,
-    container_labels: Mapping[str, str] | None = None,
-    on_started: Callable[[Snapyard], None] | None = None,
-) -> int:
-    """``snapyard run``: start, serve until SIGTERM/SIGINT, stop gracefully; the exit code.
-
-    The first signal stops within ``shutdown_timeout_s`` and returns 0; a
-    second one exits at once (130). 1 when the supervisor gave up, 2 when it
-    could not start.
-    """
-    app = Snapyard(settings, container_labels=container_labels)
-    setup_logging(settings.log, secrets=app.secrets)
-    setup_sentry(settings.sentry, secrets=app.secrets)
-    install_thread_dump_signal()
-    stop_requested = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stop_requested.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(130)
-        log.info("%s: stopping (drain=%s)", signal.Signals(signum).name, drain)
-        stop_requested.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            app.start()
-        except SnapyardError as exc:
-            log.error("%s", exc)
-            return 2
-        if on_started is not None:
-            on_started(app)  # e.g. the CLI hands the running facade to its API server
-        # A bounded wait keeps the main thread returning to Python, where
-        # signal handlers run.
-        while not stop_requested.wait(0.5):
-            if app.failed.is_set():
-                break
-        # --drain waits as long as the running jobs take (a second signal cuts it short).
-        app.stop(drain=drain, timeout_s=None if drain else settings.supervisor.shutdown_timeout_s)
-        return 1 if app.failed.is_set() else 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -11,7 +11,6 @@ import argparse
 from typing import TextIO
 
 from actors.api import ApiServer, raise_fd_limit
-from actors.app import run_forever
 from actors.cli_common import (
     EXIT_JOB_FAILED,
     EXIT_OK,
@@ -24,6 +23,7 @@ from actors.cli_common import (
 )
 from actors.demo import run_demo
 from actors.engine.base import Engine, EngineError
+from actors.run import run_forever
 from actors.settings import LogSettings, Settings, SettingsError
 from actors.telemetry import setup_logging
 from actors.worker_image import WorkerImageError, ensure_base_image

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 90.0
 SCRIPT = (
     "import sys\n"
-    "from actors.app import run_forever\n"
+    "from actors.run import run_forever\n"
     "from actors.settings import load_settings\n"
     f"sys.exit(run_forever(load_settings(), container_labels={TEST_LABELS!r}))\n"
 )

@@ -193,12 +193,12 @@ def test_run_forever_hands_the_started_app_over_once(
     a callback would even have exited the process (130)."""
     import signal
 
-    import actors.app
+    import actors.run
 
     def on_memory(settings: Settings, container_labels: object = None) -> Snapyard:
         return Snapyard(settings, engine=engine, clock=clock)
 
-    monkeypatch.setattr(actors.app, "Snapyard", on_memory)
+    monkeypatch.setattr(actors.run, "Snapyard", on_memory)
     started: list[Snapyard] = []
 
     def on_started(app: Snapyard) -> None:
@@ -206,5 +206,5 @@ def test_run_forever_hands_the_started_app_over_once(
         if len(started) == 1:
             signal.raise_signal(signal.SIGTERM)  # the first signal stops gracefully
 
-    assert actors.app.run_forever(app_settings(tmp_path), on_started=on_started) == 0
+    assert actors.run.run_forever(app_settings(tmp_path), on_started=on_started) == 0
     assert len(started) == 1
